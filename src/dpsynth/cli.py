@@ -1,0 +1,152 @@
+"""`dpsynth <stage>`: parse arguments, build the config, call the stage's `run`.
+
+No logic lives here. Exit codes: 0 ok, 2 usage or bad input, 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from dpsynth import __version__, config
+from dpsynth.errors import InputError
+from dpsynth.tracking import open_tracker
+
+EXAMPLES = {
+    "prepare": "dpsynth prepare --config params.yaml --out artifacts/prepare",
+    "pretrain": "dpsynth pretrain --config params.yaml --public artifacts/prepare/public "
+                "--out artifacts/pretrain",
+    "sample": "dpsynth sample --config params.yaml --model artifacts/pretrain "
+              "--out artifacts/sample\n  dpsynth sample --model M --out shards/3 "
+              "--num-shards 8 --shard-index 3   # one shard of a fan-out\n"
+              "  dpsynth sample --merge shards/* --out artifacts/sample   # collect them",
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML config (params.yaml or configs/*.yaml); defaults if omitted")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set pretrain.steps=100 (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def _prepare(args: argparse.Namespace, cfg: config.Config) -> None:
+    from dpsynth.stages import prepare
+
+    with open_tracker(cfg.tracking, "prepare") as tracker:
+        result = prepare.run(cfg, out_dir=args.out, tracker=tracker)
+    print(f"prepare: wrote public/private/test splits to {result.out_dir}")
+
+
+def _pretrain(args: argparse.Namespace, cfg: config.Config) -> None:
+    from dpsynth.stages import pretrain
+
+    with open_tracker(cfg.tracking, "pretrain") as tracker:
+        result = pretrain.run(cfg, public_dir=args.public, out_dir=args.out, tracker=tracker,
+                              resume=args.resume)
+    print(f"pretrain: {result.steps} steps, final loss {result.final_loss:.4f}, "
+          f"model in {result.out_dir}")
+
+
+def _sample(args: argparse.Namespace, cfg: config.Config) -> None:
+    from dpsynth.io.atomic import atomic_dir
+    from dpsynth.stages import sample
+
+    if args.merge:
+        with atomic_dir(args.out) as tmp:
+            m = sample.merge_shards(args.merge, tmp, num_shards=cfg.sample.num_shards,
+                                    source="dpsynth-sample:merged")
+        print(f"sample: merged {len(m.shards)} shards ({m.count} images) into {args.out}")
+        return
+    if args.model is None:
+        raise InputError("dpsynth sample: --model is required (e.g. --model artifacts/pretrain)")
+    if args.shard_index:
+        made, skipped = sample.make_shards(cfg, model_dir=args.model, shard_dir=args.out,
+                                           indices=args.shard_index)
+        print(f"sample: made shards {made}, skipped finished {skipped}, in {args.out}")
+        return
+    with open_tracker(cfg.tracking, "sample") as tracker:
+        result = sample.run(cfg, model_dir=args.model, out_dir=args.out, tracker=tracker)
+    print(f"sample: {result.manifest.count} images in {len(result.manifest.shards)} shards "
+          f"({len(result.shards_skipped)} resumed), grid at {result.out_dir / 'grid.png'}")
+
+
+def _summary(args: argparse.Namespace) -> None:
+    from dpsynth.summary import summarize
+
+    print(summarize(args.artifacts, args.seconds))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpsynth", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Differentially private synthetic images with diffusion models.\n"
+                    "Stages: prepare -> pretrain -> sample (run them all with `dvc repro`).")
+    parser.add_argument("--version", action="version", version=f"dpsynth {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str, fn: Callable) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_,
+                           epilog="example:\n  " + EXAMPLES[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common(p)
+        p.set_defaults(fn=fn)
+        return p
+
+    add("prepare", "Read the raw sources (data.*) and write validated public/private/test "
+        "shards with manifests to --out.", _prepare)
+    p = add("pretrain", "Train the diffusion model (non-private) on the public split; "
+            "writes the EMA model (safetensors + config.json) and loss curve to --out.",
+            _pretrain)
+    p.add_argument("--public", type=Path, required=True, help="public split from prepare")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from the latest compatible checkpoint (default: yes)")
+    p = add("sample", "Sample a synthetic dataset from a model into --out as shards + "
+            "manifest + per-class grid; resumes finished shards.", _sample)
+    p.add_argument("--model", type=Path, help="model folder (e.g. artifacts/pretrain)")
+    p.add_argument("--num-shards", type=int, help="override sample.num_shards")
+    p.add_argument("--shard-index", type=int, action="append", default=[],
+                   help="make only this shard (repeatable) into --out, without a manifest")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                   help="collect shards made with --shard-index from these folders")
+    p = sub.add_parser("summary", help="Print what the pipeline produced and how to view it.",
+                       description="Print what the pipeline produced and how to view it.")
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    p.add_argument("--seconds", type=float, default=None, help="wall time to report")
+    p.set_defaults(fn=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "summary":
+        _summary(args)
+        return 0
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        overrides = list(args.overrides)
+        if getattr(args, "num_shards", None) is not None:
+            overrides.append(f"sample.num_shards={args.num_shards}")
+        cfg = config.load(args.config, overrides)
+        args.fn(args, cfg)
+    except InputError as err:
+        print(f"dpsynth {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dpsynth {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""Typed, validated configuration.
+
+One frozen dataclass per `params.yaml` section. Values are checked when the
+dataclass is built, and errors name the field (`pretrain.steps=0: must be >= 1`).
+Config fields are public settings only: nothing derived from private data lives
+here (PRIVACY.md rule 6).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+from dpsynth.errors import ConfigError
+
+SourceKind = Literal["digits", "cifar10", "imagenet32", "camelyon17", "imagefolder", "npz"]
+SplitRole = Literal["public", "private", "test"]
+SamplerKind = Literal["ddpm", "ddim", "dpmsolver++"]
+
+
+def _check(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where one raw dataset comes from.
+
+    Attributes:
+        kind: the reader (DESIGN.md "Data sources").
+        path: file, folder or `s3://` URI; `None` only for the embedded `digits`.
+        hospitals: camelyon17 only: which hospitals (WILDS `center`) to take.
+    """
+
+    kind: SourceKind = "digits"
+    path: str | None = None
+    hospitals: tuple[int, ...] | None = None
+
+    def validate(self, name: str) -> None:
+        _check(self.kind == "digits" or bool(self.path), f"{name}.path", self.path,
+               f"source kind {self.kind!r} needs a path (a file, folder or s3:// URI)")
+        if self.hospitals is not None:
+            _check(self.kind == "camelyon17", f"{name}.hospitals", self.hospitals,
+                   "only camelyon17 sources have hospitals")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How raw sources become the public / private / test splits.
+
+    `private` is the sensitive dataset. If `public` / `test` are unset they are
+    carved out of `private`'s pool by `fractions` (stratified by class, seeded).
+    A source that has an official test set (cifar10 `test_batch`) gives it to
+    `test` when `test` is unset.
+    """
+
+    private: SourceConfig = field(default_factory=SourceConfig)
+    public: SourceConfig | None = None
+    test: SourceConfig | None = None
+    fractions: Mapping[str, float] = field(
+        default_factory=lambda: {"public": 0.25, "private": 0.55, "test": 0.20})
+    image_size: int = 8
+    channels: Literal[1, 3] = 1
+    shard_size: int = 10_000
+
+    def __post_init__(self) -> None:
+        self.private.validate("data.private")
+        if self.public is not None:
+            self.public.validate("data.public")
+        if self.test is not None:
+            self.test.validate("data.test")
+        _check(set(self.fractions) == {"public", "private", "test"}, "data.fractions",
+               dict(self.fractions), "needs exactly the keys public, private, test")
+        _check(all(0 <= v <= 1 for v in self.fractions.values())
+               and abs(sum(self.fractions.values()) - 1) < 1e-6, "data.fractions",
+               dict(self.fractions), "values must be in [0, 1] and sum to 1")
+        _check(4 <= self.image_size <= 512, "data.image_size", self.image_size,
+               "must be in [4, 512]")
+        _check(self.shard_size >= 1, "data.shard_size", self.shard_size, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Class-conditional UNet (diffusers `UNet2DModel`, GroupNorm throughout).
+
+    `attention_levels` lists the resolution levels (0 = full resolution) whose
+    blocks get self-attention.
+    """
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    attention_levels: tuple[int, ...] = (2,)
+    norm_num_groups: int = 8
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(len(self.block_out_channels) >= 1, "model.block_out_channels",
+               self.block_out_channels, "needs at least one level")
+        _check(self.norm_num_groups >= 1, "model.norm_num_groups", self.norm_num_groups,
+               "must be >= 1")
+        _check(all(c >= 1 for c in self.block_out_channels), "model.block_out_channels",
+               self.block_out_channels, "each must be >= 1")
+        _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               "model.block_out_channels", self.block_out_channels,
+               f"each must be a multiple of model.norm_num_groups={self.norm_num_groups}")
+        _check(self.layers_per_block >= 1, "model.layers_per_block", self.layers_per_block,
+               "must be >= 1")
+        _check(all(0 <= a < len(self.block_out_channels) for a in self.attention_levels),
+               "model.attention_levels", self.attention_levels,
+               f"levels must be in [0, {len(self.block_out_channels) - 1}]")
+        _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TimestepConfig:
+    """Distribution of training timesteps t in [0, num_train_timesteps).
+
+    `uniform`, or `piecewise`: a mixture of uniform distributions on
+    `intervals` (half-open [lo, hi)) with `weights` -- the paper's biased
+    timestep sampling (Ghalebikesabi et al. 2023, Sec. 3.2).
+    """
+
+    kind: Literal["uniform", "piecewise"] = "uniform"
+    intervals: tuple[tuple[int, int], ...] = ()
+    weights: tuple[float, ...] = ()
+
+    def validate(self, name: str, num_train_timesteps: int) -> None:
+        if self.kind == "uniform":
+            return
+        _check(len(self.intervals) >= 1 and len(self.intervals) == len(self.weights),
+               f"{name}.intervals", self.intervals,
+               f"piecewise needs one weight per interval (got {len(self.weights)} weights)")
+        for lo, hi in self.intervals:
+            _check(0 <= lo < hi <= num_train_timesteps, f"{name}.intervals", self.intervals,
+                   f"each [lo, hi) needs 0 <= lo < hi <= {num_train_timesteps}")
+        _check(all(w >= 0 for w in self.weights) and sum(self.weights) > 0,
+               f"{name}.weights", self.weights, "must be >= 0 with a positive sum")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Forward process and training objective."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    label_dropout: float = 0.1  # classifier-free guidance: p(label -> null)
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps",
+               self.num_train_timesteps, "must be >= 2")
+        _check(0 <= self.label_dropout < 1, "diffusion.label_dropout", self.label_dropout,
+               "must be in [0, 1)")
+        self.timesteps.validate("diffusion.timesteps", self.num_train_timesteps)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Non-private pre-training on the public split."""
+
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            _check(getattr(self, name) >= 1, f"pretrain.{name}", getattr(self, name),
+                   "must be >= 1")
+        _check(self.lr > 0, "pretrain.lr", self.lr, "must be > 0")
+        _check(self.warmup_steps >= 0, "pretrain.warmup_steps", self.warmup_steps,
+               "must be >= 0")
+        _check(0 <= self.ema_decay < 1, "pretrain.ema_decay", self.ema_decay,
+               "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Synthetic data generation."""
+
+    num_samples: int = 2000
+    num_shards: int = 4
+    batch_size: int = 500
+    sampler: SamplerKind = "dpmsolver++"
+    num_inference_steps: int = 25
+    eta: float = 0.0  # DDIM only: 0 = deterministic DDIM, 1 = DDPM-like
+    guidance_scale: float = 1.0  # classifier-free guidance; 1 = conditional model alone
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "num_shards", "batch_size", "num_inference_steps"):
+            _check(getattr(self, name) >= 1, f"sample.{name}", getattr(self, name),
+                   "must be >= 1")
+        _check(self.num_shards <= self.num_samples, "sample.num_shards", self.num_shards,
+               f"must be <= sample.num_samples={self.num_samples}")
+        _check(0 <= self.eta <= 1, "sample.eta", self.eta, "must be in [0, 1]")
+        _check(self.guidance_scale >= 0, "sample.guidance_scale", self.guidance_scale,
+               "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking. The URI comes from `MLFLOW_TRACKING_URI` when set."""
+
+    enabled: bool = True
+    experiment: str = "dpsynth"
+    tracking_uri: str = "sqlite:///mlflow.db"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration (`params.yaml`)."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def section(self, *names: str) -> dict[str, Any]:
+        """The resolved values of some sections, for logging as a stage's params."""
+        full = self.to_dict()
+        return {name: full[name] for name in names}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float. PyYAML follows YAML 1.1, where
+    a float needs a dot (`1.0e-3`), so `--set pretrain.lr=1e-3` was a string."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _build(cls: Any, raw: Any, where: str) -> Any:
+    """Build dataclass/typed value `cls` from YAML data, naming `where` in errors."""
+    origin = typing.get_origin(cls)
+    args = typing.get_args(cls)
+    if dataclasses.is_dataclass(cls):
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where}={raw!r}: must be a mapping")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+        kwargs = {k: _build(hints[k], v, f"{where}.{k}" if where else k) for k, v in raw.items()}
+        try:
+            return cls(**kwargs)
+        except TypeError as err:  # e.g. a missing required field
+            raise ConfigError(f"{where or 'config'}: {err}") from None
+    if origin in (typing.Union, types.UnionType):
+        if raw is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], raw, where)
+    if origin is Literal:
+        # type-strict: `true` or `1.0` must not pass as the choice 1
+        if not any(type(raw) is type(a) and raw == a for a in args):
+            raise ConfigError(f"{where}={raw!r}: must be one of {list(args)}")
+        return raw
+    if origin is tuple:
+        if not isinstance(raw, Sequence) or isinstance(raw, str):
+            raise ConfigError(f"{where}={raw!r}: must be a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(raw))
+        if len(raw) != len(args):
+            raise ConfigError(f"{where}={raw!r}: must have {len(args)} items")
+        return tuple(_build(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, raw)))
+    if origin in (collections.abc.Mapping, dict):
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where}={raw!r}: must be a mapping")
+        vt = args[1] if args else Any
+        return {str(k): _build(vt, v, f"{where}.{k}") for k, v in raw.items()}
+    if cls is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{where}={raw!r}: must be true or false")
+        return raw
+    if cls is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"{where}={raw!r}: must be an integer")
+        return raw
+    if cls is float:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ConfigError(f"{where}={raw!r}: must be a number")
+        return float(raw)
+    if cls is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{where}={raw!r}: must be a string")
+        return raw
+    return raw
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) in place."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. pretrain.steps=100")
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = _yaml_load(value)
+
+
+def from_dict(raw: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Config:
+    """Build a validated `Config` from a mapping plus `--set` style overrides."""
+    tree = json.loads(json.dumps(raw or {}))  # deep copy, plain types
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    return _build(Config, tree, "")
+
+
+def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config file (or the defaults when `path` is None)."""
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found; pass --config params.yaml "
+                              "or one of configs/*.yaml")
+        try:
+            raw = _yaml_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config file {str(path)!r}: top level must be a mapping")
+    return from_dict(raw, overrides)

@@ -1,0 +1,104 @@
+"""The denoiser: diffusers' class-conditional `UNet2DModel` with GroupNorm.
+
+GroupNorm, never BatchNorm: DP-SGD needs per-example gradients, and BatchNorm
+mixes examples within a batch. Label `num_classes` is the null label used for
+classifier-free guidance (Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+from safetensors.torch import load_file, save_file
+
+from dpsynth.config import ModelConfig
+from dpsynth.errors import InputError
+
+WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
+CONFIG = "config.json"
+
+
+@dataclass(frozen=True)
+class UNetSpec:
+    """Everything needed to rebuild the network: model config plus data shape."""
+
+    image_size: int
+    channels: int
+    num_classes: int
+    model: ModelConfig
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @staticmethod
+    def from_json(raw: dict) -> "UNetSpec":
+        from dpsynth.config import from_dict
+
+        model = from_dict({"model": raw["model"]}).model
+        return UNetSpec(int(raw["image_size"]), int(raw["channels"]), int(raw["num_classes"]),
+                        model)
+
+
+def build_unet(spec: UNetSpec) -> UNet2DModel:
+    """A class-conditional UNet; `attention_levels` get self-attention blocks."""
+    m = spec.model
+    levels = range(len(m.block_out_channels))
+    down = tuple("AttnDownBlock2D" if i in m.attention_levels else "DownBlock2D" for i in levels)
+    up = tuple("AttnUpBlock2D" if i in m.attention_levels else "UpBlock2D"
+               for i in reversed(levels))
+    if spec.image_size % 2 ** (len(m.block_out_channels) - 1):
+        raise InputError(f"data.image_size={spec.image_size} must be divisible by "
+                         f"2**(len(model.block_out_channels)-1)="
+                         f"{2 ** (len(m.block_out_channels) - 1)}")
+    return UNet2DModel(
+        sample_size=spec.image_size, in_channels=spec.channels, out_channels=spec.channels,
+        block_out_channels=m.block_out_channels, layers_per_block=m.layers_per_block,
+        down_block_types=down, up_block_types=up, norm_num_groups=m.norm_num_groups,
+        dropout=m.dropout, attention_head_dim=8,
+        num_class_embeds=spec.num_classes + 1)  # +1: the null label for guidance
+
+
+def save_model(out_dir: str | Path, spec: UNetSpec, net: torch.nn.Module,
+               ema: torch.nn.Module | None = None, extra: dict | None = None) -> None:
+    """Write `config.json` + safetensors weights (never pickle)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out_dir / WEIGHTS)
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()},
+                  out_dir / EMA_WEIGHTS)
+    (out_dir / CONFIG).write_text(json.dumps({"unet": spec.to_json(), **(extra or {})},
+                                             indent=2) + "\n")
+
+
+def load_model(model_dir: str | Path, use_ema: bool = True) -> tuple[UNetSpec, UNet2DModel, dict]:
+    """Load a model written by `save_model`; EMA weights when present and asked for.
+
+    Returns:
+        (spec, network in eval mode, the whole config.json).
+    """
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / CONFIG
+    if not cfg_path.is_file():
+        raise InputError(f"{cfg_path}: no model config; pass the output folder of "
+                         "`dpsynth pretrain` (e.g. artifacts/pretrain)")
+    raw = json.loads(cfg_path.read_text())
+    spec = UNetSpec.from_json(raw["unet"])
+    net = build_unet(spec)
+    path = model_dir / (EMA_WEIGHTS if use_ema and (model_dir / EMA_WEIGHTS).is_file()
+                        else WEIGHTS)
+    try:
+        net.load_state_dict(load_file(path))
+    except Exception as err:  # noqa: BLE001 - missing, truncated or mismatched weights
+        raise InputError(f"{path}: cannot load weights ({err}); re-run the stage that "
+                         "wrote them") from None
+    return spec, net.eval(), raw

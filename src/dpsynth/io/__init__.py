@@ -1,0 +1,1 @@
+"""Artifact I/O: atomic outputs, npz image shards with hashed manifests, models."""

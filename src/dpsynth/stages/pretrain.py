@@ -1,0 +1,143 @@
+"""`dpsynth pretrain`: non-private diffusion training on the public split.
+
+Public pre-training is what makes DP fine-tuning work at all (Ghalebikesabi et
+al. 2023, Sec. 3.1): the private phase then only has to adapt the model.
+Resumable: checkpoints in the work folder every `pretrain.checkpoint_every`
+steps; a killed and resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dpsynth.config import Config
+from dpsynth.diffusion.ema import EMA
+from dpsynth.diffusion.loss import DenoisingLoss
+from dpsynth.diffusion.samplers import from_uint8
+from dpsynth.diffusion.unet import UNetSpec, build_unet, save_model
+from dpsynth.io.atomic import atomic_dir
+from dpsynth.io.shards import read_dataset
+from dpsynth.provenance import write_run_info
+from dpsynth.stages.common import fingerprint, work_dir_for, write_metrics
+from dpsynth.tracking import Tracker
+from dpsynth.training.checkpoint import TrainState, load_latest, save_checkpoint
+
+log = logging.getLogger(__name__)
+SECTIONS = ("seed", "model", "diffusion", "pretrain")
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    out_dir: Path
+    steps: int
+    final_loss: float
+    resumed_from: int
+
+
+def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
+        resume: bool = True, work_dir: Path | None = None,
+        stop_after: int | None = None) -> PretrainResult:
+    """Train the UNet on `public_dir` and publish the EMA model into `out_dir`.
+
+    Args:
+        cfg: resolved config (sections seed, model, diffusion, pretrain).
+        public_dir: the public split written by `prepare`.
+        out_dir: published atomically when training completes.
+        resume: continue from the latest compatible checkpoint in `work_dir`.
+        work_dir: checkpoints; default `<out_dir parent>/.work/<out_dir name>`.
+        stop_after: stop (without publishing) after this many steps -- tests use
+            it to simulate a killed run.
+    """
+    pc = cfg.pretrain
+    work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
+    images, labels, manifest = read_dataset(public_dir)
+    h, w, c = manifest.shape
+    spec = UNetSpec(image_size=h, channels=c, num_classes=len(manifest.classes), model=cfg.model)
+    run_id = fingerprint(cfg.section(*SECTIONS), manifest.content_hash)
+
+    x_all, y_all = from_uint8(torch.from_numpy(images)), torch.from_numpy(labels).long()
+    torch.manual_seed(cfg.seed)
+    net = build_unet(spec).train()
+    ema = EMA(net, pc.ema_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=pc.lr, weight_decay=0.0)
+    loss_fn = DenoisingLoss.from_config(cfg.diffusion, spec.null_label)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    history: list[list[float]] = []  # [step, mean loss over the logging window]
+
+    start = 0
+    state = load_latest(work_dir) if resume else None
+    if state is not None and state.meta.get("run_id") != run_id:
+        log.warning("ignoring checkpoint in %s: it belongs to another config or dataset",
+                    work_dir)
+        state = None
+    if state is not None:
+        net.load_state_dict(state.net)
+        ema.shadow.load_state_dict(state.ema)
+        ema.num_updates = state.meta["ema_num_updates"]
+        opt.load_state_dict(state.optimizer)
+        gen.set_state(state.generator)
+        history = state.meta["history"]
+        start = state.step
+        log.info("resuming pre-training from step %d", start)
+    elif work_dir.exists():
+        shutil.rmtree(work_dir)
+
+    tracker.log_params(cfg.section(*SECTIONS) | {"num_params": sum(
+        p.numel() for p in net.parameters())})
+    window: list[float] = []
+    t0 = time.perf_counter()
+    end = pc.steps if stop_after is None else min(pc.steps, stop_after)
+    bar = tqdm(range(start, end), initial=start, total=pc.steps, desc="pretrain", disable=None)
+    for step in bar:
+        idx = torch.randint(0, len(x_all), (pc.batch_size,), generator=gen)
+        for group in opt.param_groups:  # linear warm-up
+            group["lr"] = pc.lr * min(1.0, (step + 1) / max(1, pc.warmup_steps))
+        loss = loss_fn(net, x_all[idx], y_all[idx], gen).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        ema.update(net)
+        window.append(loss.item())
+        if (step + 1) % pc.log_every == 0 or step + 1 == pc.steps:
+            mean = sum(window) / len(window)
+            history.append([step + 1, mean])
+            tracker.log_metrics({"loss": mean}, step=step + 1)
+            bar.set_postfix(loss=f"{mean:.4f}")
+            window = []
+        if (step + 1) % pc.checkpoint_every == 0 or step + 1 == end:
+            save_checkpoint(work_dir, TrainState(
+                step=step + 1, net=net.state_dict(), ema=ema.shadow.state_dict(),
+                optimizer=opt.state_dict(), generator=gen.get_state(),
+                meta={"run_id": run_id, "ema_num_updates": ema.num_updates,
+                      "history": history}))
+    bar.close()
+    if end < pc.steps:
+        return PretrainResult(out_dir, end, history[-1][1] if history else float("nan"), start)
+
+    final_loss = history[-1][1]
+    metrics = {"final_loss": final_loss, "steps": pc.steps,
+               "num_params": sum(p.numel() for p in net.parameters()),
+               "train_seconds": round(time.perf_counter() - t0, 2), "resumed_from_step": start}
+    with atomic_dir(out_dir) as tmp:
+        save_model(tmp, spec, net, ema.shadow, extra={
+            "classes": list(manifest.classes), "trained_on": manifest.content_hash,
+            "run_id": run_id})
+        with open(tmp / "loss.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", "loss"])
+            writer.writerows(history)
+        write_run_info(tmp, "pretrain", cfg.section(*SECTIONS))
+        write_metrics(tmp, metrics)
+    tracker.log_metrics({k: float(v) for k, v in metrics.items()})
+    tracker.log_artifact(out_dir / "loss.csv")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return PretrainResult(out_dir, pc.steps, final_loss, start)

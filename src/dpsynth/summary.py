@@ -1,0 +1,43 @@
+"""The short summary `make run` prints: what ran, where the outputs are, and
+how to look at them in MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+STAGES = ("prepare", "pretrain", "sample")
+WHAT = {
+    "prepare": "public/private/test shards + manifests",
+    "pretrain": "EMA diffusion model (safetensors + config.json), loss.csv",
+    "sample": "synthetic shards + manifest, grid.png",
+}
+
+
+def summarize(artifacts: Path, seconds: float | None = None) -> str:
+    """Human-readable summary of the stage outputs under `artifacts`."""
+    lines = ["", "dpsynth pipeline" + (f" finished in {seconds:.0f} s" if seconds else "")]
+    for stage in STAGES:
+        out = artifacts / stage
+        metrics_file = out / "metrics.json"
+        if not metrics_file.is_file():
+            lines.append(f"  {stage:<9} not run")
+            continue
+        metrics = json.loads(metrics_file.read_text())
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in metrics.items() if not isinstance(v, (list, dict)))
+        lines.append(f"  {stage:<9} {out}/  ({WHAT[stage]})")
+        lines.append(f"  {'':<9} {shown}")
+    grid = artifacts / "sample" / "grid.png"
+    if grid.is_file():
+        lines.append(f"\n  samples per class: {grid}")
+    lines += [
+        "",
+        "  MLflow:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000",
+        "           then open http://127.0.0.1:5000 (experiment 'dpsynth', one parent run per",
+        "           pipeline run, one child run per stage)",
+        "  Plots:   .venv/bin/dvc plots show   (writes dvc_plots/index.html)",
+        "  Metrics: .venv/bin/dvc metrics show",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""Checkpoints that resume exactly: safetensors for every tensor (model, EMA,
+optimizer moments, RNG state), JSON for the rest. Never pickle.
+
+A checkpoint is a folder `ckpt-<step>` written under a temporary name and
+renamed into place; `latest.json` points at the newest complete one and is
+replaced atomically, so a kill during a write never leaves a corrupt "latest".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dpsynth.errors import InputError
+from dpsynth.io.atomic import atomic_write_json
+
+LATEST = "latest.json"
+
+
+@dataclass
+class TrainState:
+    """What a training loop needs to continue bit-for-bit."""
+
+    step: int
+    net: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    generator: torch.Tensor  # torch.Generator.get_state()
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-able: history, fingerprint...
+
+
+def _optimizer_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list]:
+    tensors = {f"{idx}.{name}": value.detach().clone().contiguous()
+               for idx, per_param in state["state"].items()
+               for name, value in per_param.items()}
+    return tensors, state["param_groups"]
+
+
+def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], groups: list) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(ckpt_dir: str | Path, state: TrainState, keep: int = 2) -> Path:
+    """Write `ckpt_dir/ckpt-<step>` atomically, point `latest.json` at it, prune old ones."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"ckpt-{state.step:08d}"
+    tmp = ckpt_dir / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file({k: v.contiguous() for k, v in state.net.items()}, tmp / "model.safetensors")
+        save_file({k: v.contiguous() for k, v in state.ema.items()}, tmp / "ema.safetensors")
+        opt_tensors, groups = _optimizer_to_tensors(state.optimizer)
+        save_file(opt_tensors | {"__generator__": state.generator.contiguous()},
+                  tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps(
+            {"step": state.step, "param_groups": groups, "meta": state.meta}))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_json(ckpt_dir / LATEST, {"checkpoint": final.name, "step": state.step})
+    done = sorted(p for p in ckpt_dir.glob("ckpt-*") if p.is_dir() and p != final)
+    for old in done[:max(0, len(done) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_latest(ckpt_dir: str | Path) -> TrainState | None:
+    """The newest complete checkpoint in `ckpt_dir`, or None if there is none."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / LATEST
+    if not pointer.is_file():
+        return None
+    try:
+        path = ckpt_dir / json.loads(pointer.read_text())["checkpoint"]
+        info = json.loads((path / "state.json").read_text())
+        tensors = load_file(path / "state.safetensors")
+        generator = tensors.pop("__generator__")
+        return TrainState(step=int(info["step"]), net=load_file(path / "model.safetensors"),
+                          ema=load_file(path / "ema.safetensors"),
+                          optimizer=_optimizer_from_tensors(tensors, info["param_groups"]),
+                          generator=generator, meta=info["meta"])
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"{ckpt_dir}: latest checkpoint is unreadable ({err}); delete the "
+                         "folder to start over") from None

@@ -1,0 +1,72 @@
+"""Shared fixtures for the stage tests: a tiny public split made from
+scikit-learn's 8x8 digits, a tiny config, and one pretrained tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from dpsynth.config import Config, from_dict
+from dpsynth.io.shards import write_dataset
+from dpsynth.stages import pretrain
+from dpsynth.tracking import NullTracker
+
+DIGIT_CLASSES = tuple(str(k) for k in range(10))
+NUM_PUBLIC = 400  # enough for the loss to fall in a dozen steps, small enough to load fast
+
+# Every knob small: a whole pretrain run is ~12 steps of a ~180k-parameter UNet.
+TINY: dict[str, Any] = {
+    "seed": 0,
+    "model": {"block_out_channels": [16, 32], "norm_num_groups": 8, "attention_levels": [1]},
+    "diffusion": {"num_train_timesteps": 100},
+    "pretrain": {"steps": 12, "batch_size": 16, "lr": 2e-3, "warmup_steps": 2,
+                 "ema_decay": 0.9, "checkpoint_every": 4, "log_every": 2},
+    "sample": {"num_samples": 30, "num_shards": 3, "batch_size": 8, "sampler": "ddim",
+               "num_inference_steps": 3},
+    "tracking": {"enabled": False},
+}
+
+
+def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
+    """All 1797 digits as uint8 NHWC (N, 8, 8, 1); pixel v in 0..16 -> round(v * 255 / 16)."""
+    d = load_digits()
+    images = np.round(d.images * 255 / 16).astype(np.uint8)[..., None]
+    return images, d.target.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def digits_public_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A public split (two shards) of the first NUM_PUBLIC digits. Read-only for tests."""
+    images, labels = digits_uint8()
+    out = tmp_path_factory.mktemp("digits") / "public"
+    write_dataset(out, images[:NUM_PUBLIC], labels[:NUM_PUBLIC], DIGIT_CLASSES,
+                  source="sklearn-digits", shard_size=250)
+    return out
+
+
+@pytest.fixture(scope="session")
+def make_cfg() -> Callable[..., Config]:
+    """`make_cfg("pretrain.steps=20", ...)`: the tiny config plus `--set` style overrides."""
+
+    def make(*overrides: str) -> Config:
+        return from_dict(TINY, overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(make_cfg: Callable[..., Config]) -> Config:
+    return make_cfg()
+
+
+@pytest.fixture(scope="session")
+def pretrained_dir(tmp_path_factory: pytest.TempPathFactory, tiny_cfg: Config,
+                   digits_public_dir: Path) -> Path:
+    """The output of one uninterrupted tiny pretrain run. Read-only for tests."""
+    out = tmp_path_factory.mktemp("pretrained") / "pretrain"
+    pretrain.run(tiny_cfg, public_dir=digits_public_dir, out_dir=out, tracker=NullTracker())
+    return out

@@ -1,0 +1,115 @@
+"""End to end: `dvc repro` with the smoke config in a temporary copy of the repo.
+
+Checks what a user gets: every stage's artifacts exist and verify, the sample
+grid exists, and MLflow holds one parent run with a child run per stage and
+the logged params.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpsynth.io.shards import read_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DPSYNTH_PIPELINE_ID"] = "e2e-test"
+    env["TQDM_DISABLE"] = "1"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A temp copy of the repo (smoke config as params.yaml) after `dvc repro`."""
+    root = tmp_path_factory.mktemp("repo")
+    for name in ("dvc.yaml", ".dvcignore"):
+        if (REPO / name).exists():
+            shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / ".dvc").mkdir()
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    shutil.copy(REPO / "configs" / "smoke.yaml", root / "params.yaml")
+    env = _env(root)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root
+
+
+def test_every_stage_publishes_verified_artifacts(repro: Path) -> None:
+    art = repro / "artifacts"
+    for split in ("public", "private", "test"):
+        images, labels, manifest = read_dataset(art / "prepare" / split)
+        assert images.shape[1:] == (8, 8, 1) and len(manifest.classes) == 10
+    assert (art / "pretrain" / "ema.safetensors").is_file()
+    assert json.loads((art / "pretrain" / "config.json").read_text())["unet"]["image_size"] == 8
+    images, labels, manifest = read_dataset(art / "sample")
+    assert manifest.count == 60 and len(manifest.shards) == 3
+    assert sorted(set(labels.tolist())) == list(range(10))
+    assert (art / "sample" / "grid.png").stat().st_size > 0
+    for stage in ("prepare", "pretrain", "sample"):
+        assert json.loads((art / stage / "metrics.json").read_text())
+        params = json.loads((art / stage / "params.json").read_text())
+        assert params["seed"] == 0
+    # nothing half-written left next to the outputs
+    assert not [p for p in art.iterdir() if ".tmp-" in p.name]
+
+
+def test_dvc_sees_pipeline_up_to_date(repro: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repro,
+                          env=_env(repro), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout or "{}") == {}
+
+
+def test_mlflow_groups_stage_runs_under_one_parent(repro: Path) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repro / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dpsynth-smoke")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string="tags.`dpsynth.pipeline_id` = 'e2e-test'")
+    parents = [r for r in runs if r.data.tags["dpsynth.stage"] == "pipeline"]
+    children = {r.data.tags["dpsynth.stage"]: r for r in runs if r not in parents}
+    assert len(parents) == 1
+    assert set(children) == {"prepare", "pretrain", "sample"}
+    for child in children.values():
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.info.status == "FINISHED"
+    assert children["pretrain"].data.params["pretrain.steps"] == "20"
+    assert children["sample"].data.params["sample.sampler"] == "dpmsolver++"
+    assert "final_loss" in children["pretrain"].data.metrics
+    history = client.get_metric_history(children["pretrain"].info.run_id, "loss")
+    assert [m.step for m in history] == [5, 10, 15, 20]
+    # the private split's size is derived from private data: never logged
+    private_count = read_dataset(repro / "artifacts" / "prepare" / "private")[2].count
+    for child in children.values():
+        values = list(child.data.params.values()) + list(child.data.metrics.values())
+        assert not any(str(v) in (str(private_count), f"{private_count}.0") for v in values)
+        assert not any("private_count" in k for k in [*child.data.params, *child.data.metrics])
+
+
+def test_cli_reports_bad_config_with_exit_code_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain: {steps: 0}\n")
+    proc = subprocess.run([sys.executable, "-m", "dpsynth.cli", "prepare", "--config", str(bad),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          env=_env(tmp_path), timeout=120)
+    assert proc.returncode == 2
+    assert "pretrain.steps=0: must be >= 1" in proc.stderr
+    assert not (tmp_path / "out").exists()
