@@ -64,12 +64,12 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class MlflowTracker:
-    """Logs to the active MLflow child run."""
+    """Logs to one MLflow (child) run through `client`."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, client: Any = None) -> None:
         import mlflow
 
-        self._client = mlflow.MlflowClient()
+        self._client = client if client is not None else mlflow.MlflowClient()
         self.run_id = run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -127,8 +127,10 @@ def open_tracker(cfg: TrackingConfig, stage: str,
 
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri)
-    client = mlflow.MlflowClient()
+    # A client bound to the URI, not `mlflow.set_tracking_uri`: that also exports
+    # MLFLOW_TRACKING_URI, which would then override every later stage's config.
+    client = mlflow.MlflowClient(
+        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri)
     experiment = client.get_experiment_by_name(cfg.experiment)
     experiment_id = (experiment.experiment_id if experiment is not None
                      else client.create_experiment(cfg.experiment))
@@ -146,7 +148,7 @@ def open_tracker(cfg: TrackingConfig, stage: str,
         PIPELINE_TAG: pipeline_id, STAGE_TAG: stage, "mlflow.parentRunId": parent_id})
     status = "FAILED"
     try:
-        yield MlflowTracker(child.info.run_id)
+        yield MlflowTracker(child.info.run_id, client)
         status = "FINISHED"
     finally:
         client.set_terminated(child.info.run_id, status=status)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from conftest import camelyon_rows, write_camelyon17
+from raw_formats import camelyon_rows, write_camelyon17
 
 from dpsynth.config import Config, DataConfig, SourceConfig
 from dpsynth.data.camelyon17 import CLASSES, Camelyon17Source, patch_path

@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from conftest import CIFAR_CLASSES, cifar_images, cifar_members, py2_pickle, write_tarball
+from raw_formats import CIFAR_CLASSES, cifar_images, cifar_members, py2_pickle, write_tarball
 
 from dpsynth.config import Config, DataConfig, SourceConfig
 from dpsynth.data.cifar10 import Cifar10Source, unpickle_batch

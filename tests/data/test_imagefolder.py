@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from conftest import write_imagefolder
+from raw_formats import write_imagefolder
 from PIL import Image
 
 from dpsynth.config import Config, DataConfig, SourceConfig

@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from conftest import write_imagenet32
+from raw_formats import write_imagenet32
 
 from dpsynth.config import Config, DataConfig, SourceConfig
 from dpsynth.data.imagenet32 import ImageNet32Source

@@ -98,3 +98,11 @@ def test_decode_images_promotes_grey_and_rejects_other_sizes(tmp_path: Path) -> 
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(InputError, match="bad.png: not a readable PNG/JPEG"):
         decode_images([colour, tmp_path / "bad.png"], "t")
+
+
+def test_decode_image_modes(tmp_path: Path) -> None:
+    Image.fromarray(np.full((2, 2), 65535, np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(np.full((2, 2, 4), (9, 8, 7, 0), np.uint8)).save(tmp_path / "rgba.png")
+    deep = decode_images([tmp_path / "deep.png"], "t")
+    assert deep.shape == (1, 2, 2, 1) and deep.max() == deep.min() == 255  # 16-bit -> 8-bit
+    np.testing.assert_array_equal(decode_images([tmp_path / "rgba.png"], "t")[0, 0, 0], [9, 8, 7])

@@ -3,16 +3,18 @@ scikit-learn's 8x8 digits, a tiny config, and one pretrained tiny model."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
+import torch
 from sklearn.datasets import load_digits
 
 from dpsynth.config import Config, from_dict
 from dpsynth.io.shards import write_dataset
-from dpsynth.stages import pretrain
+from dpsynth.stages import pretrain, sample
 from dpsynth.tracking import NullTracker
 
 DIGIT_CLASSES = tuple(str(k) for k in range(10))
@@ -25,10 +27,29 @@ TINY: dict[str, Any] = {
     "diffusion": {"num_train_timesteps": 100},
     "pretrain": {"steps": 12, "batch_size": 16, "lr": 2e-3, "warmup_steps": 2,
                  "ema_decay": 0.9, "checkpoint_every": 4, "log_every": 2},
-    "sample": {"num_samples": 30, "num_shards": 3, "batch_size": 8, "sampler": "ddim",
+    # batch_size 8 < 10 per shard: a shard is sampled in two chunks from one generator
+    "sample": {"num_samples": 30, "num_shards": 3, "batch_size": 8, "sampler": "dpmsolver++",
                "num_inference_steps": 3},
     "tracking": {"enabled": False},
 }
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread: these models are tiny, and two threads on a busy
+    two-core machine are up to 10x slower (spin-waiting), never faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def torch_one_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
 
 
 def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
@@ -68,5 +89,17 @@ def pretrained_dir(tmp_path_factory: pytest.TempPathFactory, tiny_cfg: Config,
                    digits_public_dir: Path) -> Path:
     """The output of one uninterrupted tiny pretrain run. Read-only for tests."""
     out = tmp_path_factory.mktemp("pretrained") / "pretrain"
-    pretrain.run(tiny_cfg, public_dir=digits_public_dir, out_dir=out, tracker=NullTracker())
+    with one_torch_thread():
+        pretrain.run(tiny_cfg, public_dir=digits_public_dir, out_dir=out,
+                     tracker=NullTracker())
+    return out
+
+
+@pytest.fixture(scope="session")
+def sampled_dir(tmp_path_factory: pytest.TempPathFactory, tiny_cfg: Config,
+                pretrained_dir: Path) -> Path:
+    """All shards of `pretrained_dir`'s model made at once by `sample.run`. Read-only."""
+    out = tmp_path_factory.mktemp("sampled") / "sample"
+    with one_torch_thread():
+        sample.run(tiny_cfg, model_dir=pretrained_dir, out_dir=out, tracker=NullTracker())
     return out

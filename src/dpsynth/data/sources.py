@@ -161,12 +161,11 @@ def decode_image(path: Path) -> np.ndarray:
     """
     try:
         with Image.open(path) as img:
-            grey = img.mode in ("1", "L", "I", "I;16", "F")
-            if img.mode in ("I", "I;16", "F"):  # 16-bit / float greys: scale to 8 bit
-                arr = np.asarray(img, dtype=np.float64)
-                arr = np.clip(arr / max(arr.max(), 1.0) * 255.0, 0, 255).round().astype(np.uint8)
+            if img.mode in ("I", "I;16"):  # 16-bit grey PNG: 0..65535 -> 0..255
+                arr = np.asarray(img, dtype=np.float64) / 257.0
+                arr = np.clip(arr, 0, 255).round().astype(np.uint8)
             else:
-                arr = np.asarray(img.convert("L" if grey else "RGB"))
+                arr = np.asarray(img.convert("L" if img.mode in ("1", "L", "F") else "RGB"))
     except FileNotFoundError:
         raise InputError(f"{path}: image file not found; restore it or remove it from the "
                          "source") from None

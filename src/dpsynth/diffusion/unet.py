@@ -91,8 +91,12 @@ def load_model(model_dir: str | Path, use_ema: bool = True) -> tuple[UNetSpec, U
     if not cfg_path.is_file():
         raise InputError(f"{cfg_path}: no model config; pass the output folder of "
                          "`dpsynth pretrain` (e.g. artifacts/pretrain)")
-    raw = json.loads(cfg_path.read_text())
-    spec = UNetSpec.from_json(raw["unet"])
+    try:
+        raw = json.loads(cfg_path.read_text())
+        spec = UNetSpec.from_json(raw["unet"])
+    except (ValueError, KeyError, TypeError) as err:  # bad JSON, missing keys, bad values
+        raise InputError(f"{cfg_path}: not a valid model config ({err}); re-run the stage "
+                         "that wrote it") from None
     net = build_unet(spec)
     path = model_dir / (EMA_WEIGHTS if use_ema and (model_dir / EMA_WEIGHTS).is_file()
                         else WEIGHTS)

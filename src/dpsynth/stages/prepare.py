@@ -120,13 +120,43 @@ def check_splits(splits: dict[str, LabeledImages]) -> None:
             raise InputError(f"the {role} split is empty ({splits[role].source}); raise "
                              f"data.fractions.{role} or give data.{role} a source with data")
     for role in ("private", "test"):
-        present = np.bincount(splits[role].labels, minlength=len(private.classes)) > 0
-        for c in np.flatnonzero(~present):
+        counts = np.bincount(splits[role].labels, minlength=len(private.classes))
+        missing = [private.classes[c] for c in np.flatnonzero(counts == 0)]
+        if missing:
             raise InputError(
-                f"class {private.classes[c]!r} has no examples in the {role} split "
-                f"({splits[role].source}); add examples of it to the source, or change "
-                "data.fractions so each role gets some (every class needs one example per "
-                "role carved from the pool)")
+                f"class {missing[0]!r} has no examples in the {role} split "
+                f"({splits[role].source}; classes without any: {missing}); add examples of "
+                "it to the source, or change data.fractions (each role carved from the pool "
+                "needs at least one example of every class)")
+
+def carved_from_private(cfg: Config) -> set[str]:
+    """The roles cut out of the private source's pool (rather than given their own
+    source or an official split)."""
+    if cfg.data.private.kind == "cifar10" and cfg.data.test is None:
+        official_test = True  # cifar10's test_batch: its size is public knowledge
+    else:
+        official_test = cfg.data.private.kind == "camelyon17" and not cfg.data.private.hospitals
+    carved = set()
+    if cfg.data.public is None:
+        carved.add("public")
+    if cfg.data.test is None and not official_test:
+        carved.add("test")
+    return carved
+
+
+def public_metrics(cfg: Config, splits: dict[str, LabeledImages]) -> dict[str, Any]:
+    """Facts about the splits that are safe to publish (PRIVACY.md rule 6).
+
+    The private split's size is never included. Nor is the size of a split
+    carved out of the private pool: with the public fractions it would give the
+    private size away (count / fraction).
+    """
+    carved = carved_from_private(cfg)
+    metrics: dict[str, Any] = {f"{role}_count": len(splits[role])
+                               for role in ("public", "test") if role not in carved}
+    metrics["image_shape"] = [cfg.data.image_size, cfg.data.image_size, cfg.data.channels]
+    metrics["num_classes"] = len(splits["private"].classes)
+    return metrics
 
 
 def run(cfg: Config, *, out_dir: Path, tracker: Tracker) -> PrepareResult:
@@ -151,12 +181,7 @@ def run(cfg: Config, *, out_dir: Path, tracker: Tracker) -> PrepareResult:
     size, channels = cfg.data.image_size, cfg.data.channels
     splits = {role: LabeledImages(to_format(raw[role].images, size, channels), raw[role].labels,
                                   raw[role].classes, raw[role].source) for role in ROLES}
-    metrics: dict[str, Any] = {  # public facts only: no private count (PRIVACY.md rule 6)
-        "public_count": len(splits["public"]),
-        "test_count": len(splits["test"]),
-        "image_shape": [size, size, channels],
-        "num_classes": len(splits["private"].classes),
-    }
+    metrics = public_metrics(cfg, splits)
     with atomic_dir(out_dir) as tmp:
         manifests = {role: write_dataset(tmp / role, split.images, split.labels, split.classes,
                                          split.source, shard_size=cfg.data.shard_size)
@@ -164,8 +189,7 @@ def run(cfg: Config, *, out_dir: Path, tracker: Tracker) -> PrepareResult:
         write_run_info(tmp, "prepare", params)
         atomic_write_json(tmp / "metrics.json", metrics)
     tracker.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, list)})
-    log.info("prepare: wrote %d public and %d test images (and the private split) to %s",
-             metrics["public_count"], metrics["test_count"], out_dir)
+    log.info("prepare: wrote the public, private and test splits to %s", out_dir)
     return PrepareResult(public=manifests["public"], private=manifests["private"],
                          test=manifests["test"], out_dir=out_dir)
 

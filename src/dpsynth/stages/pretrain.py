@@ -71,6 +71,7 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
     loss_fn = DenoisingLoss.from_config(cfg.diffusion, spec.null_label)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     history: list[list[float]] = []  # [step, mean loss over the logging window]
+    window: list[float] = []  # losses since the last logged step
 
     start = 0
     state = load_latest(work_dir) if resume else None
@@ -85,6 +86,9 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
         opt.load_state_dict(state.optimizer)
         gen.set_state(state.generator)
         history = state.meta["history"]
+        # a checkpoint between two logging steps carries the partial window, so
+        # the resumed loss history equals the uninterrupted one
+        window = state.meta.get("window", [])
         start = state.step
         log.info("resuming pre-training from step %d", start)
     elif work_dir.exists():
@@ -92,7 +96,6 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
 
     tracker.log_params(cfg.section(*SECTIONS) | {"num_params": sum(
         p.numel() for p in net.parameters())})
-    window: list[float] = []
     t0 = time.perf_counter()
     end = pc.steps if stop_after is None else min(pc.steps, stop_after)
     bar = tqdm(range(start, end), initial=start, total=pc.steps, desc="pretrain", disable=None)
@@ -118,7 +121,7 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
                 step=step + 1, net=net.state_dict(), ema=ema.shadow.state_dict(),
                 optimizer=opt.state_dict(), generator=gen.get_state(),
                 meta={"run_id": run_id, "ema_num_updates": ema.num_updates,
-                      "history": history}))
+                      "history": history, "window": window}))
     bar.close()
     if end < pc.steps:
         return PretrainResult(out_dir, end, history[-1][1] if history else float("nan"), start)

@@ -66,6 +66,9 @@ def shard_seed(seed: int, index: int) -> int:
 
 def _model_hash(model_dir: Path) -> str:
     weights = model_dir / (EMA_WEIGHTS if (model_dir / EMA_WEIGHTS).is_file() else WEIGHTS)
+    if not weights.is_file():
+        raise InputError(f"{model_dir}: no model weights ({WEIGHTS}); pass the output folder "
+                         "of `dpsynth pretrain` (e.g. artifacts/pretrain)")
     return sha256_file(weights)
 
 
@@ -148,10 +151,16 @@ def merge_shards(shard_dirs: Sequence[Path], out_dir: Path, *, num_shards: int,
         raise InputError(f"shards {missing} of {num_shards} are missing from "
                          f"{[str(d) for d in shard_dirs]}; run `dpsynth sample --shard-index` "
                          "for them first")
+    infos = [json.loads(_sidecar(found[i], i).read_text()) for i in range(num_shards)]
+    by_run: dict[str, list[int]] = {}
+    for i, info in enumerate(infos):
+        by_run.setdefault(str(info.get("run_id")), []).append(i)
+    if len(by_run) > 1:  # shards of different models or sampling configs must not mix
+        raise InputError(f"shards {list(by_run.values())} were made with different models or "
+                         "sample configs; re-run those shards with the same model and config")
     shards, shape, classes = [], None, None
-    for i in range(num_shards):
+    for i, info in enumerate(infos):
         d = found[i]
-        info = json.loads(_sidecar(d, i).read_text())
         if sha256_file(d / shard_name(i)) != info["sha256"]:
             raise InputError(f"{d / shard_name(i)}: sha256 does not match its sidecar; "
                              "delete it and re-run that shard")

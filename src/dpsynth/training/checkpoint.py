@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dpsynth.errors import InputError
@@ -98,6 +99,6 @@ def load_latest(ckpt_dir: str | Path) -> TrainState | None:
                           ema=load_file(path / "ema.safetensors"),
                           optimizer=_optimizer_from_tensors(tensors, info["param_groups"]),
                           generator=generator, meta=info["meta"])
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise InputError(f"{ckpt_dir}: latest checkpoint is unreadable ({err}); delete the "
                          "folder to start over") from None

@@ -1,0 +1,337 @@
+"""`dpsynth.stages.pretrain`: output layout, learning, determinism, exact resume
+(in-process and after a real SIGKILL), atomic publishing, and what reaches the tracker."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dpsynth
+from dpsynth.config import Config
+from dpsynth.diffusion.loss import DenoisingLoss
+from dpsynth.diffusion.unet import EMA_WEIGHTS, WEIGHTS, load_model
+from dpsynth.stages import pretrain
+from dpsynth.stages.common import work_dir_for
+from dpsynth.tracking import NullTracker, flatten
+from dpsynth.training.checkpoint import LATEST, load_latest, save_checkpoint
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+SECTIONS = ("seed", "model", "diffusion", "pretrain")
+METRIC_KEYS = {"final_loss", "steps", "num_params", "train_seconds", "resumed_from_step"}
+
+
+def weights(out_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    return load_file(out_dir / WEIGHTS), load_file(out_dir / EMA_WEIGHTS)
+
+
+def assert_same_tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def assert_same_model(out: Path, reference: Path) -> None:
+    """Bit-identical weights, EMA weights and loss history."""
+    (net, ema), (ref_net, ref_ema) = weights(out), weights(reference)
+    assert_same_tensors(net, ref_net)
+    assert_same_tensors(ema, ref_ema)
+    assert (out / "loss.csv").read_text() == (reference / "loss.csv").read_text()
+
+
+def loss_rows(out_dir: Path) -> list[tuple[int, float]]:
+    with open(out_dir / "loss.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["step", "loss"]
+    return [(int(s), float(v)) for s, v in rows[1:]]
+
+
+def leftovers(parent: Path, name: str) -> list[Path]:
+    """Temporary folders an atomic publish of `parent/name` could leave behind."""
+    return sorted(parent.glob(f".{name}.tmp-*")) + sorted(parent.glob(f".{name}.old-*"))
+
+
+def run(cfg: Config, public: Path, out: Path, tracker: Any = None, **kwargs: Any
+        ) -> pretrain.PretrainResult:
+    return pretrain.run(cfg, public_dir=public, out_dir=out, tracker=tracker or NullTracker(),
+                        **kwargs)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_output_layout(pretrained_dir: Path, tiny_cfg: Config) -> None:
+    names = {p.name for p in pretrained_dir.iterdir()}
+    assert names == {"config.json", WEIGHTS, EMA_WEIGHTS, "loss.csv", "metrics.json",
+                     "params.json", "version.json"}
+
+    model_cfg = json.loads((pretrained_dir / "config.json").read_text())
+    assert model_cfg["classes"] == [str(k) for k in range(10)]
+    assert model_cfg["unet"]["image_size"] == 8 and model_cfg["unet"]["channels"] == 1
+    assert model_cfg["unet"]["num_classes"] == 10
+    assert model_cfg["unet"]["model"] == tiny_cfg.to_dict()["model"]
+    spec, net, _ = load_model(pretrained_dir)  # loads back into the architecture it names
+    assert spec.null_label == 10
+
+    rows = loss_rows(pretrained_dir)
+    log_every, steps = tiny_cfg.pretrain.log_every, tiny_cfg.pretrain.steps
+    assert [s for s, _ in rows] == list(range(log_every, steps + 1, log_every))
+    assert all(math.isfinite(v) and v > 0 for _, v in rows)
+
+    metrics = json.loads((pretrained_dir / "metrics.json").read_text())
+    assert set(metrics) == METRIC_KEYS
+    assert metrics["steps"] == steps and metrics["resumed_from_step"] == 0
+    assert metrics["final_loss"] == rows[-1][1]
+    assert metrics["num_params"] == sum(p.numel() for p in net.parameters())
+
+    assert json.loads((pretrained_dir / "params.json").read_text()) == tiny_cfg.section(*SECTIONS)
+    version = json.loads((pretrained_dir / "version.json").read_text())
+    assert version["stage"] == "pretrain" and version["dpsynth"] == dpsynth.__version__
+    assert "git_commit" in version
+
+    # published EMA differs from the raw weights (it is an average, not a copy)
+    net_w, ema_w = weights(pretrained_dir)
+    assert any(not torch.equal(net_w[k], ema_w[k]) for k in net_w)
+    # the work folder (checkpoints) is gone and no temporary folder is left behind
+    assert not work_dir_for(pretrained_dir).exists()
+    assert leftovers(pretrained_dir.parent, pretrained_dir.name) == []
+
+
+def test_loss_goes_down(pretrained_dir: Path) -> None:
+    losses = [v for _, v in loss_rows(pretrained_dir)]
+    first, last = losses[0], sum(losses[-2:]) / 2
+    # eps-prediction starts near E[eps^2] = 1; a dozen steps on digits reach ~0.45
+    assert 0.7 < first < 1.5
+    assert last < 0.7 * first, losses
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_weights_other_seed_different(
+        tmp_path: Path, tiny_cfg: Config, make_cfg: Callable[..., Config],
+        digits_public_dir: Path, pretrained_dir: Path) -> None:
+    run(tiny_cfg, digits_public_dir, tmp_path / "again")
+    assert_same_model(tmp_path / "again", pretrained_dir)
+
+    run(make_cfg("seed=1"), digits_public_dir, tmp_path / "seed1")
+    net, _ = weights(tmp_path / "seed1")
+    ref, _ = weights(pretrained_dir)
+    assert any(not torch.equal(net[k], ref[k]) for k in net)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("stop_after", [4, 5, 7])  # 4: at a checkpoint; 5, 7: between them
+def test_kill_and_resume_is_exact(tmp_path: Path, tiny_cfg: Config, digits_public_dir: Path,
+                                  pretrained_dir: Path, stop_after: int) -> None:
+    out = tmp_path / "pretrain"
+    stopped = run(tiny_cfg, digits_public_dir, out, stop_after=stop_after)
+    assert stopped.steps == stop_after
+    assert not out.exists(), "a stopped run must publish nothing"
+    assert leftovers(tmp_path, "pretrain") == []
+    latest = json.loads((work_dir_for(out) / LATEST).read_text())
+    assert latest["step"] == stop_after  # the stage checkpoints where it stops
+
+    resumed = run(tiny_cfg, digits_public_dir, out, resume=True)
+    assert resumed.resumed_from == stop_after and resumed.steps == tiny_cfg.pretrain.steps
+    assert_same_model(out, pretrained_dir)
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == stop_after
+    assert not work_dir_for(out).exists()
+
+
+def test_resume_twice_is_exact(tmp_path: Path, tiny_cfg: Config, digits_public_dir: Path,
+                               pretrained_dir: Path) -> None:
+    out = tmp_path / "pretrain"
+    run(tiny_cfg, digits_public_dir, out, stop_after=3)
+    second = run(tiny_cfg, digits_public_dir, out, stop_after=9)
+    assert second.resumed_from == 3 and not out.exists()
+    final = run(tiny_cfg, digits_public_dir, out)
+    assert final.resumed_from == 9
+    assert_same_model(out, pretrained_dir)
+
+
+def test_checkpoint_of_another_config_is_ignored(
+        tmp_path: Path, tiny_cfg: Config, make_cfg: Callable[..., Config],
+        digits_public_dir: Path, pretrained_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "pretrain"
+    run(make_cfg("pretrain.lr=0.01"), digits_public_dir, out, stop_after=8)
+    assert (work_dir_for(out) / LATEST).is_file()
+
+    result = run(tiny_cfg, digits_public_dir, out, resume=True)
+    assert result.resumed_from == 0
+    assert "another config" in caplog.text
+    assert_same_model(out, pretrained_dir)
+
+
+def test_resume_false_starts_fresh(tmp_path: Path, tiny_cfg: Config, digits_public_dir: Path,
+                                   pretrained_dir: Path) -> None:
+    out = tmp_path / "pretrain"
+    run(tiny_cfg, digits_public_dir, out, stop_after=8)
+    # Poison the (compatible) checkpoint: resuming from it could not give the reference.
+    state = load_latest(work_dir_for(out))
+    assert state is not None
+    state.net = {k: torch.zeros_like(v) for k, v in state.net.items()}
+    state.ema = {k: torch.zeros_like(v) for k, v in state.ema.items()}
+    save_checkpoint(work_dir_for(out), state)
+
+    result = run(tiny_cfg, digits_public_dir, out, resume=False)
+    assert result.resumed_from == 0
+    assert_same_model(out, pretrained_dir)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_failure_mid_run_leaves_no_output(tmp_path: Path, tiny_cfg: Config,
+                                          digits_public_dir: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    original = DenoisingLoss.__call__
+
+    def flaky(self: DenoisingLoss, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("simulated crash in step 6")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DenoisingLoss, "__call__", flaky)
+    out = tmp_path / "pretrain"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tiny_cfg, digits_public_dir, out)
+    assert not out.exists()
+    assert leftovers(tmp_path, "pretrain") == []
+    # the checkpoint before the crash survives for a resume
+    assert json.loads((work_dir_for(out) / LATEST).read_text())["step"] == 4
+
+
+def test_failure_while_publishing_keeps_previous_output(
+        tmp_path: Path, tiny_cfg: Config, digits_public_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "pretrain"
+    out.mkdir()
+    (out / "marker.txt").write_text("previous output")
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pretrain, "write_metrics", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run(tiny_cfg, digits_public_dir, out)
+    assert [p.name for p in out.iterdir()] == ["marker.txt"]
+    assert leftovers(tmp_path, "pretrain") == []
+
+
+# --------------------------------------------------------------------------- real kill
+
+CHILD = """
+import json, sys, time
+from pathlib import Path
+
+import torch
+torch.set_num_threads(1)  # as in the parent, so both compute bit-identical results
+
+from dpsynth.config import from_dict
+from dpsynth.diffusion.loss import DenoisingLoss
+from dpsynth.stages import pretrain
+from dpsynth.tracking import NullTracker
+
+raw, public, out = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+original = DenoisingLoss.__call__
+
+def slow(self, *args, **kwargs):
+    time.sleep(0.25)  # slow each step down so the parent can kill us mid-run
+    return original(self, *args, **kwargs)
+
+DenoisingLoss.__call__ = slow
+pretrain.run(from_dict(raw), public_dir=public, out_dir=out, tracker=NullTracker())
+print("finished")
+"""
+
+
+def test_sigkill_then_resume_is_exact(tmp_path: Path, tiny_cfg: Config,
+                                      digits_public_dir: Path, pretrained_dir: Path) -> None:
+    out = tmp_path / "pretrain"
+    latest = work_dir_for(out) / LATEST
+    log = open(tmp_path / "child.log", "w+")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(tiny_cfg.to_dict()), str(digits_public_dir),
+         str(out)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not latest.is_file():
+            if child.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"child exited ({child.returncode}) before a checkpoint: {log.read()}")
+            if time.monotonic() > deadline:
+                pytest.fail("no checkpoint after 120 s")
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()  # no-op if already dead
+        child.wait(timeout=60)
+        log.close()
+    assert child.returncode == -signal.SIGKILL
+    assert not out.exists()
+    killed_at = json.loads(latest.read_text())["step"]
+    assert 0 < killed_at < tiny_cfg.pretrain.steps
+
+    result = run(tiny_cfg, digits_public_dir, out, resume=True)
+    assert result.resumed_from == killed_at
+    assert_same_model(out, pretrained_dir)
+
+
+# --------------------------------------------------------------------------- privacy
+
+
+class RawTracker(NullTracker):
+    """A NullTracker that also keeps every metric value exactly as it was passed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw_metrics: list[tuple[dict[str, Any], int | None]] = []
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.raw_metrics.append((dict(metrics), step))
+        super().log_metrics(metrics, step)
+
+
+def test_tracker_sees_only_config_and_scalar_metrics(tmp_path: Path, tiny_cfg: Config,
+                                                     digits_public_dir: Path) -> None:
+    tracker = RawTracker()
+    out = tmp_path / "pretrain"
+    run(tiny_cfg, digits_public_dir, out, tracker=tracker)
+
+    expected = flatten(tiny_cfg.section(*SECTIONS))
+    assert set(tracker.params) == set(expected) | {"num_params"}
+    assert {k: tracker.params[k] for k in expected} == expected
+    assert isinstance(tracker.params["num_params"], int)
+    for key, value in tracker.params.items():  # JSON scalars or short lists of them
+        flat = value if isinstance(value, list) else [value]
+        assert all(v is None or isinstance(v, (bool, int, float, str)) for v in flat), key
+
+    names = set()
+    for metrics, step in tracker.raw_metrics:
+        names |= set(metrics)
+        for key, value in metrics.items():
+            assert type(value) is float, (key, type(value))  # no tensors / arrays / lists
+        assert step is None or isinstance(step, int)
+    assert names == {"loss"} | METRIC_KEYS
+
+    # the loss series is exactly the published loss.csv, one point per logging window
+    series = [(step, m["loss"]) for m, step in tracker.raw_metrics if "loss" in m]
+    assert series == loss_rows(out)
+    assert tracker.artifacts == [out / "loss.csv"]

@@ -1,0 +1,69 @@
+"""The CLI parses, builds the config and calls stages; errors map to exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dpsynth import cli
+from dpsynth.io.shards import read_dataset
+
+
+@pytest.mark.parametrize("command", ["prepare", "pretrain", "sample"])
+def test_every_subcommand_help_has_an_example(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "example:" in out and f"dpsynth {command}" in out and "--out" in out
+
+
+def test_unknown_config_key_exits_2_naming_the_key(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    code = cli.main(["prepare", "--set", "data.imagesize=16", "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "data: unknown key(s) ['imagesize']" in err and "image_size" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_override_syntax_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["prepare", "--set", "seed", "--out", str(tmp_path / "o")]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = cli.main(["prepare", "--config", str(tmp_path / "nope.yaml"), "--out",
+                     str(tmp_path / "o")])
+    assert code == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_prepare_runs_through_cli_with_tracking_off(tmp_path: Path) -> None:
+    out = tmp_path / "prep"
+    code = cli.main(["prepare", "-q", "--set", "tracking.enabled=false", "--out", str(out)])
+    assert code == 0
+    images, labels, manifest = read_dataset(out / "public")
+    assert manifest.shape == (8, 8, 1) and len(images) == len(labels) > 0
+    assert json.loads((out / "params.json").read_text())["data"]["image_size"] == 8
+
+
+def test_sample_without_model_is_a_usage_error(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    code = cli.main(["sample", "--set", "tracking.enabled=false", "--out", str(tmp_path / "s")])
+    assert code == 2
+    assert "--model is required" in capsys.readouterr().err
+
+
+def test_summary_lists_stages_and_mlflow_command(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "metrics.json").write_text(json.dumps({"final_loss": 0.123456}))
+    assert cli.main(["summary", "--artifacts", str(tmp_path), "--seconds", "42"]) == 0
+    out = capsys.readouterr().out
+    assert "finished in 42 s" in out
+    assert "final_loss=0.1235" in out
+    assert "prepare   not run" in out
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
