@@ -163,6 +163,19 @@ def test_resume_twice_is_exact(tmp_path: Path, tiny_cfg: Config, digits_public_d
     assert_same_model(out, pretrained_dir)
 
 
+def test_resume_with_dropout_is_exact(tmp_path: Path, make_cfg: Callable[..., Config],
+                                     digits_public_dir: Path) -> None:
+    # dropout draws from torch's global generator, which the checkpoint must carry
+    cfg = make_cfg("model.dropout=0.3")
+    straight = tmp_path / "straight"
+    run(cfg, digits_public_dir, straight)
+    out = tmp_path / "pretrain"
+    run(cfg, digits_public_dir, out, stop_after=5)
+    torch.manual_seed(12345)  # whatever the process did in between
+    run(cfg, digits_public_dir, out)
+    assert_same_model(out, straight)
+
+
 def test_checkpoint_of_another_config_is_ignored(
         tmp_path: Path, tiny_cfg: Config, make_cfg: Callable[..., Config],
         digits_public_dir: Path, pretrained_dir: Path, caplog: pytest.LogCaptureFixture) -> None:

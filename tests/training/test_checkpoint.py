@@ -259,3 +259,21 @@ def test_unreadable_latest_pointer_is_an_input_error(tmp_path: Path, text: str) 
     (tmp_path / LATEST).write_text(text)
     with pytest.raises(InputError, match="latest checkpoint is unreadable"):
         load_latest(tmp_path)
+
+
+def test_resaving_a_step_keeps_every_ckpt_folder_complete(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, tiny_state(1, value=1.0))
+    save_checkpoint(tmp_path, tiny_state(2, value=2.0))
+    save_checkpoint(tmp_path, tiny_state(2, value=3.0))  # the same step again
+    assert float(load_latest(tmp_path).net["w"][0, 0]) == 3.0  # type: ignore[union-attr]
+    assert not list(tmp_path.glob(".ckpt-*"))  # the replaced folder is cleaned up
+
+
+def test_latest_pointing_at_a_moved_folder_falls_back_to_the_newest_complete(
+        tmp_path: Path) -> None:
+    # a kill between moving a re-saved step aside and renaming the new one in
+    save_checkpoint(tmp_path, tiny_state(1, value=1.0), keep=3)
+    save_checkpoint(tmp_path, tiny_state(2, value=2.0), keep=3)
+    (tmp_path / "ckpt-00000002").rename(tmp_path / ".ckpt-00000002.old-cafe0000")
+    got = load_latest(tmp_path)
+    assert got is not None and got.step == 1 and float(got.net["w"][0, 0]) == 1.0

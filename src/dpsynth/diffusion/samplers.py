@@ -19,8 +19,14 @@ def make_sampler(kind: SamplerKind, schedule: DDPMScheduler) -> SchedulerMixin:
         return DDPMScheduler.from_config(schedule.config)
     if kind == "ddim":
         return DDIMScheduler.from_config(schedule.config)
+    # DPM-Solver++ predicts x0 = (x_t - sigma_t eps) / alpha_t. Near t = T of the
+    # cosine schedule alpha_t ~ 1e-2, so any error in eps is amplified ~100x and
+    # samples saturate. Two guards, as for DDPM/DDIM's `clip_sample`: clip the
+    # x0 prediction to the data range (thresholding with max 1.0), and cap
+    # lambda = log(alpha/sigma) from below (diffusers' advice for cosine schedules).
     return DPMSolverMultistepScheduler.from_config(
-        schedule.config, algorithm_type="dpmsolver++", solver_order=2)
+        schedule.config, algorithm_type="dpmsolver++", solver_order=2,
+        thresholding=True, sample_max_value=1.0, lambda_min_clipped=-5.1)
 
 
 def guided_model(net: torch.nn.Module, guidance_scale: float,

@@ -85,6 +85,8 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
         ema.num_updates = state.meta["ema_num_updates"]
         opt.load_state_dict(state.optimizer)
         gen.set_state(state.generator)
+        if state.torch_rng is not None:  # dropout draws from the global generator
+            torch.set_rng_state(state.torch_rng)
         history = state.meta["history"]
         # a checkpoint between two logging steps carries the partial window, so
         # the resumed loss history equals the uninterrupted one
@@ -120,7 +122,7 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
             save_checkpoint(work_dir, TrainState(
                 step=step + 1, net=net.state_dict(), ema=ema.shadow.state_dict(),
                 optimizer=opt.state_dict(), generator=gen.get_state(),
-                meta={"run_id": run_id, "ema_num_updates": ema.num_updates,
+                torch_rng=torch.get_rng_state(), meta={"run_id": run_id, "ema_num_updates": ema.num_updates,
                       "history": history, "window": window}))
     bar.close()
     if end < pc.steps:

@@ -36,6 +36,7 @@ class TrainState:
     optimizer: dict[str, Any]
     generator: torch.Tensor  # torch.Generator.get_state()
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-able: history, fingerprint...
+    torch_rng: torch.Tensor | None = None  # torch.get_rng_state(): what dropout draws from
 
 
 def _optimizer_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list]:
@@ -64,22 +65,27 @@ def save_checkpoint(ckpt_dir: str | Path, state: TrainState, keep: int = 2) -> P
         save_file({k: v.contiguous() for k, v in state.net.items()}, tmp / "model.safetensors")
         save_file({k: v.contiguous() for k, v in state.ema.items()}, tmp / "ema.safetensors")
         opt_tensors, groups = _optimizer_to_tensors(state.optimizer)
-        save_file(opt_tensors | {"__generator__": state.generator.contiguous()},
-                  tmp / "state.safetensors")
+        rng = {"__generator__": state.generator.contiguous()}
+        if state.torch_rng is not None:
+            rng["__torch_rng__"] = state.torch_rng.contiguous()
+        save_file(opt_tensors | rng, tmp / "state.safetensors")
         (tmp / "state.json").write_text(json.dumps(
             {"step": state.step, "param_groups": groups, "meta": state.meta}))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        # Re-saving a step: move the old folder aside first (atomic), so every
+        # folder named ckpt-* is always complete; load_latest falls back to them.
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, ckpt_dir / f".{final.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_json(ckpt_dir / LATEST, {"checkpoint": final.name, "step": state.step})
     done = sorted(p for p in ckpt_dir.glob("ckpt-*") if p.is_dir() and p != final)
-    for old in done[:max(0, len(done) - (keep - 1))]:
+    stale = [p for p in ckpt_dir.glob(".ckpt-*") if p.is_dir() and p != tmp]
+    for old in done[:max(0, len(done) - (keep - 1))] + stale:  # stale: crashed writes
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -92,13 +98,17 @@ def load_latest(ckpt_dir: str | Path) -> TrainState | None:
         return None
     try:
         path = ckpt_dir / json.loads(pointer.read_text())["checkpoint"]
+        if not path.is_dir():  # killed between moving a re-saved step aside and renaming
+            complete = sorted(p for p in ckpt_dir.glob("ckpt-*") if p.is_dir())
+            path = complete[-1] if complete else path  # none left: unreadable, below
         info = json.loads((path / "state.json").read_text())
         tensors = load_file(path / "state.safetensors")
         generator = tensors.pop("__generator__")
+        torch_rng = tensors.pop("__torch_rng__", None)
         return TrainState(step=int(info["step"]), net=load_file(path / "model.safetensors"),
                           ema=load_file(path / "ema.safetensors"),
                           optimizer=_optimizer_from_tensors(tensors, info["param_groups"]),
-                          generator=generator, meta=info["meta"])
+                          generator=generator, meta=info["meta"], torch_rng=torch_rng)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise InputError(f"{ckpt_dir}: latest checkpoint is unreadable ({err}); delete the "
                          "folder to start over") from None
