@@ -24,8 +24,11 @@ setup: $(STAMP)
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing dependencies from requirements.lock into $(VENV) (a few minutes the first time)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@# (the grep drops pip's notes about local package mirrors that lack a package)
+	set -o pipefail; $(BIN)/python -m pip install --quiet --disable-pip-version-check \
+	  -r requirements.lock 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
+	set -o pipefail; $(BIN)/python -m pip install --quiet --disable-pip-version-check \
+	  --no-deps --no-build-isolation -e . 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -173,7 +173,7 @@ def test_two_stages_share_one_parent_run(tmp_path: Path, store: Callable[[str], 
 
     # artifacts
     listed = {a.path for a in client.list_artifacts(children["pretrain"].info.run_id)}
-    assert listed == {"loss.csv"}
+    assert listed == {"loss.csv", "loss.png"}
     listed = {a.path for a in client.list_artifacts(children["sample"].info.run_id)}
     assert listed == {"grid.png"}
     local = client.download_artifacts(children["pretrain"].info.run_id, "loss.csv",

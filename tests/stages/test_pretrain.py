@@ -73,7 +73,7 @@ def run(cfg: Config, public: Path, out: Path, tracker: Any = None, **kwargs: Any
 
 def test_output_layout(pretrained_dir: Path, tiny_cfg: Config) -> None:
     names = {p.name for p in pretrained_dir.iterdir()}
-    assert names == {"config.json", WEIGHTS, EMA_WEIGHTS, "loss.csv", "metrics.json",
+    assert names == {"config.json", WEIGHTS, EMA_WEIGHTS, "loss.csv", "loss.png", "metrics.json",
                      "params.json", "version.json"}
 
     model_cfg = json.loads((pretrained_dir / "config.json").read_text())
@@ -347,4 +347,4 @@ def test_tracker_sees_only_config_and_scalar_metrics(tmp_path: Path, tiny_cfg: C
     # the loss series is exactly the published loss.csv, one point per logging window
     series = [(step, m["loss"]) for m, step in tracker.raw_metrics if "loss" in m]
     assert series == loss_rows(out)
-    assert tracker.artifacts == [out / "loss.csv"]
+    assert tracker.artifacts == [out / "loss.csv", out / "loss.png"]

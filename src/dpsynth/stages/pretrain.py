@@ -25,6 +25,7 @@ from dpsynth.diffusion.samplers import from_uint8
 from dpsynth.diffusion.unet import UNetSpec, build_unet, save_model
 from dpsynth.io.atomic import atomic_dir
 from dpsynth.io.shards import read_dataset
+from dpsynth.plots import plot_loss
 from dpsynth.provenance import write_run_info
 from dpsynth.stages.common import fingerprint, work_dir_for, write_metrics
 from dpsynth.tracking import Tracker
@@ -140,9 +141,11 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
             writer = csv.writer(f)
             writer.writerow(["step", "loss"])
             writer.writerows(history)
+        plot_loss(history, tmp / "loss.png", "Pre-training loss (public split)")
         write_run_info(tmp, "pretrain", cfg.section(*SECTIONS))
         write_metrics(tmp, metrics)
     tracker.log_metrics({k: float(v) for k, v in metrics.items()})
     tracker.log_artifact(out_dir / "loss.csv")
+    tracker.log_artifact(out_dir / "loss.png")
     shutil.rmtree(work_dir, ignore_errors=True)
     return PretrainResult(out_dir, pc.steps, final_loss, start)
