@@ -61,7 +61,14 @@ def test_every_stage_publishes_verified_artifacts(repro: Path) -> None:
     assert manifest.count == 60 and len(manifest.shards) == 3
     assert sorted(set(labels.tolist())) == list(range(10))
     assert (art / "sample" / "grid.png").stat().st_size > 0
-    for stage in ("prepare", "pretrain", "sample"):
+    privacy = json.loads((art / "finetune" / "privacy.json").read_text())
+    assert privacy["epsilon"] <= 10.0 and privacy["steps"] == 6
+    # the samples come from the DP model and carry its guarantee
+    assert json.loads((art / "sample" / "privacy.json").read_text()) == privacy
+    ledger = list((art / "ledger").glob("*.json"))
+    assert len(ledger) == 1 and json.loads(ledger[0].read_text())["entries"][0]["status"] == (
+        "completed")
+    for stage in ("prepare", "pretrain", "finetune", "sample"):
         assert json.loads((art / stage / "metrics.json").read_text())
         params = json.loads((art / stage / "params.json").read_text())
         assert params["seed"] == 0
@@ -87,13 +94,15 @@ def test_mlflow_groups_stage_runs_under_one_parent(repro: Path) -> None:
     parents = [r for r in runs if r.data.tags["dpsynth.stage"] == "pipeline"]
     children = {r.data.tags["dpsynth.stage"]: r for r in runs if r not in parents}
     assert len(parents) == 1
-    assert set(children) == {"prepare", "pretrain", "sample"}
+    assert set(children) == {"prepare", "pretrain", "finetune", "sample"}
     for child in children.values():
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert child.info.status == "FINISHED"
     assert children["pretrain"].data.params["pretrain.steps"] == "20"
     assert children["sample"].data.params["sample.sampler"] == "dpmsolver++"
     assert "final_loss" in children["pretrain"].data.metrics
+    assert children["finetune"].data.metrics["epsilon"] <= 10.0
+    assert children["finetune"].data.params["finetune.aug_multiplicity"] == "2"
     history = client.get_metric_history(children["pretrain"].info.run_id, "loss")
     assert [m.step for m in history] == [5, 10, 15, 20]
     # the private split's size is derived from private data: never logged

@@ -20,6 +20,9 @@ EXAMPLES = {
     "prepare": "dpsynth prepare --config params.yaml --out artifacts/prepare",
     "pretrain": "dpsynth pretrain --config params.yaml --public artifacts/prepare/public "
                 "--out artifacts/pretrain",
+    "finetune": "dpsynth finetune --config params.yaml --model artifacts/pretrain "
+                "--private artifacts/prepare/private --public artifacts/prepare/public "
+                "--out artifacts/finetune",
     "sample": "dpsynth sample --config params.yaml --model artifacts/pretrain "
               "--out artifacts/sample\n  dpsynth sample --model M --out shards/3 "
               "--num-shards 8 --shard-index 3   # one shard of a fan-out\n"
@@ -52,6 +55,18 @@ def _pretrain(args: argparse.Namespace, cfg: config.Config) -> None:
                               resume=args.resume)
     print(f"pretrain: {result.steps} steps, final loss {result.final_loss:.4f}, "
           f"model in {result.out_dir}")
+
+
+def _finetune(args: argparse.Namespace, cfg: config.Config) -> None:
+    from dpsynth.stages import finetune
+
+    with open_tracker(cfg.tracking, "finetune") as tracker:
+        result = finetune.run(cfg, model_dir=args.model, private_dir=args.private,
+                              public_dir=args.public, out_dir=args.out, tracker=tracker,
+                              resume=args.resume)
+    print(f"finetune: (epsilon={result.epsilon:.3f}, delta={cfg.finetune.delta:g})-DP model "
+          f"after {result.steps} steps at noise multiplier {result.noise_multiplier:.3f}, "
+          f"in {result.out_dir}")
 
 
 def _sample(args: argparse.Namespace, cfg: config.Config) -> None:
@@ -87,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpsynth", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Differentially private synthetic images with diffusion models.\n"
-                    "Stages: prepare -> pretrain -> sample (run them all with `dvc repro`).")
+                    "Stages: prepare -> pretrain -> finetune (DP) -> sample "
+                    "(run them all with `dvc repro`).")
     parser.add_argument("--version", action="version", version=f"dpsynth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -107,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public", type=Path, required=True, help="public split from prepare")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the latest compatible checkpoint (default: yes)")
+    p = add("finetune", "Fine-tune the pre-trained model on the private split with DP-SGD "
+            "(Poisson sampling, per-example clipping of the K-averaged gradient, calibrated "
+            "Gaussian noise); checks the dataset's privacy ledger first. Writes the DP model, "
+            "privacy.json and metrics to --out.", _finetune)
+    p.add_argument("--model", type=Path, required=True, help="pre-trained model folder")
+    p.add_argument("--private", type=Path, required=True, help="private split from prepare")
+    p.add_argument("--public", type=Path, required=True,
+                   help="public split (only for the publishable monitoring loss)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue the same run (and its accounting) from its checkpoint")
     p = add("sample", "Sample a synthetic dataset from a model into --out as shards + "
             "manifest + per-class grid; resumes finished shards.", _sample)
     p.add_argument("--model", type=Path, help="model folder (e.g. artifacts/pretrain)")

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-STAGES = ("prepare", "pretrain", "sample")
+STAGES = ("prepare", "pretrain", "finetune", "sample")
 WHAT = {
     "prepare": "public/private/test shards + manifests",
     "pretrain": "EMA diffusion model (safetensors + config.json), loss.csv",
+    "finetune": "DP model (safetensors + config.json), privacy.json",
     "sample": "synthetic shards + manifest, grid.png",
 }
 

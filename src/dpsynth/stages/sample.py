@@ -205,6 +205,9 @@ def run(cfg: Config, *, model_dir: Path, out_dir: Path, tracker: Tracker,
         metrics = {"num_samples": manifest.count, "shards_made": len(made),
                    "shards_skipped": len(skipped), "sample_seconds": round(seconds, 2),
                    "images_per_second": round(float(n_made) / seconds, 2) if made else None}
+        if (model_dir / "privacy.json").is_file():
+            # samples are post-processing of the DP model: they carry its guarantee
+            shutil.copyfile(model_dir / "privacy.json", tmp / "privacy.json")
         write_run_info(tmp, "sample", cfg.section(*SECTIONS))
         write_metrics(tmp, metrics)
     tracker.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})

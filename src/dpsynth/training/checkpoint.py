@@ -37,6 +37,9 @@ class TrainState:
     generator: torch.Tensor  # torch.Generator.get_state()
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-able: history, fingerprint...
     torch_rng: torch.Tensor | None = None  # torch.get_rng_state(): what dropout draws from
+    # DP randomness (Poisson sampling, Gaussian noise). Only test-seeded runs keep
+    # it: whoever holds it could subtract the noise (PRIVACY.md rule 7).
+    secret_rng: torch.Tensor | None = None
 
 
 def _optimizer_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list]:
@@ -68,6 +71,8 @@ def save_checkpoint(ckpt_dir: str | Path, state: TrainState, keep: int = 2) -> P
         rng = {"__generator__": state.generator.contiguous()}
         if state.torch_rng is not None:
             rng["__torch_rng__"] = state.torch_rng.contiguous()
+        if state.secret_rng is not None:
+            rng["__secret_rng__"] = state.secret_rng.contiguous()
         save_file(opt_tensors | rng, tmp / "state.safetensors")
         (tmp / "state.json").write_text(json.dumps(
             {"step": state.step, "param_groups": groups, "meta": state.meta}))
@@ -105,10 +110,12 @@ def load_latest(ckpt_dir: str | Path) -> TrainState | None:
         tensors = load_file(path / "state.safetensors")
         generator = tensors.pop("__generator__")
         torch_rng = tensors.pop("__torch_rng__", None)
+        secret_rng = tensors.pop("__secret_rng__", None)
         return TrainState(step=int(info["step"]), net=load_file(path / "model.safetensors"),
                           ema=load_file(path / "ema.safetensors"),
                           optimizer=_optimizer_from_tensors(tensors, info["param_groups"]),
-                          generator=generator, meta=info["meta"], torch_rng=torch_rng)
+                          generator=generator, meta=info["meta"], torch_rng=torch_rng,
+                          secret_rng=secret_rng)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise InputError(f"{ckpt_dir}: latest checkpoint is unreadable ({err}); delete the "
                          "folder to start over") from None

@@ -1,0 +1,100 @@
+"""One DP-SGD step's gradient (Abadi et al. 2016, Alg. 1, with augmentation
+multiplicity as in Ghalebikesabi et al. 2023, Sec. 3.2 / De et al. 2022).
+
+noisy_grad = (sum_i clip_C(grad mean_k loss(x_i, k)) + N(0, sigma^2 C^2 I)) / (qN)
+
+Noise is added once per logical batch, whatever the number of micro-batches,
+and the sum is divided by the *expected* batch size qN, not the realised one
+(PRIVACY.md rule 3).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from dpsynth.diffusion.augment import AugmentKind, augment
+from dpsynth.diffusion.loss import DenoisingLoss
+from dpsynth.privacy.per_example import Grads, clipped_sum, per_example_grads
+from dpsynth.privacy.sampling import micro_batches
+
+
+@dataclass(frozen=True)
+class DPStep:
+    """The settings of a DP-SGD step. `expected_batch_size` = qN is private-derived
+    (N): it is a call-time value, never a config field or a logged param."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    expected_batch_size: float
+    physical_batch_size: int
+    aug_multiplicity: int
+    augment: AugmentKind = "none"
+
+
+def secret_generator(seed: int | None) -> tuple[torch.Generator, bool]:
+    """The generator for DP randomness (Poisson sampling, Gaussian noise).
+
+    Release runs (`seed=None`) seed it with 63 bits from the OS entropy source
+    (`secrets`), and its state is never written anywhere. A fixed seed is for
+    tests only, and is reported as `seeded_for_test` (PRIVACY.md rule 7).
+
+    Returns:
+        (generator, seeded_for_test).
+    """
+    if seed is None:
+        return torch.Generator().manual_seed(secrets.randbits(63)), False
+    return torch.Generator().manual_seed(seed), True
+
+
+def draw_copies(loss: DenoisingLoss, x: torch.Tensor, y: torch.Tensor, k: int,
+                kind: AugmentKind, generator: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K draws of (augmentation, t, noise, label dropout) for each example.
+
+    Args:
+        x: [b, C, H, W]; y: [b].
+
+    Returns:
+        x0 [b, K, C, H, W], labels [b, K], t [b, K], noise [b, K, C, H, W].
+    """
+    b, shape = len(x), x.shape[1:]
+    xk = augment(x.repeat_interleave(k, 0), kind, generator)
+    t, noise, labels = loss.draw(xk, y.repeat_interleave(k, 0), generator)
+    return (xk.view(b, k, *shape), labels.view(b, k), t.view(b, k),
+            noise.view(b, k, *shape))
+
+
+def gaussian_noise(like: Grads, std: float, generator: torch.Generator) -> Grads:
+    """N(0, std^2) for every coordinate of every parameter."""
+    return {n: torch.randn(g.shape, generator=generator, dtype=g.dtype) * std
+            for n, g in like.items()}
+
+
+def noisy_gradient(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y: torch.Tensor,
+                   indices: torch.Tensor, step: DPStep, *, train_generator: torch.Generator,
+                   noise_generator: torch.Generator) -> Grads:
+    """The privatised mean gradient of one logical batch.
+
+    Args:
+        x, y: the whole private split ([N, C, H, W] in [-1, 1], [N]).
+        indices: the Poisson-sampled logical batch (may be empty).
+        train_generator: draws t, diffusion noise, augmentations, label dropout.
+        noise_generator: the secret generator for the Gaussian mechanism.
+
+    Returns:
+        name -> gradient, to be set as `.grad` before the optimizer step.
+    """
+    total = {n: torch.zeros_like(p) for n, p in net.named_parameters() if p.requires_grad}
+    for mb in micro_batches(indices, step.physical_batch_size):
+        x0, labels, t, noise = draw_copies(loss, x[mb], y[mb], step.aug_multiplicity,
+                                           step.augment, train_generator)
+        grads, _ = per_example_grads(net, loss, x0, labels, t, noise)
+        summed, _ = clipped_sum(grads, step.max_grad_norm)
+        for n in total:
+            total[n] += summed[n]
+    std = step.noise_multiplier * step.max_grad_norm
+    noise = gaussian_noise(total, std, noise_generator)
+    return {n: (total[n] + noise[n]) / step.expected_batch_size for n in total}

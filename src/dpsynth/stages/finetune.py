@@ -1,0 +1,242 @@
+"""`dpsynth finetune`: DP-SGD fine-tuning of the pre-trained model on the private
+split -- the only stage that trains on private data (PRIVACY.md).
+
+Order of operations: validate the model (no BatchNorm), calibrate sigma to the
+target (epsilon, delta) for the planned steps, reserve the run in the dataset's
+privacy ledger (refused if the dataset's budget would be exceeded), then train
+with Poisson-sampled logical batches, per-example clipping of the K-averaged
+gradient, and Gaussian noise once per step. Released: the DP model (EMA and
+raw weights), `privacy.json`, and metrics computed on *public* data only.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from opacus.validators import ModuleValidator
+from tqdm import tqdm
+
+from dpsynth.config import Config
+from dpsynth.diffusion.ema import EMA
+from dpsynth.diffusion.loss import DenoisingLoss
+from dpsynth.diffusion.samplers import from_uint8
+from dpsynth.diffusion.unet import load_model, save_model
+from dpsynth.errors import InputError
+from dpsynth.io.atomic import atomic_dir, atomic_write_json
+from dpsynth.io.shards import read_dataset, sha256_file
+from dpsynth.plots import plot_loss
+from dpsynth.privacy import accounting
+from dpsynth.privacy.dp_sgd import DPStep, noisy_gradient, secret_generator
+from dpsynth.privacy.ledger import PrivacyLedger
+from dpsynth.privacy.per_example import use_vmap_friendly_attention
+from dpsynth.privacy.sampling import poisson_batch, sample_rate
+from dpsynth.provenance import write_run_info
+from dpsynth.stages.common import fingerprint, work_dir_for, write_metrics
+from dpsynth.tracking import Tracker
+from dpsynth.training.checkpoint import TrainState, load_latest, save_checkpoint
+
+log = logging.getLogger(__name__)
+SECTIONS = ("seed", "diffusion", "finetune", "privacy")
+EVAL_BATCH = 256  # fixed public examples x draws for the monitoring loss
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    out_dir: Path
+    epsilon: float
+    noise_multiplier: float
+    steps: int
+    resumed_from: int
+
+
+def check_model(net: torch.nn.Module) -> None:
+    """Refuse modules that mix examples (BatchNorm...): per-example clipping
+    would not bound one example's influence."""
+    was_training = net.training
+    errors = ModuleValidator.validate(net.train(), strict=False)
+    net.train(was_training)
+    if errors:
+        raise InputError("the model cannot be trained with DP-SGD: "
+                         + "; ".join(str(e) for e in errors[:3])
+                         + " -- use GroupNorm instead of BatchNorm")
+
+
+def public_eval(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y: torch.Tensor,
+                seed: int) -> float:
+    """Denoising loss on a fixed public batch with fixed draws: a training curve
+    that is post-processing of the DP model and public data, so safe to publish
+    (the loss on private batches is not: PRIVACY.md rule 6)."""
+    gen = torch.Generator().manual_seed(seed)
+    t, noise, labels = loss.draw(x, y, gen)
+    with torch.no_grad():
+        return float(loss.per_example(net, x, labels, t, noise).mean())
+
+
+def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, out_dir: Path,
+        tracker: Tracker, resume: bool = True, work_dir: Path | None = None,
+        stop_after: int | None = None) -> FinetuneResult:
+    """Fine-tune `model_dir` on `private_dir` with DP-SGD; publish into `out_dir`.
+
+    Args:
+        cfg: resolved config (sections seed, diffusion, finetune, privacy).
+        model_dir: the pre-trained model (`dpsynth pretrain` output).
+        private_dir: the private split (`prepare` output).
+        public_dir: the public split, for the publishable monitoring loss only.
+        out_dir: published atomically at the end.
+        resume: continue the same run (same ledger entry, same accounting) from
+            the latest checkpoint in `work_dir`.
+        stop_after: stop after this many steps without publishing (tests).
+
+    Raises:
+        InputError: bad model or data, delta >= 1/N, batch larger than the data,
+            or a run the privacy ledger refuses.
+    """
+    fc = cfg.finetune
+    work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
+    spec, net, model_cfg = load_model(model_dir)
+    check_model(net)
+    images, labels, manifest = read_dataset(private_dir)
+    if tuple(manifest.classes) != tuple(model_cfg["classes"]):
+        raise InputError(f"{private_dir}: classes {list(manifest.classes)} differ from the "
+                         f"model's {model_cfg['classes']}; pre-train on data with the same "
+                         "label set")
+    if tuple(manifest.shape) != (spec.image_size, spec.image_size, spec.channels):
+        raise InputError(f"{private_dir}: images are {list(manifest.shape)}, the model expects "
+                         f"{[spec.image_size, spec.image_size, spec.channels]}")
+    n = len(images)  # private: a call-time value, never logged (PRIVACY.md rule 6)
+    accounting.check_delta(fc.delta, n)
+    q = sample_rate(fc.batch_size, n)
+    sigma = accounting.calibrate_noise_multiplier(
+        target_epsilon=fc.epsilon, delta=fc.delta, sample_rate=q, steps=fc.steps,
+        accountant=fc.accountant)
+    plan = [(sigma, q, fc.steps)]
+    config_id = fingerprint(cfg.section(*SECTIONS), sha256_file(
+        model_dir / "ema.safetensors"), manifest.content_hash)
+
+    state = load_latest(work_dir) if resume else None
+    if state is not None and state.meta.get("config_id") != config_id:
+        log.warning("ignoring checkpoint in %s: it belongs to another config, model or dataset",
+                    work_dir)
+        state = None
+    if state is None and work_dir.exists():
+        shutil.rmtree(work_dir)
+    # A run id per attempt that starts from scratch; a resume keeps its id, so the
+    # ledger counts a resumed run once and two separate runs twice.
+    run_id = state.meta["run_id"] if state else f"{config_id}-{secrets.token_hex(4)}"
+    ledger = PrivacyLedger(Path(cfg.privacy.ledger_dir), manifest.content_hash)
+    ledger.reserve(run_id, plan, delta=fc.delta, accountant=fc.accountant,
+                   budget_epsilon=cfg.privacy.dataset_budget_epsilon)
+
+    torch.manual_seed(cfg.seed)
+    net.train()
+    use_vmap_friendly_attention(net)
+    ema = EMA(net, fc.ema_decay)
+    opt = torch.optim.Adam(net.parameters(), lr=fc.lr)
+    diffusion = cfg.diffusion
+    # training draws t from the (biased) fine-tuning distribution; monitoring uses
+    # the pre-training one so the curve is comparable across runs
+    loss = DenoisingLoss.from_config(dataclasses.replace(diffusion, timesteps=fc.timesteps),
+                                     spec.null_label)
+    eval_loss = DenoisingLoss.from_config(diffusion, spec.null_label)
+    train_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    dp_gen, seeded_for_test = secret_generator(fc.noise_seed)
+    step_cfg = DPStep(noise_multiplier=sigma, max_grad_norm=fc.max_grad_norm,
+                      expected_batch_size=q * n, physical_batch_size=fc.physical_batch_size,
+                      aug_multiplicity=fc.aug_multiplicity, augment=fc.augment)
+    pub_images, pub_labels, _ = read_dataset(public_dir)
+    pub_x = from_uint8(torch.from_numpy(pub_images[:EVAL_BATCH]))
+    pub_y = torch.from_numpy(pub_labels[:EVAL_BATCH]).long()
+    x_all, y_all = from_uint8(torch.from_numpy(images)), torch.from_numpy(labels).long()
+    history: list[list[float]] = []
+    start = 0
+    if state is not None:
+        net.load_state_dict(state.net)
+        ema.shadow.load_state_dict(state.ema)
+        ema.num_updates = state.meta["ema_num_updates"]
+        opt.load_state_dict(state.optimizer)
+        train_gen.set_state(state.generator)
+        if seeded_for_test and state.secret_rng is not None:
+            dp_gen.set_state(state.secret_rng)  # release runs never persist it
+        history, start = state.meta["history"], state.step
+        log.info("resuming DP fine-tuning from step %d", start)
+
+    tracker.log_params(cfg.section(*SECTIONS))
+    tracker.log_metrics({"noise_multiplier": sigma})
+    t0 = time.perf_counter()
+    end = fc.steps if stop_after is None else min(fc.steps, stop_after)
+    bar = tqdm(range(start, end), initial=start, total=fc.steps, desc="finetune (DP)",
+               disable=None)
+    for step in bar:
+        batch = poisson_batch(n, q, dp_gen)
+        grads = noisy_gradient(net, loss, x_all, y_all, batch, step_cfg,
+                               train_generator=train_gen, noise_generator=dp_gen)
+        for name, p in net.named_parameters():
+            p.grad = grads[name]
+        opt.step()  # an empty batch still steps: noise only (PRIVACY.md rule 1)
+        opt.zero_grad(set_to_none=True)
+        ema.update(net)
+        if (step + 1) % fc.log_every == 0 or step + 1 == fc.steps:
+            value = public_eval(ema.shadow, eval_loss, pub_x, pub_y, cfg.seed)
+            history.append([step + 1, value])
+            tracker.log_metrics({"public_loss": value}, step=step + 1)
+            bar.set_postfix(public_loss=f"{value:.4f}")
+        if (step + 1) % fc.checkpoint_every == 0 or step + 1 == end:
+            save_checkpoint(work_dir, TrainState(
+                step=step + 1, net=net.state_dict(), ema=ema.shadow.state_dict(),
+                optimizer=opt.state_dict(), generator=train_gen.get_state(),
+                secret_rng=dp_gen.get_state() if seeded_for_test else None,
+                meta={"config_id": config_id, "run_id": run_id, "history": history,
+                      "ema_num_updates": ema.num_updates,
+                      "accountant_history": [[sigma, q, step + 1]]}))
+            ledger.record_progress(run_id, step + 1)
+    bar.close()
+    if end < fc.steps:
+        return FinetuneResult(out_dir, float("nan"), sigma, end, start)
+
+    epsilon = accounting.epsilon(plan, fc.delta, fc.accountant)
+    ledger.complete(run_id, fc.steps)
+    privacy = {
+        "epsilon": epsilon, "delta": fc.delta, "noise_multiplier": sigma, "sample_rate": q,
+        "steps": fc.steps, "aug_multiplicity": fc.aug_multiplicity,
+        "max_grad_norm": fc.max_grad_norm, "accountant": fc.accountant,
+        "sampler": fc.batch_sampler, "seeded_for_test": seeded_for_test,
+    }
+    metrics = {"epsilon": epsilon, "delta": fc.delta, "noise_multiplier": sigma,
+               "steps": fc.steps, "final_public_loss": history[-1][1],
+               "dataset_epsilon_spent": ledger.spent_epsilon(fc.delta, fc.accountant),
+               "train_seconds": round(time.perf_counter() - t0, 2),
+               "resumed_from_step": start}
+    with atomic_dir(out_dir) as tmp:
+        save_model(tmp, spec, net, ema.shadow, extra={
+            "classes": model_cfg["classes"], "dp": {"epsilon": epsilon, "delta": fc.delta},
+            "finetuned_from": sha256_file(model_dir / "ema.safetensors")})
+        atomic_write_json(tmp / "privacy.json", privacy)
+        with open(tmp / "loss.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["step", "public_loss"], *history])
+        plot_loss(history, tmp / "loss.png", "DP fine-tuning: loss on public data")
+        write_run_info(tmp, "finetune", cfg.section(*SECTIONS))
+        write_metrics(tmp, metrics)
+    tracker.log_params({"privacy.seeded_for_test": seeded_for_test})
+    tracker.log_metrics({k: float(v) for k, v in metrics.items()})
+    # privacy.json stays in the artifact folder: its sample_rate is q = B/N, derived
+    # from the private split's size, which never goes to MLflow (PRIVACY.md rule 6)
+    tracker.log_artifact(out_dir / "loss.png")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    log.info("DP fine-tuning done: epsilon=%.3f at delta=%g (%s), sigma=%.3f, %d steps",
+             epsilon, fc.delta, fc.accountant, sigma, fc.steps)
+    return FinetuneResult(out_dir, epsilon, sigma, fc.steps, start)
+
+
+def read_privacy(model_dir: Path) -> dict | None:
+    """`privacy.json` of a model folder, or None for a non-private model."""
+    path = Path(model_dir) / "privacy.json"
+    return json.loads(path.read_text()) if path.is_file() else None
