@@ -65,8 +65,7 @@ def _finetune(args: argparse.Namespace, cfg: config.Config) -> None:
                               public_dir=args.public, out_dir=args.out, tracker=tracker,
                               resume=args.resume)
     print(f"finetune: (epsilon={result.epsilon:.3f}, delta={cfg.finetune.delta:g})-DP model "
-          f"after {result.steps} steps at noise multiplier {result.noise_multiplier:.3f}, "
-          f"in {result.out_dir}")
+          f"after {result.steps} steps in {result.out_dir} (details: privacy.json)")
 
 
 def _sample(args: argparse.Namespace, cfg: config.Config) -> None:

@@ -3,6 +3,7 @@ that never overshoots, and δ < 1/N (PRIVACY.md rule 4, "What the tests must sho
 
 from __future__ import annotations
 
+import doctest
 import math
 import time
 
@@ -11,6 +12,7 @@ import pytest
 from scipy.stats import norm
 
 from dpsynth.errors import InputError
+from dpsynth.privacy import accounting
 from dpsynth.privacy.accounting import (
     PRV_EPS_ERROR,
     calibrate_noise_multiplier,
@@ -146,6 +148,11 @@ def test_epsilon_grows_with_steps_and_falls_with_noise(accountant: str) -> None:
     assert more > by_steps[2]  # adding any segment never lowers ε
     by_sigma = [epsilon([(s, 0.02, 100)], 1e-5, accountant) for s in (0.6, 1.0, 2.0, 5.0)]
     assert all(a > b for a, b in zip(by_sigma, by_sigma[1:])), by_sigma
+
+
+def test_docstring_examples() -> None:
+    result = doctest.testmod(accounting)
+    assert result.attempted >= 5 and result.failed == 0
 
 
 def test_empty_history_spends_nothing() -> None:

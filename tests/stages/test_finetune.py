@@ -208,7 +208,10 @@ def test_tracker_never_sees_private_size_or_sample_rate(dp_cfg: Callable[..., Co
     q = 24 / NUM_PRIVATE
     assert not any(isinstance(v, (int, float)) and not isinstance(v, bool)
                    and (v == NUM_PRIVATE or v == pytest.approx(q)) for v in values)
-    assert not any("sample_rate" in k for k in tracker.params)
+    assert not any("sample_rate" in k or "noise_multiplier" in k
+                   for k in [*tracker.params, *(k for m, _ in tracker.metrics for k in m)])
+    sigma = json.loads((tmp_path / "o" / "privacy.json").read_text())["noise_multiplier"]
+    assert not any(v == sigma for v in values)
     assert tracker.artifacts == [tmp_path / "o" / "loss.png"]  # never privacy.json or images
     assert flatten({"a": {"b": 1}}) == {"a.b": 1}
 
@@ -221,3 +224,31 @@ def test_samples_carry_the_models_guarantee(dp_cfg: Callable[..., Config],
     sample.run(cfg, model_dir=tmp_path / "ft", out_dir=tmp_path / "s", tracker=NullTracker())
     assert (json.loads((tmp_path / "s" / "privacy.json").read_text())
             == json.loads((tmp_path / "ft" / "privacy.json").read_text()))
+
+
+def test_only_checkpointed_steps_are_released(dp_cfg: Callable[..., Config],
+                                              inputs: tuple[Path, Path, Path],
+                                              tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # a resume redoes steps after the last checkpoint with fresh noise: anything
+    # logged about such a step would be a second, unaccounted release of it
+    events: list[tuple[str, int]] = []
+    real_save = finetune.save_checkpoint
+
+    def save(work_dir: Path, state: Any, **kw: Any) -> Path:
+        events.append(("checkpoint", state.step))
+        return real_save(work_dir, state, **kw)
+
+    class Recorder(NullTracker):
+        def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+            if "public_loss" in metrics:
+                events.append(("release", step))
+
+    monkeypatch.setattr(finetune, "save_checkpoint", save)
+    cfg = dp_cfg("finetune.checkpoint_every=100", "finetune.log_every=2")
+    run(cfg, *inputs, tmp_path / "finetune", tracker=Recorder(), stop_after=5)
+    released = [step for kind, step in events if kind == "release"]
+    assert released == [2, 4]
+    for step in released:
+        i = events.index(("release", step))
+        assert ("checkpoint", step) in events[:i], events

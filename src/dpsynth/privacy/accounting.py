@@ -40,9 +40,7 @@ PRV_EPS_ERROR = 0.01
 MAX_PRV_GRID_POINTS = 10_000_000
 # Calibration stops once ε(σ) is within this fraction below the target.
 CALIBRATION_RTOL = 0.005
-
-
-# The largest σ the calibration tries (Opacus' get_noise_multiplier uses 1e6 too).
+# The largest σ the calibration tries (Opacus' get_noise_multiplier stops there too).
 MAX_NOISE_MULTIPLIER = 1e6
 
 
@@ -88,9 +86,9 @@ def epsilon(history: Sequence[Step], delta: float, accountant: AccountantKind) -
     else:
         eps = _prv_epsilon(steps, delta)
     if not math.isfinite(eps):
-        raise EpsilonNotFinite(f"the {accountant.upper()} accountant returned epsilon={eps} for this "
-                         "history: the noise multiplier is far too small; lower "
-                         "finetune.epsilon (more noise) or use fewer finetune.steps")
+        raise EpsilonNotFinite(f"the {accountant.upper()} accountant returned epsilon={eps} "
+                               "for this history: the noise multiplier is far too small; "
+                               "lower finetune.epsilon (more noise) or finetune.steps")
     return eps
 
 
@@ -107,7 +105,7 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
     search runs in log σ with interpolation (about 5 evaluations instead of
     ~25), and for PRV it starts from the RDP answer (ε_PRV <= ε_RDP) and steps
     down, so PRV is never evaluated at the tiny σ where its grid explodes
-    (Opacus' search starts at σ=0).
+    (Opacus' search bisects from σ=20 toward 0).
 
     Args:
         target_epsilon: the target ε (``finetune.epsilon``), > 0.
@@ -215,8 +213,9 @@ def _prv_epsilon(history: list[Step], delta: float) -> float:
     points = 2 * half_width / mesh
     if not points <= MAX_PRV_GRID_POINTS:  # also catches nan/inf
         raise PrvTooCostly(
-            f"the PRV accountant would need a grid of {points:.3g} points (> "
-            f"{MAX_PRV_GRID_POINTS:.0e}) for this history: epsilon is far beyond any useful "
+            # the grid size is not shown: it derives from the sample rate, hence from N
+            f"the PRV accountant would need a grid of more than {MAX_PRV_GRID_POINTS:.0e} "
+            "points for this history: epsilon is far beyond any useful "
             "budget or there are very many steps; use finetune.accountant=rdp, or more noise "
             "(lower finetune.epsilon) or fewer finetune.steps")
     acc = PRVAccountant()
@@ -257,7 +256,7 @@ def _smallest_sigma(f: Callable[[float], float], *, start: float, factor: float)
         if f_hi >= stop or hi / lo - 1 <= 1e-4:
             break
         x_lo, x_hi = math.log(lo), math.log(hi)
-        if math.isfinite(f_lo):
+        if math.isfinite(f_lo) and math.isfinite(f_hi):
             x = x_hi - f_hi * (x_hi - x_lo) / (f_hi - f_lo)
             x = min(max(x, x_lo + 0.1 * (x_hi - x_lo)), x_hi - 0.1 * (x_hi - x_lo))
         else:

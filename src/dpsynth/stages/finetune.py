@@ -170,7 +170,6 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
         log.info("resuming DP fine-tuning from step %d", start)
 
     tracker.log_params(cfg.section(*SECTIONS))
-    tracker.log_metrics({"noise_multiplier": sigma})
     t0 = time.perf_counter()
     end = fc.steps if stop_after is None else min(fc.steps, stop_after)
     bar = tqdm(range(start, end), initial=start, total=fc.steps, desc="finetune (DP)",
@@ -184,12 +183,14 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
         opt.step()  # an empty batch still steps: noise only (PRIVACY.md rule 1)
         opt.zero_grad(set_to_none=True)
         ema.update(net)
-        if (step + 1) % fc.log_every == 0 or step + 1 == fc.steps:
-            value = public_eval(ema.shadow, eval_loss, pub_x, pub_y, cfg.seed)
-            history.append([step + 1, value])
-            tracker.log_metrics({"public_loss": value}, step=step + 1)
-            bar.set_postfix(public_loss=f"{value:.4f}")
-        if (step + 1) % fc.checkpoint_every == 0 or step + 1 == end:
+        # Release (log) only state that is already checkpointed: a resume redoes
+        # un-checkpointed steps with fresh noise, and two noisy versions of a
+        # released step would spend more than the ledger records.
+        log_now = (step + 1) % fc.log_every == 0 or step + 1 == fc.steps
+        if log_now:
+            history.append([step + 1, public_eval(ema.shadow, eval_loss, pub_x, pub_y,
+                                                  cfg.seed)])
+        if log_now or (step + 1) % fc.checkpoint_every == 0 or step + 1 == end:
             save_checkpoint(work_dir, TrainState(
                 step=step + 1, net=net.state_dict(), ema=ema.shadow.state_dict(),
                 optimizer=opt.state_dict(), generator=train_gen.get_state(),
@@ -198,6 +199,9 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
                       "ema_num_updates": ema.num_updates,
                       "accountant_history": [[sigma, q, step + 1]]}))
             ledger.record_progress(run_id, step + 1)
+        if log_now:
+            tracker.log_metrics({"public_loss": history[-1][1]}, step=step + 1)
+            bar.set_postfix(public_loss=f"{history[-1][1]:.4f}")
     bar.close()
     if end < fc.steps:
         return FinetuneResult(out_dir, float("nan"), sigma, end, start)
@@ -210,8 +214,8 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
         "max_grad_norm": fc.max_grad_norm, "accountant": fc.accountant,
         "sampler": fc.batch_sampler, "seeded_for_test": seeded_for_test,
     }
-    metrics = {"epsilon": epsilon, "delta": fc.delta, "noise_multiplier": sigma,
-               "steps": fc.steps, "final_public_loss": history[-1][1],
+    # sigma and q stay in privacy.json only: with the public settings they give N
+    metrics = {"epsilon": epsilon, "delta": fc.delta, "steps": fc.steps, "final_public_loss": history[-1][1],
                "dataset_epsilon_spent": ledger.spent_epsilon(fc.delta, fc.accountant),
                "train_seconds": round(time.perf_counter() - t0, 2),
                "resumed_from_step": start}
@@ -231,8 +235,8 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     # from the private split's size, which never goes to MLflow (PRIVACY.md rule 6)
     tracker.log_artifact(out_dir / "loss.png")
     shutil.rmtree(work_dir, ignore_errors=True)
-    log.info("DP fine-tuning done: epsilon=%.3f at delta=%g (%s), sigma=%.3f, %d steps",
-             epsilon, fc.delta, fc.accountant, sigma, fc.steps)
+    log.info("DP fine-tuning done: epsilon=%.3f at delta=%g (%s accountant), %d steps",
+             epsilon, fc.delta, fc.accountant, fc.steps)
     return FinetuneResult(out_dir, epsilon, sigma, fc.steps, start)
 
 
