@@ -20,8 +20,10 @@ the same process, in alternating rounds:
 
 Peak memory is measured in a fresh subprocess per (method, K): the script
 re-invokes itself with `--measure METHOD --k K`; the child builds the model,
-runs one warm-up step and one measured step, and reports
-`ru_maxrss - RSS before the measured step` (Linux `resource.getrusage`, KiB),
+runs one warm-up step, resets the kernel's RSS high-water mark
+(`/proc/self/clear_refs`), runs one measured step, and reports
+`VmHWM - RSS before the measured step` (the import of torch peaks higher than
+a step, so a plain `ru_maxrss` would hide it),
 plus the bytes of the per-example gradient tensors the method materialises.
 
 Usage:
@@ -243,6 +245,37 @@ def current_rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def trim_heap() -> None:
+    """Give freed heap back to the kernel, so that `before` does not count the
+    warm-up step's freed buffers (which the measured step would then reuse unseen)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM; Linux >= 4.0): importing torch
+    peaks higher than a small step, so without a reset `ru_maxrss` hides the step."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_kib() -> int:
+    """VmHWM of this process (== ru_maxrss, but honours `reset_peak_rss`)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
 def measure(method: str, image_size: int, b: int, k: int, seed: int = 0) -> dict:
     """Run in a child: peak RSS growth of one step after a warm-up step, and the bytes
     of the per-example gradient tensors the method holds at its peak."""
@@ -251,15 +284,18 @@ def measure(method: str, image_size: int, b: int, k: int, seed: int = 0) -> dict
         warnings.simplefilter("ignore")
         bn = make_bench(method, base, loss, x, y, k, seed)
         STEPS[method](bn)  # warm-up: Adam state, kernels, first-touch allocations
+        trim_heap()
         before = current_rss_kib()
+        reset = reset_peak_rss()
         STEPS[method](bn)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        peak = peak_rss_kib()
     n_params = sum(p.numel() for p in base.parameters())
     # per-example gradient tensors: ours holds one [B, *shape] gradient per parameter
     # (vmap over examples, K averaged inside); Opacus holds [B*K, *shape] grad_samples
     # plus the [B, *shape] K-sums; the non-private step holds none
     rows = {"ours": b, "ours-sdpa": b, "opacus": b * k + b, "nonprivate": 0}[method]
     return {"peak_delta_kib": max(0, peak - before), "before_kib": before, "peak_kib": peak,
+            "hwm_reset": reset,
             "grad_bytes": rows * n_params * 4}
 
 
@@ -269,7 +305,10 @@ def measure_in_child(method: str, image_size: int, b: int, k: int, threads: int 
            "--b", str(b), "--image-size", str(image_size)]
     if threads:
         cmd += ["--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # a fixed mmap threshold: glibc's dynamic one would serve big tensors from the heap
+    # after the first free, where they stay resident and hide from the measured step
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"memory child {method} K={k} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -366,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in mem_ks:
                 mem[(m, k)] = measure_in_child(m, args.image_size, b, k, args.threads)
         print(f"peak memory of one step, B={b}, one fresh process per row "
-              "(ru_maxrss - RSS before the measured step):")
+              "(VmHWM, reset just before the measured step, - RSS before it):")
         print(format_mem_table(mem))
     print("ms/step: median over rounds; noise: (max - min) / median over rounds; x floor: "
           "time / non-private step on the B*K rows. per-ex grads: bytes of the per-example "

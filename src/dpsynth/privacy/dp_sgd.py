@@ -67,6 +67,23 @@ def draw_copies(loss: DenoisingLoss, x: torch.Tensor, y: torch.Tensor, k: int,
             noise.view(b, k, *shape))
 
 
+_GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads example indices over seeds
+
+
+def draw_for_examples(loss: DenoisingLoss, x: torch.Tensor, y: torch.Tensor,
+                      indices: torch.Tensor, k: int, kind: AugmentKind, step_seed: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`draw_copies` with one generator per example, seeded by (step, example index).
+
+    The draws of example i at a step do not depend on which micro-batch or
+    worker handles it, so micro-batching is memory-only and data-parallel
+    workers reproduce one process's update exactly.
+    """
+    parts = [draw_copies(loss, x[j:j + 1], y[j:j + 1], k, kind, torch.Generator().manual_seed(
+        (step_seed ^ (int(i) * _GOLDEN)) & (2**63 - 1))) for j, i in enumerate(indices)]
+    return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
+
+
 def gaussian_noise(like: Grads, std: float, generator: torch.Generator) -> Grads:
     """N(0, std^2) for every coordinate of every parameter."""
     return {n: torch.randn(g.shape, generator=generator, dtype=g.dtype) * std
@@ -88,9 +105,10 @@ def noisy_gradient(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y
         name -> gradient, to be set as `.grad` before the optimizer step.
     """
     total = {n: torch.zeros_like(p) for n, p in net.named_parameters() if p.requires_grad}
+    step_seed = int(torch.randint(0, 2**62, (1,), generator=train_generator))
     for mb in micro_batches(indices, step.physical_batch_size):
-        x0, labels, t, noise = draw_copies(loss, x[mb], y[mb], step.aug_multiplicity,
-                                           step.augment, train_generator)
+        x0, labels, t, noise = draw_for_examples(loss, x[mb], y[mb], mb, step.aug_multiplicity,
+                                                 step.augment, step_seed)
         grads, _ = per_example_grads(net, loss, x0, labels, t, noise)
         summed, _ = clipped_sum(grads, step.max_grad_norm)
         for n in total:
