@@ -6,6 +6,7 @@ No logic lives here. Exit codes: 0 ok, 2 usage or bad input, 1 failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -58,12 +59,19 @@ def _pretrain(args: argparse.Namespace, cfg: config.Config) -> None:
 
 
 def _finetune(args: argparse.Namespace, cfg: config.Config) -> None:
+    from dpsynth.privacy.distributed import Workers
     from dpsynth.stages import finetune
+    from dpsynth.tracking import NullTracker
 
-    with open_tracker(cfg.tracking, "finetune") as tracker:
+    # under torchrun, only rank 0 reports to MLflow
+    main = Workers.from_env().is_main
+    with (open_tracker(cfg.tracking, "finetune") if main
+          else contextlib.nullcontext(NullTracker())) as tracker:
         result = finetune.run(cfg, model_dir=args.model, private_dir=args.private,
                               public_dir=args.public, out_dir=args.out, tracker=tracker,
                               resume=args.resume)
+    if not main:
+        return
     print(f"finetune: (epsilon={result.epsilon:.3f}, delta={cfg.finetune.delta:g})-DP model "
           f"after {result.steps} steps in {result.out_dir} (details: privacy.json)")
 

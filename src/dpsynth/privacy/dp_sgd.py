@@ -17,6 +17,7 @@ import torch
 
 from dpsynth.diffusion.augment import AugmentKind, augment
 from dpsynth.diffusion.loss import DenoisingLoss
+from dpsynth.privacy.distributed import Workers
 from dpsynth.privacy.per_example import Grads, clipped_sum, per_example_grads
 from dpsynth.privacy.sampling import micro_batches
 
@@ -92,27 +93,33 @@ def gaussian_noise(like: Grads, std: float, generator: torch.Generator) -> Grads
 
 def noisy_gradient(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y: torch.Tensor,
                    indices: torch.Tensor, step: DPStep, *, train_generator: torch.Generator,
-                   noise_generator: torch.Generator) -> Grads:
+                   noise_generator: torch.Generator, workers: Workers = Workers()) -> Grads:
     """The privatised mean gradient of one logical batch.
 
     Args:
         x, y: the whole private split ([N, C, H, W] in [-1, 1], [N]).
         indices: the Poisson-sampled logical batch (may be empty).
         train_generator: draws t, diffusion noise, augmentations, label dropout.
-        noise_generator: the secret generator for the Gaussian mechanism.
+        noise_generator: the secret generator for the Gaussian mechanism (used
+            on rank 0 only).
+        workers: data-parallel workers; each handles its share of `indices`
+            (the same logical batch on every worker) and rank 0 adds the noise.
 
     Returns:
         name -> gradient, to be set as `.grad` before the optimizer step.
     """
     total = {n: torch.zeros_like(p) for n, p in net.named_parameters() if p.requires_grad}
     step_seed = int(torch.randint(0, 2**62, (1,), generator=train_generator))
-    for mb in micro_batches(indices, step.physical_batch_size):
+    for mb in micro_batches(workers.share(indices), step.physical_batch_size):
         x0, labels, t, noise = draw_for_examples(loss, x[mb], y[mb], mb, step.aug_multiplicity,
                                                  step.augment, step_seed)
         grads, _ = per_example_grads(net, loss, x0, labels, t, noise)
         summed, _ = clipped_sum(grads, step.max_grad_norm)
         for n in total:
             total[n] += summed[n]
-    std = step.noise_multiplier * step.max_grad_norm
-    noise = gaussian_noise(total, std, noise_generator)
-    return {n: (total[n] + noise[n]) / step.expected_batch_size for n in total}
+    if workers.is_main:  # once per logical batch, whatever the number of workers
+        std = step.noise_multiplier * step.max_grad_norm
+        for n, z in gaussian_noise(total, std, noise_generator).items():
+            total[n] += z
+    workers.sum(total)
+    return {n: total[n] / step.expected_batch_size for n in total}

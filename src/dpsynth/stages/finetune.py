@@ -35,6 +35,7 @@ from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import read_dataset, sha256_file
 from dpsynth.plots import plot_loss
 from dpsynth.privacy import accounting
+from dpsynth.privacy.distributed import Workers
 from dpsynth.privacy.dp_sgd import DPStep, noisy_gradient, secret_generator
 from dpsynth.privacy.ledger import PrivacyLedger
 from dpsynth.privacy.per_example import use_vmap_friendly_attention
@@ -122,19 +123,28 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     config_id = fingerprint(cfg.section(*SECTIONS), sha256_file(
         model_dir / "ema.safetensors"), manifest.content_hash)
 
+    workers = Workers.from_env()
     state = load_latest(work_dir) if resume else None
     if state is not None and state.meta.get("config_id") != config_id:
         log.warning("ignoring checkpoint in %s: it belongs to another config, model or dataset",
                     work_dir)
         state = None
-    if state is None and work_dir.exists():
-        shutil.rmtree(work_dir)
     # A run id per attempt that starts from scratch; a resume keeps its id, so the
-    # ledger counts a resumed run once and two separate runs twice.
+    # ledger counts a resumed run once and two separate runs twice. Rank 0 alone
+    # cleans up, talks to the ledger, checkpoints and publishes.
     run_id = state.meta["run_id"] if state else f"{config_id}-{secrets.token_hex(4)}"
     ledger = PrivacyLedger(Path(cfg.privacy.ledger_dir), manifest.content_hash)
-    ledger.reserve(run_id, plan, delta=fc.delta, accountant=fc.accountant,
-                   budget_epsilon=cfg.privacy.dataset_budget_epsilon)
+    refusal: InputError | None = None
+    if workers.is_main:
+        if state is None and work_dir.exists():
+            shutil.rmtree(work_dir)
+        try:
+            ledger.reserve(run_id, plan, delta=fc.delta, accountant=fc.accountant,
+                           budget_epsilon=cfg.privacy.dataset_budget_epsilon)
+        except InputError as err:
+            refusal = err
+    if not workers.agree(refusal is None):
+        raise refusal or InputError("the privacy ledger refused this run (see rank 0's error)")
 
     torch.manual_seed(cfg.seed)
     net.train()
@@ -169,15 +179,16 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
         history, start = state.meta["history"], state.step
         log.info("resuming DP fine-tuning from step %d", start)
 
-    tracker.log_params(cfg.section(*SECTIONS))
+    tracker.log_params(cfg.section(*SECTIONS) | {"finetune.workers": workers.world_size})
     t0 = time.perf_counter()
     end = fc.steps if stop_after is None else min(fc.steps, stop_after)
     bar = tqdm(range(start, end), initial=start, total=fc.steps, desc="finetune (DP)",
                disable=None)
     for step in bar:
-        batch = poisson_batch(n, q, dp_gen)
+        batch = workers.broadcast_batch(poisson_batch(n, q, dp_gen) if workers.is_main else None)
         grads = noisy_gradient(net, loss, x_all, y_all, batch, step_cfg,
-                               train_generator=train_gen, noise_generator=dp_gen)
+                               train_generator=train_gen, noise_generator=dp_gen,
+                               workers=workers)
         for name, p in net.named_parameters():
             p.grad = grads[name]
         opt.step()  # an empty batch still steps: noise only (PRIVACY.md rule 1)
@@ -187,6 +198,8 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
         # un-checkpointed steps with fresh noise, and two noisy versions of a
         # released step would spend more than the ledger records.
         log_now = (step + 1) % fc.log_every == 0 or step + 1 == fc.steps
+        if not workers.is_main:
+            continue  # the replicas stay in sync: same summed gradient, same step
         if log_now:
             history.append([step + 1, public_eval(ema.shadow, eval_loss, pub_x, pub_y,
                                                   cfg.seed)])
@@ -203,10 +216,11 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
             tracker.log_metrics({"public_loss": history[-1][1]}, step=step + 1)
             bar.set_postfix(public_loss=f"{history[-1][1]:.4f}")
     bar.close()
-    if end < fc.steps:
-        return FinetuneResult(out_dir, float("nan"), sigma, end, start)
-
     epsilon = accounting.epsilon(plan, fc.delta, fc.accountant)
+    if end < fc.steps or not workers.is_main:
+        return FinetuneResult(out_dir, epsilon if end == fc.steps else float("nan"), sigma,
+                              end, start)
+
     ledger.complete(run_id, fc.steps)
     privacy = {
         "epsilon": epsilon, "delta": fc.delta, "noise_multiplier": sigma, "sample_rate": q,

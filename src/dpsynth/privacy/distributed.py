@@ -1,0 +1,70 @@
+"""Data-parallel DP-SGD over torch.distributed workers (gloo on CPU, NCCL on GPU).
+
+Every worker computes the clipped per-example gradient sum of its share of the
+logical batch; the shares are summed across workers and the Gaussian noise is
+added exactly once, by rank 0, with the same sigma as one process would use
+(not once per worker, and not sigma/sqrt(workers)). Poisson sampling and the
+noise both come from rank 0's secret generator; the batch is broadcast.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Workers:
+    """This process's place among the data-parallel workers (1 process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def from_env(timeout_s: int = 300) -> "Workers":
+        """Join the process group `torchrun` describes (WORLD_SIZE > 1), else one process."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return Workers()
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        return Workers(dist.get_rank(), dist.get_world_size())
+
+    def broadcast_batch(self, batch: torch.Tensor | None) -> torch.Tensor:
+        """Rank 0's logical batch (variable size), on every worker."""
+        if self.world_size == 1:
+            assert batch is not None
+            return batch
+        size = torch.tensor([len(batch) if self.is_main and batch is not None else 0])
+        dist.broadcast(size, src=0)
+        out = batch if self.is_main else torch.empty(int(size), dtype=torch.int64)
+        if int(size):
+            dist.broadcast(out, src=0)
+        return out
+
+    def share(self, batch: torch.Tensor) -> torch.Tensor:
+        """This worker's examples of the logical batch (strided split)."""
+        return batch[self.rank::self.world_size]
+
+    def sum(self, tensors: dict[str, torch.Tensor]) -> None:
+        """In-place sum over workers."""
+        if self.world_size > 1:
+            for t in tensors.values():
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+    def agree(self, ok: bool) -> bool:
+        """True on every worker iff `ok` on every worker (e.g. rank 0's ledger check)."""
+        if self.world_size == 1:
+            return ok
+        flag = torch.tensor([0 if ok else 1])
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+        return int(flag) == 0
