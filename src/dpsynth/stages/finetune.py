@@ -135,6 +135,7 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     run_id = state.meta["run_id"] if state else f"{config_id}-{secrets.token_hex(4)}"
     ledger = PrivacyLedger(Path(cfg.privacy.ledger_dir), manifest.content_hash)
     refusal: InputError | None = None
+    workers.agree(True)  # every worker has read the checkpoint before rank 0 cleans up
     if workers.is_main:
         if state is None and work_dir.exists():
             shutil.rmtree(work_dir)
