@@ -43,7 +43,7 @@ from dpsynth.privacy.sampling import poisson_batch, sample_rate
 from dpsynth.provenance import write_run_info
 from dpsynth.stages.common import fingerprint, work_dir_for, write_metrics
 from dpsynth.tracking import Tracker
-from dpsynth.training.checkpoint import TrainState, load_latest, save_checkpoint
+from dpsynth.training.checkpoint import TrainState, load_latest, restore, save_checkpoint
 
 log = logging.getLogger(__name__)
 SECTIONS = ("seed", "diffusion", "finetune", "privacy")
@@ -170,11 +170,7 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     history: list[list[float]] = []
     start = 0
     if state is not None:
-        net.load_state_dict(state.net)
-        ema.shadow.load_state_dict(state.ema)
-        ema.num_updates = state.meta["ema_num_updates"]
-        opt.load_state_dict(state.optimizer)
-        train_gen.set_state(state.generator)
+        restore(state, net=net, ema=ema, optimizer=opt, generator=train_gen)
         if seeded_for_test and state.secret_rng is not None:
             dp_gen.set_state(state.secret_rng)  # release runs never persist it
         history, start = state.meta["history"], state.step
@@ -208,7 +204,7 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
             save_checkpoint(work_dir, TrainState(
                 step=step + 1, net=net.state_dict(), ema=ema.shadow.state_dict(),
                 optimizer=opt.state_dict(), generator=train_gen.get_state(),
-                secret_rng=dp_gen.get_state() if seeded_for_test else None,
+                torch_rng=torch.get_rng_state(), secret_rng=dp_gen.get_state() if seeded_for_test else None,
                 meta={"config_id": config_id, "run_id": run_id, "history": history,
                       "ema_num_updates": ema.num_updates,
                       "accountant_history": [[sigma, q, step + 1]]}))

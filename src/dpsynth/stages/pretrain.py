@@ -29,7 +29,7 @@ from dpsynth.plots import plot_loss
 from dpsynth.provenance import write_run_info
 from dpsynth.stages.common import fingerprint, work_dir_for, write_metrics
 from dpsynth.tracking import Tracker
-from dpsynth.training.checkpoint import TrainState, load_latest, save_checkpoint
+from dpsynth.training.checkpoint import TrainState, load_latest, restore, save_checkpoint
 
 log = logging.getLogger(__name__)
 SECTIONS = ("seed", "model", "diffusion", "pretrain")
@@ -81,13 +81,7 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
                     work_dir)
         state = None
     if state is not None:
-        net.load_state_dict(state.net)
-        ema.shadow.load_state_dict(state.ema)
-        ema.num_updates = state.meta["ema_num_updates"]
-        opt.load_state_dict(state.optimizer)
-        gen.set_state(state.generator)
-        if state.torch_rng is not None:  # dropout draws from the global generator
-            torch.set_rng_state(state.torch_rng)
+        restore(state, net=net, ema=ema, optimizer=opt, generator=gen)
         history = state.meta["history"]
         # a checkpoint between two logging steps carries the partial window, so
         # the resumed loss history equals the uninterrupted one

@@ -42,6 +42,21 @@ class TrainState:
     secret_rng: torch.Tensor | None = None
 
 
+def restore(state: TrainState, *, net: torch.nn.Module, ema: Any, optimizer: torch.optim.Optimizer,
+            generator: torch.Generator) -> None:
+    """Put a training loop back where `state` was: weights, EMA (with its update
+    count in `meta["ema_num_updates"]`), optimizer moments, the training
+    generator and torch's global generator (dropout). The secret DP generator
+    is the caller's business: only test-seeded runs store it."""
+    net.load_state_dict(state.net)
+    ema.shadow.load_state_dict(state.ema)
+    ema.num_updates = state.meta["ema_num_updates"]
+    optimizer.load_state_dict(state.optimizer)
+    generator.set_state(state.generator)
+    if state.torch_rng is not None:
+        torch.set_rng_state(state.torch_rng)
+
+
 def _optimizer_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list]:
     tensors = {f"{idx}.{name}": value.detach().clone().contiguous()
                for idx, per_param in state["state"].items()
