@@ -35,7 +35,7 @@ def _env(tmp: Path) -> dict[str, str]:
 def repro(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A temp copy of the repo (smoke config as params.yaml) after `dvc repro`."""
     root = tmp_path_factory.mktemp("repo")
-    for name in ("dvc.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):  # .gitignore: DVC checks it
         if (REPO / name).exists():
             shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
