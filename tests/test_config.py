@@ -313,11 +313,14 @@ def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
 REPO_CONFIGS = sorted([*REPO.glob("params.yaml"), *REPO.glob("configs/*.yaml")])
 
 
-@pytest.mark.parametrize("path", REPO_CONFIGS or [None],
-                         ids=[str(p.relative_to(REPO)) for p in REPO_CONFIGS] or ["none"])
-def test_repo_configs_load(path: Path | None) -> None:
-    if path is None:
-        pytest.skip("no params.yaml or configs/*.yaml in the repo yet")
+def test_the_repo_ships_the_default_and_smoke_configs() -> None:
+    assert {p.relative_to(REPO).as_posix() for p in REPO_CONFIGS} >= {
+        "params.yaml", "configs/smoke.yaml"}
+
+
+@pytest.mark.parametrize("path", REPO_CONFIGS,
+                         ids=[str(p.relative_to(REPO)) for p in REPO_CONFIGS])
+def test_repo_configs_load(path: Path) -> None:
     cfg = config.load(path)
     assert isinstance(cfg, Config)
     assert config.from_dict(cfg.to_dict()) == cfg
