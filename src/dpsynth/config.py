@@ -277,12 +277,140 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class DomainCnnConfig:
+    """The domain feature extractor for FD: a small CNN classifier trained on the
+    public split only (never the private one), whose penultimate layer gives the
+    features. Deterministic for a given seed."""
+
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 1e-3
+    width: int = 32  # channels of the first conv; doubled at each of the 2 downsamplings
+    feature_dim: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "width", "feature_dim"):
+            _check(getattr(self, name) >= 1, f"fid.domain_cnn.{name}", getattr(self, name),
+                   "must be >= 1")
+        _check(self.lr > 0, "fid.domain_cnn.lr", self.lr, "must be > 0")
+
+
+@dataclass(frozen=True)
+class FidConfig:
+    """Distribution metrics between synthetic data and the real test split.
+
+    Each extractor gives its own metric names: `inception-v3-compat` gives
+    `fid_inception`, `kid_inception`, ...; `domain-cnn` gives `fd_<source>_cnn`,
+    ... (a Frechet distance in another feature space is not "FID").
+    """
+
+    extractors: tuple[Literal["inception-v3-compat", "domain-cnn"], ...] = ("domain-cnn",)
+    # torch-fidelity's Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth),
+    # a local path or s3:// URI: nothing is downloaded at run time.
+    inception_weights: str | None = None
+    batch_size: int = 256
+    # FID uses streamed mean/covariance of all images; KID and precision/recall
+    # need the features themselves, so they use a seeded uniform subsample of at
+    # most this many per side (memory stays flat in the number of images).
+    max_features: int = 10_000
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000  # clipped to the number of features kept
+    prc_neighborhood: int = 3  # k of the k-NN balls (Kynkaanniemi et al. 2019)
+    domain_cnn: DomainCnnConfig = field(default_factory=DomainCnnConfig)
+
+    def __post_init__(self) -> None:
+        _check(len(self.extractors) >= 1 and len(set(self.extractors)) == len(self.extractors),
+               "fid.extractors", self.extractors, "needs at least one extractor, no repeats")
+        for name in ("batch_size", "max_features", "kid_subsets", "kid_subset_size",
+                     "prc_neighborhood"):
+            _check(getattr(self, name) >= 1, f"fid.{name}", getattr(self, name), "must be >= 1")
+        _check("inception-v3-compat" not in self.extractors or bool(self.inception_weights),
+               "fid.inception_weights", self.inception_weights,
+               "the inception-v3-compat extractor needs its weights file: download "
+               "pt_inception-2015-12-05-6726825d.pth (torch-fidelity's release) on a machine "
+               "with internet and set fid.inception_weights to its path or s3:// URI")
+
+
+ClassifierAugment = Literal["none", "crop", "flip_crop"]
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """A downstream classifier: WRN-depth-widen (Zagoruyko & Komodakis 2016) and its
+    training recipe (SGD, Nesterov momentum, cosine learning rate)."""
+
+    depth: int = 10  # (depth - 4) % 6 == 0; the paper uses WRN-40-4 on CIFAR-10
+    widen: int = 2
+    dropout: float = 0.0
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    augment: ClassifierAugment = "crop"  # kornia; digits are not flip-symmetric
+
+    def validate(self, name: str) -> None:
+        _check(self.depth >= 10 and (self.depth - 4) % 6 == 0, f"{name}.depth", self.depth,
+               "WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...)")
+        for key in ("widen", "epochs", "batch_size"):
+            _check(getattr(self, key) >= 1, f"{name}.{key}", getattr(self, key), "must be >= 1")
+        _check(0 <= self.dropout < 1, f"{name}.dropout", self.dropout, "must be in [0, 1)")
+        _check(self.lr > 0, f"{name}.lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, f"{name}.weight_decay", self.weight_decay,
+               "must be >= 0")
+        _check(0 <= self.momentum < 1, f"{name}.momentum", self.momentum, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    """Downstream accuracy of a classifier trained on synthetic data only, as a
+    function of the number of synthetic samples (paper Fig. 3)."""
+
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    sizes: tuple[int, ...] = (250, 500, 1000, 2000)  # must be <= sample.num_samples
+    # The same classifier trained on the real private split: the non-private upper
+    # bound. For evaluation only: it is not covered by (epsilon, delta) and is
+    # labelled so everywhere; turn it off where even that number must not leave.
+    real_baseline: bool = True
+
+    def __post_init__(self) -> None:
+        self.classifier.validate("classify.classifier")
+        _check(len(self.sizes) >= 1 and all(n >= 1 for n in self.sizes)
+               and list(self.sizes) == sorted(set(self.sizes)), "classify.sizes", self.sizes,
+               "needs increasing sizes >= 1")
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    """Hyperparameter ranking on synthetic data (paper Sec. 5.3, Fig. 4): each grid
+    point is trained on a synthetic train split and scored on a synthetic
+    validation split (which alone chooses) and on the real test split (which only
+    measures whether the synthetic ranking holds)."""
+
+    grid: tuple[ClassifierConfig, ...] = (ClassifierConfig(),)
+    val_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        for i, c in enumerate(self.grid):
+            c.validate(f"rank.grid[{i}]")
+        _check(len(self.grid) >= 2, "rank.grid", len(self.grid),
+               "a ranking needs at least 2 configurations")
+        _check(0 < self.val_fraction < 1, "rank.val_fraction", self.val_fraction,
+               "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow tracking. The URI comes from `MLFLOW_TRACKING_URI` when set."""
 
     enabled: bool = True
     experiment: str = "dpsynth"
     tracking_uri: str = "sqlite:///mlflow.db"
+
+
+# A small default grid (code default; params.yaml states its own).
+_DEFAULT_GRID = (ClassifierConfig(lr=0.05), ClassifierConfig(lr=0.01),
+                 ClassifierConfig(widen=1), ClassifierConfig(augment="none"))
 
 
 @dataclass(frozen=True)
@@ -297,11 +425,17 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    fid: FidConfig = field(default_factory=FidConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    rank: RankConfig = field(default_factory=lambda: RankConfig(grid=_DEFAULT_GRID))
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         # cross-section check: fine-tuning timesteps live in the diffusion's range
         self.finetune.timesteps.validate("finetune.timesteps", self.diffusion.num_train_timesteps)
+        _check(self.classify.sizes[-1] <= self.sample.num_samples, "classify.sizes",
+               self.classify.sizes, f"the largest must be <= sample.num_samples="
+               f"{self.sample.num_samples} (the synthetic images there are)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""
