@@ -209,6 +209,20 @@ INVALID = [
     ("tracking.enabled=3", "tracking.enabled=3: must be true or false"),
     ("tracking.enabled=yes please", "tracking.enabled='yes please': must be true or false"),
     ("tracking.experiment=5", "tracking.experiment=5: must be a string"),
+    ("fid.extractors=[]", "fid.extractors=()"),
+    ("fid.extractors=[domain-cnn, domain-cnn]", "fid.extractors=("),
+    ("fid.extractors=[inception]", "fid.extractors[0]='inception': must be one of"),
+    ("fid.extractors=[inception-v3-compat]", "fid.inception_weights=None: the inception-v3"),
+    ("fid.max_features=0", "fid.max_features=0"),
+    ("fid.domain_cnn.steps=0", "fid.domain_cnn.steps=0"),
+    ("classify.classifier.depth=12", "classify.classifier.depth=12: WRN depth must be 6n+4"),
+    ("classify.classifier.augment=rotate", "classify.classifier.augment='rotate'"),
+    ("classify.classifier.lr=0", "classify.classifier.lr=0.0"),
+    ("classify.sizes=[500, 250]", "classify.sizes=(500, 250): needs increasing"),
+    ("classify.sizes=[]", "classify.sizes=()"),
+    ("rank.grid=[{depth: 10}]", "rank.grid=1: a ranking needs at least 2"),
+    ("rank.grid=[{depth: 10}, {depth: 11}]", "rank.grid[1].depth=11"),
+    ("rank.val_fraction=1", "rank.val_fraction=1.0"),
 ]
 
 

@@ -7,6 +7,7 @@ the logged params.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import pytest
 from dpsynth.io.shards import read_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+STAGES = ("prepare", "pretrain", "finetune", "sample", "fid", "classify", "rank")
 pytestmark = pytest.mark.slow
 
 
@@ -68,7 +70,7 @@ def test_every_stage_publishes_verified_artifacts(repro: Path) -> None:
     ledger = list((art / "ledger").glob("*.json"))
     assert len(ledger) == 1 and json.loads(ledger[0].read_text())["entries"][0]["status"] == (
         "completed")
-    for stage in ("prepare", "pretrain", "finetune", "sample"):
+    for stage in STAGES:
         assert json.loads((art / stage / "metrics.json").read_text())
         params = json.loads((art / stage / "params.json").read_text())
         assert params["seed"] == 0
@@ -94,7 +96,12 @@ def test_mlflow_groups_stage_runs_under_one_parent(repro: Path) -> None:
     parents = [r for r in runs if r.data.tags["dpsynth.stage"] == "pipeline"]
     children = {r.data.tags["dpsynth.stage"]: r for r in runs if r not in parents}
     assert len(parents) == 1
-    assert set(children) == {"prepare", "pretrain", "finetune", "sample"}
+    nested = {k: r for k, r in children.items() if "/" in k}  # rank's one run per config
+    children = {k: r for k, r in children.items() if "/" not in k}
+    assert set(children) == set(STAGES)
+    assert sorted(nested) == [f"rank/config-{i:02d}" for i in range(3)]
+    for run in nested.values():
+        assert run.data.tags["mlflow.parentRunId"] == children["rank"].info.run_id
     for child in children.values():
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert child.info.status == "FINISHED"
@@ -107,10 +114,45 @@ def test_mlflow_groups_stage_runs_under_one_parent(repro: Path) -> None:
     assert [m.step for m in history] == [5, 10, 15, 20]
     # the private split's size is derived from private data: never logged
     private_count = read_dataset(repro / "artifacts" / "prepare" / "private")[2].count
-    for child in children.values():
+    for child in [*children.values(), *nested.values()]:
         values = list(child.data.params.values()) + list(child.data.metrics.values())
         assert not any(str(v) in (str(private_count), f"{private_count}.0") for v in values)
         assert not any("private_count" in k for k in [*child.data.params, *child.data.metrics])
+
+
+def test_evaluation_stages_measure_the_synthetic_data(repro: Path) -> None:
+    art = repro / "artifacts"
+    fid = json.loads((art / "fid" / "metrics.json").read_text())
+    assert fid["fd_digits_cnn"] > 0 and 0 <= fid["precision_digits_cnn"] <= 1
+    assert not [k for k in fid if k.startswith("fid")]  # no Inception here: no "FID"
+    classify = json.loads((art / "classify" / "metrics.json").read_text())
+    with open(art / "classify" / "curve.csv", newline="") as f:
+        curve = list(csv.DictReader(f))
+    assert [int(r["num_synthetic"]) for r in curve] == [30, 60]
+    assert float(curve[-1]["real_test_accuracy"]) == classify["real_test_accuracy"]
+    rank = json.loads((art / "rank" / "metrics.json").read_text())
+    assert rank["num_configs"] == 3 and -1 <= rank["spearman_rho"] <= 1
+    assert rank["regret"] == pytest.approx(
+        rank["best_real_test_accuracy"] - rank["chosen_real_test_accuracy"])
+    assert (art / "rank" / "scatter.png").stat().st_size > 0
+
+
+def test_mlflow_serves_the_champion_classifier(repro: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+    import numpy as np
+
+    uri = f"sqlite:///{repro / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    champion = client.get_model_version_by_alias("dpsynth-classifier", "champion")
+    assert client.get_model_version_by_alias("dpsynth-generator", "champion")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(repro)  # the sqlite store keeps artifact paths relative to it
+    model = mlflow.pyfunc.load_model(f"models:/dpsynth-classifier/{champion.version}")
+    images, labels, _ = read_dataset(repro / "artifacts" / "prepare" / "test")
+    accuracy = float(np.mean(model.predict(images) == labels))
+    rank = json.loads((repro / "artifacts" / "rank" / "metrics.json").read_text())
+    assert accuracy == pytest.approx(rank["chosen_real_test_accuracy"], abs=1e-9)
 
 
 def test_cli_reports_bad_config_with_exit_code_2(tmp_path: Path) -> None:

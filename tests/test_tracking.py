@@ -254,3 +254,80 @@ def test_disabled_tracking_touches_nothing(tmp_path: Path,
         assert isinstance(tracker, NullTracker)
         tracker.log_metrics({"loss": 1.0}, step=1)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- nested runs, models
+
+
+def test_null_tracker_records_children_and_models() -> None:
+    t = NullTracker()
+    with t.child("config-00") as c:
+        c.log_metrics({"acc": 0.5})
+    assert t.log_model(Path("m"), kind="generator", registered_name="g", alias="champion") is None
+    assert t.children["config-00"].metrics == [({"acc": 0.5}, None)]
+    assert t.models == [{"model_dir": Path("m"), "kind": "generator", "registered_name": "g",
+                         "alias": "champion"}]
+
+
+def test_child_runs_nest_under_the_stage_run(store: Callable[[str], str]) -> None:
+    uri = store("mlflow.db")
+    with open_tracker(tracking_cfg(uri), "rank", pipeline_id="p") as tracker:
+        for i in range(2):
+            with tracker.child(f"config-{i:02d}") as child:
+                child.log_params({"lr": 0.1 * (i + 1)})
+                child.log_metrics({"synthetic_val_accuracy": 0.5 + i / 10})
+        with pytest.raises(ValueError):
+            with tracker.child("config-02"):
+                raise ValueError("diverged")
+    runs = runs_of(uri)
+    by_name = {r.info.run_name: r for r in runs}
+    stage_id = by_name["rank"].info.run_id
+    for i, status in ((0, "FINISHED"), (1, "FINISHED"), (2, "FAILED")):
+        run = by_name[f"config-{i:02d}"]
+        assert run.data.tags["mlflow.parentRunId"] == stage_id
+        assert run.data.tags[STAGE_TAG] == f"rank/config-{i:02d}"
+        assert run.data.tags[PIPELINE_TAG] == "p" and run.info.status == status
+    assert by_name["config-01"].data.metrics["synthetic_val_accuracy"] == 0.6
+    assert by_name["config-01"].data.params["lr"] == "0.2"
+    # direct children of the pipeline: still one per stage
+    parents, children = split([r for r in runs if "/" not in r.data.tags[STAGE_TAG]])
+    assert len(parents) == 1 and set(children) == {"rank"}
+
+
+def test_generator_is_registered_loadable_and_keeps_privacy_json_out(
+        tmp_path: Path, store: Callable[[str], str], digits_split: Path,
+        one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = store("mlflow.db")
+    cfg = from_dict({
+        "model": {"block_out_channels": [16, 32], "norm_num_groups": 8, "attention_levels": [1]},
+        "diffusion": {"num_train_timesteps": 100},
+        "pretrain": {"steps": 4, "batch_size": 8, "checkpoint_every": 4, "log_every": 2},
+        "tracking": {"enabled": False}})
+    pretrain.run(cfg, public_dir=digits_split, out_dir=tmp_path / "model", tracker=NullTracker())
+    # a DP model folder's privacy.json holds q = B/N: it must not reach MLflow
+    (tmp_path / "model" / "privacy.json").write_text('{"sample_rate": 0.123456789}')
+    versions = []
+    with open_tracker(tracking_cfg(uri), "rank", pipeline_id="p") as tracker:
+        for _ in range(2):
+            versions.append(tracker.log_model(tmp_path / "model", kind="generator",
+                                              registered_name="dpsynth-generator",
+                                              alias="champion"))
+        run_id = tracker.run_id
+    assert versions == ["1", "2"]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert str(client.get_model_version_by_alias("dpsynth-generator", "champion").version) == "2"
+    local = Path(client.download_artifacts(run_id, "generator", str(tmp_path / "dl")))
+    files = {p.name for p in local.rglob("*") if p.is_file()}
+    assert "privacy.json" not in files and "ema.safetensors" in files
+    assert not any("0.123456789" in p.read_text(errors="ignore")
+                   for p in local.rglob("*.json"))
+    assert not list(local.rglob("*.pkl"))  # models from code: no pickle
+
+    monkeypatch.setenv(URI_ENV, uri)
+    model = mlflow.pyfunc.load_model("models:/dpsynth-generator@champion")
+    labels = np.arange(10)
+    a = model.predict(labels, params={"seed": 3, "num_inference_steps": 3})
+    b = model.predict(labels, params={"seed": 3, "num_inference_steps": 3})
+    c = model.predict(labels, params={"seed": 4, "num_inference_steps": 3})
+    assert a.shape == (10, 8, 8, 1) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)

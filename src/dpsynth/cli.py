@@ -28,6 +28,14 @@ EXAMPLES = {
               "--out artifacts/sample\n  dpsynth sample --model M --out shards/3 "
               "--num-shards 8 --shard-index 3   # one shard of a fan-out\n"
               "  dpsynth sample --merge shards/* --out artifacts/sample   # collect them",
+    "fid": "dpsynth fid --config params.yaml --synthetic artifacts/sample "
+           "--reference artifacts/prepare/test --public artifacts/prepare/public "
+           "--out artifacts/fid",
+    "classify": "dpsynth classify --config params.yaml --synthetic artifacts/sample "
+                "--test artifacts/prepare/test --private artifacts/prepare/private "
+                "--out artifacts/classify",
+    "rank": "dpsynth rank --config params.yaml --synthetic artifacts/sample "
+            "--test artifacts/prepare/test --generator artifacts/finetune --out artifacts/rank",
 }
 
 
@@ -99,6 +107,42 @@ def _sample(args: argparse.Namespace, cfg: config.Config) -> None:
           f"({len(result.shards_skipped)} resumed), grid at {result.out_dir / 'grid.png'}")
 
 
+def _fid(args: argparse.Namespace, cfg: config.Config) -> None:
+    from dpsynth.stages import fid
+
+    with open_tracker(cfg.tracking, "fid") as tracker:
+        result = fid.run(cfg, synthetic_dir=args.synthetic, reference_dir=args.reference,
+                         public_dir=args.public, out_dir=args.out, tracker=tracker)
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()
+                      if k.startswith(("fid_", "fd_")))
+    print(f"fid: {shown} (metrics in {result.out_dir / 'metrics.json'})")
+
+
+def _classify(args: argparse.Namespace, cfg: config.Config) -> None:
+    from dpsynth.stages import classify
+
+    if cfg.classify.real_baseline and args.private is None:
+        raise InputError("dpsynth classify: classify.real_baseline is on, so --private is "
+                         "needed (or --set classify.real_baseline=false)")
+    with open_tracker(cfg.tracking, "classify") as tracker:
+        result = classify.run(cfg, synthetic_dir=args.synthetic, test_dir=args.test,
+                              private_dir=args.private if cfg.classify.real_baseline else None,
+                              out_dir=args.out, tracker=tracker)
+    print(f"classify: real test accuracy {result.real_test_accuracy:.3f} trained on "
+          f"{result.num_synthetic} synthetic images (curve in {result.out_dir / 'curve.png'})")
+
+
+def _rank(args: argparse.Namespace, cfg: config.Config) -> None:
+    from dpsynth.stages import rank
+
+    with open_tracker(cfg.tracking, "rank") as tracker:
+        result = rank.run(cfg, synthetic_dir=args.synthetic, test_dir=args.test,
+                          generator_dir=args.generator, out_dir=args.out, tracker=tracker)
+    print(f"rank: Spearman rho {result.spearman_rho:.3f}, Kendall tau {result.kendall_tau:.3f},"
+          f" regret {result.regret:.3f}; champion = config {result.chosen_config} "
+          f"(registered as dpsynth-classifier@champion)")
+
+
 def _summary(args: argparse.Namespace) -> None:
     from dpsynth.summary import summarize
 
@@ -109,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpsynth", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Differentially private synthetic images with diffusion models.\n"
-                    "Stages: prepare -> pretrain -> finetune (DP) -> sample "
-                    "(run them all with `dvc repro`).")
+                    "Stages: prepare -> pretrain -> finetune (DP) -> sample -> fid, classify, "
+                    "rank (run them all with `dvc repro`).")
     parser.add_argument("--version", action="version", version=f"dpsynth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -148,6 +192,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="make only this shard (repeatable) into --out, without a manifest")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                    help="collect shards made with --shard-index from these folders")
+    p = add("fid", "Distribution distances between the synthetic set and the real test split: "
+            "Frechet distance, KID and precision/recall in each configured feature space "
+            "(fid_inception for Inception-v3, fd_<data>_cnn for the domain CNN trained on the "
+            "public split). Writes metrics.json and the domain CNN to --out.", _fid)
+    p.add_argument("--synthetic", type=Path, required=True, help="synthetic set from sample")
+    p.add_argument("--reference", type=Path, required=True, help="real test split from prepare")
+    p.add_argument("--public", type=Path, required=True,
+                   help="public split (trains the domain CNN; never the private one)")
+    p = add("classify", "Train WRN classifiers on growing subsets of the synthetic set and "
+            "measure their accuracy on the real test split (accuracy vs number of synthetic "
+            "samples); with classify.real_baseline also the non-private baseline trained on "
+            "the real private split (evaluation only, not covered by epsilon).", _classify)
+    p.add_argument("--synthetic", type=Path, required=True, help="synthetic set from sample")
+    p.add_argument("--test", type=Path, required=True, help="real test split from prepare")
+    p.add_argument("--private", type=Path, default=None,
+                   help="private split, only for the non-private baseline")
+    p = add("rank", "Train the rank.grid of classifier configurations on synthetic data, "
+            "choose on synthetic validation, and report how well the synthetic ranking "
+            "holds on the real test split (Spearman, Kendall, regret). Registers the chosen "
+            "classifier as dpsynth-classifier@champion and the DP model as "
+            "dpsynth-generator in MLflow.", _rank)
+    p.add_argument("--synthetic", type=Path, required=True, help="synthetic set from sample")
+    p.add_argument("--test", type=Path, required=True, help="real test split from prepare")
+    p.add_argument("--generator", type=Path, required=True,
+                   help="the DP model (finetune output) to register as dpsynth-generator")
     p = sub.add_parser("summary", help="Print what the pipeline produced and how to view it.",
                        description="Print what the pipeline produced and how to view it.")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-STAGES = ("prepare", "pretrain", "finetune", "sample")
+STAGES = ("prepare", "pretrain", "finetune", "sample", "fid", "classify", "rank")
 WHAT = {
     "prepare": "public/private/test shards + manifests",
     "pretrain": "EMA diffusion model (safetensors + config.json), loss.csv",
     "finetune": "DP model (safetensors + config.json), privacy.json",
     "sample": "synthetic shards + manifest, grid.png",
+    "fid": "distances to the real test split, domain CNN",
+    "classify": "accuracy vs number of synthetic samples, curve.png",
+    "rank": "synthetic vs real ranking, scatter.png, champion classifier",
 }
 
 
@@ -36,7 +39,8 @@ def summarize(artifacts: Path, seconds: float | None = None) -> str:
         "",
         "  MLflow:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000",
         "           then open http://127.0.0.1:5000 (experiment 'dpsynth', one parent run per",
-        "           pipeline run, one child run per stage)",
+        "           pipeline run, one child run per stage); Models tab: dpsynth-classifier@champion,",
+        "           dpsynth-generator",
         "  Plots:   .venv/bin/dvc plots show   (writes dvc_plots/index.html)",
         "  Metrics: .venv/bin/dvc metrics show",
         "",

@@ -13,11 +13,19 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, ContextManager, Iterator, Literal, Mapping, Protocol
 
 from dpsynth.config import TrackingConfig
 
+ModelKind = Literal["classifier", "generator"]
+# What of a model folder goes to MLflow: weights and public config only. A DP
+# model's privacy.json stays out: its sample_rate q = B/N would give the private
+# dataset's size (PRIVACY.md rule 6).
+MODEL_FILES = ("config.json", "model.safetensors", "ema.safetensors", "params.json",
+               "version.json")
 PIPELINE_ID_ENV = "DPSYNTH_PIPELINE_ID"
 PIPELINE_TAG = "dpsynth.pipeline_id"
 STAGE_TAG = "dpsynth.stage"
@@ -32,6 +40,20 @@ class Tracker(Protocol):
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
+    def child(self, name: str) -> ContextManager["Tracker"]:
+        """A nested run (e.g. one per hyperparameter configuration)."""
+        ...
+
+    def log_model(self, model_dir: Path, *, kind: ModelKind, registered_name: str | None = None,
+                  alias: str | None = None) -> str | None:
+        """Log a model folder as a loadable MLflow pyfunc model; optionally register it
+        under `registered_name` and point `alias` at the new version.
+
+        Returns:
+            The registered version, or None when nothing was registered.
+        """
+        ...
+
 
 class NullTracker:
     """Records calls in memory (useful in tests) and sends nothing anywhere."""
@@ -40,6 +62,8 @@ class NullTracker:
         self.params: dict[str, Any] = {}
         self.metrics: list[tuple[dict[str, float], int | None]] = []
         self.artifacts: list[Path] = []
+        self.children: dict[str, NullTracker] = {}
+        self.models: list[dict[str, Any]] = []
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self.params.update(flatten(params))
@@ -49,6 +73,17 @@ class NullTracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.artifacts.append(Path(path))
+
+    @contextlib.contextmanager
+    def child(self, name: str) -> Iterator["NullTracker"]:
+        self.children[name] = NullTracker()
+        yield self.children[name]
+
+    def log_model(self, model_dir: Path, *, kind: ModelKind, registered_name: str | None = None,
+                  alias: str | None = None) -> str | None:
+        self.models.append({"model_dir": Path(model_dir), "kind": kind,
+                            "registered_name": registered_name, "alias": alias})
+        return None
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -95,6 +130,69 @@ class MlflowTracker:
             self._client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    @contextlib.contextmanager
+    def child(self, name: str) -> Iterator["MlflowTracker"]:
+        run = self._client.get_run(self.run_id)
+        tags = run.data.tags
+        # stage tag "rank/config-03": direct children stay one per stage
+        nested = self._client.create_run(run.info.experiment_id, run_name=name, tags={
+            PIPELINE_TAG: tags.get(PIPELINE_TAG, ""),
+            STAGE_TAG: f"{tags.get(STAGE_TAG, 'run')}/{name}", "mlflow.parentRunId": self.run_id})
+        status = "FAILED"
+        try:
+            yield MlflowTracker(nested.info.run_id, self._client)
+            status = "FINISHED"
+        finally:
+            self._client.set_terminated(nested.info.run_id, status=status)
+
+    def log_model(self, model_dir: Path, *, kind: ModelKind, registered_name: str | None = None,
+                  alias: str | None = None) -> str | None:
+        import tempfile
+
+        import mlflow.pyfunc
+        import torch
+
+        import dpsynth.serving
+        from dpsynth.serving.models import signature
+
+        model_dir = Path(model_dir)
+        serving = Path(dpsynth.serving.__file__).parent
+        with tempfile.TemporaryDirectory() as tmp:
+            public = Path(tmp) / "files"
+            public.mkdir()
+            for name in MODEL_FILES:
+                if (model_dir / name).is_file():
+                    shutil.copy2(model_dir / name, public / name)
+            saved = Path(tmp) / kind
+            # "Models from code": the pyfunc is our code plus the safetensors folder,
+            # no pickle. code_paths ships the dpsynth package so the model loads
+            # where dpsynth is not installed.
+            with warnings.catch_warnings():
+                # MLflow suggests type hints / an input example; the signature we pass
+                # already states the schema, and an example would run the model here
+                warnings.simplefilter("ignore", UserWarning)
+                mlflow.pyfunc.save_model(
+                    str(saved), python_model=str(serving / f"{kind}_code.py"),
+                    artifacts={"model": str(public)},
+                    code_paths=[str(serving.parent)], signature=signature(kind, model_dir),
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                      "safetensors", "numpy", "diffusers", "kornia"])
+            self._client.log_artifacts(self.run_id, str(saved), kind)
+        if registered_name is None:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._client.create_registered_model(registered_name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{self._client.get_run(self.run_id).info.artifact_uri}/{kind}"
+        version = self._client.create_model_version(registered_name, source, self.run_id)
+        if alias is not None:
+            self._client.set_registered_model_alias(registered_name, alias, version.version)
+        return str(version.version)
 
 
 def default_pipeline_id() -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dpsynth.data.splits import class_counts, stratified_split
+from dpsynth.data.splits import class_counts, nested_balanced_order, stratified_split
 from dpsynth.errors import InputError
 
 FRACTIONS = {"public": 0.25, "private": 0.55, "test": 0.20}
@@ -51,3 +51,19 @@ def test_bad_fractions() -> None:
         stratified_split(np.zeros(3), {"public": -0.1, "private": 1.1}, seed=0)
     with pytest.raises(InputError, match="positive sum"):
         stratified_split(np.zeros(3), {"public": 0.0}, seed=0)
+
+
+def test_nested_balanced_order_prefixes_are_balanced_and_nested() -> None:
+    labels = np.repeat(np.arange(4), [40, 21, 7, 30])
+    order = nested_balanced_order(labels, seed=5)
+    np.testing.assert_array_equal(np.sort(order), np.arange(len(labels)))  # a permutation
+    for n in range(1, 4 * 7 + 1):  # while no class has run out: counts differ by <= 1
+        counts = np.bincount(labels[order[:n]], minlength=4)
+        assert counts.max() - counts.min() <= 1, (n, counts)
+    # past the smallest class, the others stay balanced among themselves
+    counts = np.bincount(labels[order[:61]], minlength=4)
+    assert counts.tolist() == [18, 18, 7, 18]
+    np.testing.assert_array_equal(order, nested_balanced_order(labels, seed=5))
+    assert not np.array_equal(order, nested_balanced_order(labels, seed=6))
+    # within a class the order is shuffled, not the original index order
+    assert not np.array_equal(order[labels[order] == 0], np.flatnonzero(labels == 0))

@@ -1,6 +1,7 @@
-"""Augmentations for augmentation multiplicity: `none` is the identity, `flip`
-mirrors about half the images along the width, `flip_crop` also translates by
-up to H/8 pixels with black fill; all are reproducible from the generator."""
+"""Augmentations (augmentation multiplicity, downstream classifiers): `none` is
+the identity, `flip` mirrors about half the images along the width, `crop`
+translates by up to H/8 pixels with black fill, `flip_crop` does both; all are
+reproducible from the generator."""
 
 from __future__ import annotations
 
@@ -57,28 +58,31 @@ def test_flip_is_reproducible_from_the_generator() -> None:
     assert not torch.equal(augment(x, "flip", gen(1)), augment(x, "flip", gen(2)))
 
 
+@pytest.mark.parametrize("kind", ["crop", "flip_crop"])
 @pytest.mark.parametrize("size", [8, 16])
-def test_flip_crop_is_a_flip_and_a_small_translation_with_black_fill(size: int) -> None:
+def test_crops_are_a_small_translation_with_black_fill(size: int, kind: str) -> None:
     n, max_shift = 400, size // 8
+    flips = (False, True) if kind == "flip_crop" else (False,)
     x = images(n, size=size)
-    out = augment(x, "flip_crop", gen())
+    out = augment(x, kind, gen())
     assert out.shape == x.shape
     assert out.min() >= -1 and out.max() <= 1
     seen = Counter()
     for img, src in zip(out, x):
         matches = [(flip, dx, dy)
-                   for flip in (False, True)
+                   for flip in flips
                    for dx in range(-max_shift, max_shift + 1)
                    for dy in range(-max_shift, max_shift + 1)
                    if torch.allclose(img, shifted(src.flip(-1) if flip else src, dx, dy),
                                      atol=1e-6, rtol=0)]
-        assert matches, "not a flip plus a shift of at most H/8 pixels"
+        assert matches, f"not {' or '.join(map(str, flips))} flip plus a shift of <= H/8 pixels"
         seen[matches[0]] += 1
-    # every flip and shift combination occurs ((2 * 1 + 1)^2 or 5^2 shifts, times 2 flips)
-    assert len(seen) == 2 * (2 * max_shift + 1) ** 2
+    # every flip and shift combination occurs ((2 * 1 + 1)^2 or 5^2 shifts, times the flips)
+    assert len(seen) == len(flips) * (2 * max_shift + 1) ** 2
 
 
-def test_flip_crop_is_reproducible_from_the_generator() -> None:
+@pytest.mark.parametrize("kind", ["crop", "flip_crop"])
+def test_crops_are_reproducible_from_the_generator(kind: str) -> None:
     x = images(32)
-    assert torch.equal(augment(x, "flip_crop", gen(3)), augment(x, "flip_crop", gen(3)))
-    assert not torch.equal(augment(x, "flip_crop", gen(3)), augment(x, "flip_crop", gen(4)))
+    assert torch.equal(augment(x, kind, gen(3)), augment(x, kind, gen(3)))
+    assert not torch.equal(augment(x, kind, gen(3)), augment(x, kind, gen(4)))

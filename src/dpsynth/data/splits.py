@@ -77,3 +77,32 @@ def stratified_split(labels: np.ndarray, fractions: Mapping[str, float],
             start += count
     return {role: np.sort(np.concatenate(chunks)).astype(np.int64) if chunks
             else np.zeros(0, np.int64) for role, chunks in parts.items()}
+
+
+def nested_balanced_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded order of all examples whose every prefix is class-balanced.
+
+    Round r holds the r-th example (in a seeded shuffle) of every class that has
+    one, the classes of a round in random order. So `order[:n]` is a subset of
+    `order[:m]` for n <= m (nested), and its class counts differ by at most one
+    while no class runs out (paper Fig. 3: accuracy vs number of samples).
+
+    Args:
+        labels: int, shape (N,).
+        seed: seeds `numpy.random.default_rng`.
+
+    Returns:
+        int64 permutation of range(N).
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    rounds = np.zeros(len(labels), np.int64)
+    order = np.zeros(len(labels), np.int64)
+    start = 0
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        order[start:start + len(members)] = members
+        rounds[start:start + len(members)] = np.arange(len(members))
+        start += len(members)
+    tiebreak = rng.random(len(labels))  # the classes' order within a round
+    return order[np.lexsort((tiebreak, rounds))].astype(np.int64)
