@@ -305,7 +305,7 @@ class FidConfig:
     """
 
     extractors: tuple[Literal["inception-v3-compat", "domain-cnn"], ...] = ("domain-cnn",)
-    # torch-fidelity's Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth),
+    # torch-fidelity's Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth),
     # a local path or s3:// URI: nothing is downloaded at run time.
     inception_weights: str | None = None
     batch_size: int = 256
@@ -327,8 +327,9 @@ class FidConfig:
         _check("inception-v3-compat" not in self.extractors or bool(self.inception_weights),
                "fid.inception_weights", self.inception_weights,
                "the inception-v3-compat extractor needs its weights file: download "
-               "pt_inception-2015-12-05-6726825d.pth (torch-fidelity's release) on a machine "
-               "with internet and set fid.inception_weights to its path or s3:// URI")
+               "weights-inception-2015-12-05-6726825d.pth (torch-fidelity's v0.2.0 "
+               "release) on a machine with internet and set fid.inception_weights to its "
+               "path or s3:// URI")
 
 
 ClassifierAugment = Literal["none", "crop", "flip_crop"]

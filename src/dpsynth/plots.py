@@ -21,3 +21,48 @@ def plot_loss(history: Sequence[Sequence[float]], path: str | Path, title: str) 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_accuracy_curve(sizes: Sequence[int], accuracies: Sequence[float], path: str | Path,
+                        baseline: float | None = None) -> None:
+    """Real test accuracy against the number of synthetic training images (the
+    paper's Fig. 3), with the non-private baseline as a labelled dashed line."""
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(sizes, accuracies, "o-", lw=1.5, label="trained on synthetic data (DP)")
+    if baseline is not None:
+        ax.axhline(baseline, color="C3", ls="--", lw=1.5,
+                   label="trained on real private data (non-private baseline, not DP)")
+    ax.set(xlabel="number of synthetic training images", ylabel="accuracy on real test split",
+           title="Downstream accuracy vs synthetic set size", xscale="log")
+    ax.set_xticks(list(sizes), [str(n) for n in sizes])
+    ax.minorticks_off()
+    top = max([*accuracies, baseline if baseline is not None else 0.0])
+    ax.set_ylim(top=min(1.0, top + 0.05) if top < 1 else 1.02)  # keep the baseline off the frame
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_rank_scatter(synthetic_val: Sequence[float], real_test: Sequence[float],
+                      chosen: int, path: str | Path, title: str) -> None:
+    """One point per classifier configuration: accuracy on synthetic validation
+    against accuracy on the real test split (the paper's Fig. 4); the config
+    chosen on synthetic validation is ringed, each point labelled by its index."""
+    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=100)
+    ax.scatter(synthetic_val, real_test, s=30, zorder=3)
+    ax.scatter([synthetic_val[chosen]], [real_test[chosen]], s=160, facecolors="none",
+               edgecolors="C3", lw=1.5, zorder=4, label=f"chosen (config {chosen})")
+    for i, (x, y) in enumerate(zip(synthetic_val, real_test)):
+        ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    lo = min(min(synthetic_val), min(real_test))
+    hi = max(max(synthetic_val), max(real_test))
+    ax.plot([lo, hi], [lo, hi], color="0.6", lw=0.8, ls=":", label="y = x")
+    ax.set(xlabel="accuracy on synthetic validation", ylabel="accuracy on real test split",
+           title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

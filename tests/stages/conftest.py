@@ -103,3 +103,28 @@ def sampled_dir(tmp_path_factory: pytest.TempPathFactory, tiny_cfg: Config,
     with one_torch_thread():
         sample.run(tiny_cfg, model_dir=pretrained_dir, out_dir=out, tracker=NullTracker())
     return out
+
+
+NUM_EVAL_PRIVATE = 213  # distinctive: tests check it never reaches metrics or params
+
+
+@pytest.fixture(scope="session")
+def digits_eval_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Inputs of the evaluation stages (classify, rank) made of disjoint real digits:
+    `synthetic` (400, standing in for a perfect generator's samples), `test` (300),
+    `private` (NUM_EVAL_PRIVATE), and `generator`, a stand-in DP model folder
+    (config.json, model.safetensors, privacy.json). Read-only."""
+    images, labels = digits_uint8()
+    perm = np.random.default_rng(0).permutation(len(images))
+    root = tmp_path_factory.mktemp("digits-eval")
+    dirs = {}
+    for name, lo, hi in [("synthetic", 0, 400), ("test", 400, 700),
+                         ("private", 700, 700 + NUM_EVAL_PRIVATE)]:
+        dirs[name] = root / name
+        write_dataset(dirs[name], images[perm[lo:hi]], labels[perm[lo:hi]], DIGIT_CLASSES,
+                      source="sklearn-digits", shard_size=250)
+    dirs["generator"] = root / "generator"
+    dirs["generator"].mkdir()
+    for name in ("config.json", "model.safetensors", "privacy.json"):
+        (dirs["generator"] / name).write_text("{}")
+    return dirs

@@ -26,10 +26,44 @@ from dpsynth.diffusion.augment import augment
 from dpsynth.diffusion.samplers import from_uint8
 from dpsynth.errors import InputError
 from dpsynth.eval.wrn import WideResNet
+from dpsynth.io.shards import Manifest, read_dataset
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 EVAL_BATCH = 1024  # images per forward pass when predicting: bounds memory only
+
+
+def read_labelled(data_dir: str | Path, what: str, *, like: tuple[Manifest, str] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, Manifest]:
+    """Read a split for training or scoring classifiers, refusing what cannot work.
+
+    Args:
+        data_dir: a dataset folder (shards + manifest).
+        what: how error messages name it ("synthetic set", "real test split").
+        like: (manifest, name) of a split this one must match: the same classes
+            and image shape (H, W, C).
+
+    Returns:
+        (images uint8 (N, H, W, C), labels (N,), manifest).
+
+    Raises:
+        InputError: no images, fewer than 8x8 pixels, or a mismatch with `like`.
+    """
+    images, labels, manifest = read_dataset(data_dir)
+    if len(images) == 0:
+        raise InputError(f"{data_dir} ({what}) holds no images; re-run the stage that wrote it")
+    if like is not None:
+        other, other_what = like
+        if manifest.classes != other.classes:
+            raise InputError(f"{data_dir} ({what}) has classes {list(manifest.classes)}, the "
+                             f"{other_what} has {list(other.classes)}; both must come from the "
+                             "same dataset (re-run prepare / sample with one data config)")
+        if manifest.shape != other.shape:
+            raise InputError(f"{data_dir} ({what}) has images of shape (H, W, C)="
+                             f"{manifest.shape}, the {other_what} {other.shape}; use one "
+                             "data.image_size / data.channels for both")
+    _check_images(images, labels, f"{data_dir} ({what})")
+    return images, labels, manifest
 
 
 def default_device() -> torch.device:
@@ -138,16 +172,20 @@ def save_classifier(net: WideResNet, cfg: ClassifierConfig, *, num_classes: int,
                     channels: int, image_size: int, out_dir: str | Path,
                     classes: Sequence[str] | None = None,
                     extra: dict[str, Any] | None = None) -> None:
-    """Write `model.safetensors` and `config.json` (architecture, recipe, input
-    format, class names, `extra`) into `out_dir`."""
+    """Write `model.safetensors` and `config.json` into `out_dir`.
+
+    `config.json`: `{"image_size", "channels", "num_classes", "classes", "wrn":
+    {"depth", "widen", "dropout"}, "classifier": <the ClassifierConfig>, **extra}`.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
               out_dir / WEIGHTS)
-    meta = {"wrn": {"depth": cfg.depth, "widen": cfg.widen, "dropout": cfg.dropout,
-                    "num_classes": num_classes, "channels": channels},
-            "image_size": image_size, "classifier": dataclasses.asdict(cfg),
-            "classes": list(classes) if classes is not None else None, **(extra or {})}
+    # the input format at the top level: MLflow's model signature reads it
+    meta = {"image_size": image_size, "channels": channels, "num_classes": num_classes,
+            "classes": list(classes) if classes is not None else None,
+            "wrn": {"depth": cfg.depth, "widen": cfg.widen, "dropout": cfg.dropout},
+            "classifier": dataclasses.asdict(cfg), **(extra or {})}
     (out_dir / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -162,8 +200,8 @@ def load_classifier(model_dir: str | Path) -> tuple[WideResNet, dict[str, Any]]:
     try:
         meta = json.loads(path.read_text())
         arch = meta["wrn"]
-        net = WideResNet(int(arch["depth"]), int(arch["widen"]), int(arch["num_classes"]),
-                         int(arch["channels"]), float(arch["dropout"]))
+        net = WideResNet(int(arch["depth"]), int(arch["widen"]), int(meta["num_classes"]),
+                         int(meta["channels"]), float(arch["dropout"]))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise InputError(f"{path}: not a classifier config ({err!r}); pass a folder written "
                          "by `dpsynth rank` (e.g. artifacts/rank/classifier)") from None

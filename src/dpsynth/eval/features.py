@@ -28,9 +28,8 @@ log = logging.getLogger(__name__)
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
 _HOW_TO_GET_WEIGHTS = (
-    f"download torch-fidelity's Inception-v3 weights ({INCEPTION_URL}; pytorch-fid's "
-    "pt_inception-2015-12-05-6726825d.pth has the same layout and also works) on a machine "
-    "with internet and set fid.inception_weights to the local file")
+    f"download torch-fidelity's Inception-v3 weights ({INCEPTION_URL}) on a machine with "
+    "internet and set fid.inception_weights to the local file")
 
 
 class FeatureExtractor(Protocol):
@@ -251,8 +250,9 @@ class InceptionExtractor:
             self.net = FeatureExtractorInceptionV3(
                 "inception-v3-compat", ["2048"], feature_extractor_weights_path=buf)
         except RuntimeError as err:  # load_state_dict: missing / unexpected / mis-shaped keys
+            detail = " ".join(str(err).split())[:300]  # one line: the first key names
             raise InputError(f"fid.inception_weights: not Inception-v3 FID weights "
-                             f"({str(err)[:300]}); {_HOW_TO_GET_WEIGHTS}") from None
+                             f"({detail}...); {_HOW_TO_GET_WEIGHTS}") from None
         self.net.to(device)
         self.device = torch.device(device)
         self.identity = identity
