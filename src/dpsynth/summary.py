@@ -29,7 +29,8 @@ def summarize(artifacts: Path, seconds: float | None = None) -> str:
             continue
         metrics = json.loads(metrics_file.read_text())
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in metrics.items() if not isinstance(v, (list, dict)))
+                          for k, v in metrics.items()
+                          if isinstance(v, (int, float)))  # notes and curves: see the file
         lines.append(f"  {stage:<9} {out}/  ({WHAT[stage]})")
         lines.append(f"  {'':<9} {shown}")
     grid = artifacts / "sample" / "grid.png"
