@@ -18,6 +18,8 @@ help:
 	@echo "make bench  run the benchmarks in benchmarks/"
 	@echo "make lock   recompile requirements.lock from requirements.in"
 	@echo "make clean  remove artifacts/, mlflow.db and DVC's run cache (keeps .venv)"
+	@echo "make push / make pull    dvc push / dvc pull to the default DVC remote (S3/MinIO)"
+	@echo "make mlflow-server MLFLOW_ARTIFACTS=s3://bucket/mlflow   shared tracking server on 127.0.0.1"
 
 setup: $(STAMP)
 
@@ -53,3 +55,73 @@ lock:
 
 clean:
 	rm -rf artifacts mlflow.db .dvc/cache .dvc/tmp
+
+# ---- container image and Helm chart (docker/, charts/) ----------------------
+# `make image` builds the CUDA image $(IMAGE):<version>, `make image-cpu` the CPU
+# one $(IMAGE):<version>-cpu (what the chart runs); IMAGE=registry/name to tag
+# for a registry. `make chart` lints the chart and packages it into dist/.
+VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# the name components/images.py and the chart default to
+IMAGE ?= ghcr.io/dpsynth/dpsynth
+VCS_REF ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+DOCKER_BUILD = docker build -f docker/Dockerfile --build-arg VERSION=$(VERSION) --build-arg VCS_REF=$(VCS_REF)
+# $(call NEED_DOCKER,target,tag-suffix): stop with a clear message, and the
+# command to run elsewhere, where there is no Docker CLI or no reachable daemon.
+NEED_DOCKER = @docker info >/dev/null 2>&1 || { echo "make $@: no Docker here ($$(command -v docker >/dev/null \
+  && echo 'the docker CLI cannot reach a daemon' || echo 'no docker command')). Install Docker \
+  (https://docs.docker.com/engine/install/) or build where it runs: \
+  docker build -f docker/Dockerfile --target $(1) -t $(IMAGE):$(VERSION)$(2) ." >&2; exit 1; }
+
+.PHONY: image image-cpu chart
+
+image:
+	$(call NEED_DOCKER,cuda,)
+	$(DOCKER_BUILD) --target cuda -t $(IMAGE):$(VERSION) .
+
+image-cpu:
+	$(call NEED_DOCKER,cpu,-cpu)
+	$(DOCKER_BUILD) --target cpu -t $(IMAGE):$(VERSION)-cpu .
+
+chart: setup
+	$(BIN)/python -m pytest -q tests/cluster/test_chart.py
+	@mkdir -p dist
+	$(BIN)/python -c "import helm_python as h; print('packaged', h.package('charts/dpsynth', destination='dist'))"
+
+# ---- shared storage and tracking (README "Shared storage and tracking") -----
+# `make push` / `make pull`: DVC's cache <-> its default remote (S3/MinIO, set up
+# once with `dvc remote add -d ...`). `make mlflow-server MLFLOW_ARTIFACTS=s3://bucket/mlflow`:
+# a tracking server on 127.0.0.1:$(MLFLOW_PORT), artifacts proxied to S3, runs in
+# MLFLOW_BACKEND (default: $MLFLOW_BACKEND_STORE_URI, else sqlite:///mlflow-server.db).
+# S3 credentials: the standard AWS chain (env, ~/.aws), never arguments.
+MLFLOW_PORT ?= 5000
+MLFLOW_BACKEND ?=
+MLFLOW_ARTIFACTS ?=
+NEED_REMOTE = @$(BIN)/dvc remote default >/dev/null 2>&1 || { echo "make $@: no default DVC \
+  remote. Add one (credentials stay in the environment or ~/.aws): \
+  $(BIN)/dvc remote add -d storage s3://my-bucket/dpsynth-dvc, and for MinIO \
+  $(BIN)/dvc remote modify storage endpointurl http://minio.example:9000" >&2; exit 1; }
+
+.PHONY: push pull mlflow-server
+
+push: setup
+	$(NEED_REMOTE)
+	$(BIN)/dvc push
+
+pull: setup
+	$(NEED_REMOTE)
+	$(BIN)/dvc pull
+
+mlflow-server: setup
+	$(BIN)/dpsynth mlflow-server --port $(MLFLOW_PORT) \
+	  $(if $(MLFLOW_BACKEND),--backend-store-uri $(MLFLOW_BACKEND)) \
+	  $(if $(MLFLOW_ARTIFACTS),--artifacts-destination $(MLFLOW_ARTIFACTS))
+
+# ---- Kubeflow pipeline (components/, pipelines/) ------------------------------
+# `make pipeline` compiles pipelines/dpsynth_pipeline.py to pipelines/dpsynth.yaml
+# (commit it: a test checks it is current). Compile-time settings, e.g. your
+# registry: DPSYNTH_IMAGE=registry.example.com/dpsynth:0.1.0 make pipeline
+# (pipelines/README.md); commit only the default compile.
+.PHONY: pipeline
+
+pipeline: setup
+	$(BIN)/python -m pipelines.dpsynth_pipeline --output pipelines/dpsynth.yaml

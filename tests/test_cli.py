@@ -67,3 +67,22 @@ def test_summary_lists_stages_and_mlflow_command(tmp_path: Path,
     assert "final_loss=0.1235" in out
     assert "prepare   not run" in out
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
+
+
+def test_folder_arguments_keep_s3_uris_intact() -> None:
+    args = cli.build_parser().parse_args(
+        ["finetune", "--model", "s3://bkt/run/pretrain", "--private", "data/private",
+         "--public", "s3://bkt/run/prepare/public", "--out", "s3://bkt/run/finetune"])
+    # a Path would have turned s3://bkt into s3:/bkt
+    assert (args.model, args.public, args.out) == (
+        "s3://bkt/run/pretrain", "s3://bkt/run/prepare/public", "s3://bkt/run/finetune")
+    assert args.private == Path("data/private")
+
+
+def test_a_stage_with_an_unreachable_bucket_exits_2_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture, s3) -> None:
+    code = cli.main(["pretrain", "--set", "tracking.enabled=false", "--public",
+                     "s3://no-such-bucket-dpsynth/prepare/public", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "s3://no-such-bucket-dpsynth/prepare/public" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

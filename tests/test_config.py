@@ -338,3 +338,19 @@ def test_repo_configs_load(path: Path) -> None:
     cfg = config.load(path)
     assert isinstance(cfg, Config)
     assert config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_storage_section_takes_no_credentials() -> None:
+    cfg = config.from_dict({"storage": {"endpoint_url": "http://minio:9000",
+                                        "retry_mode": "adaptive", "max_attempts": 8}})
+    assert (cfg.storage.endpoint_url, cfg.storage.retry_mode) == ("http://minio:9000", "adaptive")
+    assert not [f.name for f in dataclasses.fields(cfg.storage)
+                if any(w in f.name for w in ("key", "secret", "password", "token"))]
+    with pytest.raises(ConfigError, match="storage.endpoint_url: holds user:password@") as info:
+        config.from_dict({}, ["storage.endpoint_url=http://AKIAX:s3cr3tvalue@minio:9000"])
+    assert "s3cr3tvalue" not in str(info.value)  # the error does not echo it
+    for bad, why in (("storage.retry_mode=legacy", "must be one of"),
+                     ("storage.multipart_chunksize_mb=1", "S3's minimum part size"),
+                     ("storage.endpoint_url=minio:9000", r"must be an http\(s\)://host")):
+        with pytest.raises(ConfigError, match=why):
+            config.from_dict({}, [bad])

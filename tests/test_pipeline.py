@@ -1,4 +1,5 @@
-"""End to end: `dvc repro` with the smoke config in a temporary copy of the repo.
+"""End to end: `dvc repro` with the smoke config in a temporary copy of the repo
+(the session fixture `repro`, tests/conftest.py).
 
 Checks what a user gets: every stage's artifacts exist and verify, the sample
 grid exists, and MLflow holds one parent run with a child run per stage and
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,37 +18,8 @@ import pytest
 
 from dpsynth.io.shards import read_dataset
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "pretrain", "finetune", "sample", "fid", "classify", "rank")
 pytestmark = pytest.mark.slow
-
-
-def _env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["DPSYNTH_PIPELINE_ID"] = "e2e-test"
-    env["TQDM_DISABLE"] = "1"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-@pytest.fixture(scope="module")
-def repro(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A temp copy of the repo (smoke config as params.yaml) after `dvc repro`."""
-    root = tmp_path_factory.mktemp("repo")
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):  # .gitignore: DVC checks it
-        if (REPO / name).exists():
-            shutil.copy(REPO / name, root / name)
-    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    (root / ".dvc").mkdir()
-    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
-    shutil.copy(REPO / "configs" / "smoke.yaml", root / "params.yaml")
-    env = _env(root)
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return root
 
 
 def test_every_stage_publishes_verified_artifacts(repro: Path) -> None:
@@ -78,9 +48,9 @@ def test_every_stage_publishes_verified_artifacts(repro: Path) -> None:
     assert not [p for p in art.iterdir() if ".tmp-" in p.name]
 
 
-def test_dvc_sees_pipeline_up_to_date(repro: Path) -> None:
+def test_dvc_sees_pipeline_up_to_date(repro: Path, repro_env: dict[str, str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repro,
-                          env=_env(repro), capture_output=True, text=True, timeout=120)
+                          env=repro_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout or "{}") == {}
 
@@ -114,9 +84,12 @@ def test_mlflow_groups_stage_runs_under_one_parent(repro: Path) -> None:
     assert [m.step for m in history] == [5, 10, 15, 20]
     # the private split's size is derived from private data: never logged
     private_count = read_dataset(repro / "artifacts" / "prepare" / "private")[2].count
+    # nor the test split's: carved out of the private pool, it would give the private size
+    test_count = read_dataset(repro / "artifacts" / "prepare" / "test")[2].count
     for child in [*children.values(), *nested.values()]:
         values = list(child.data.params.values()) + list(child.data.metrics.values())
-        assert not any(str(v) in (str(private_count), f"{private_count}.0") for v in values)
+        for count in (private_count, test_count):
+            assert not any(str(v) in (str(count), f"{count}.0") for v in values)
         assert not any("private_count" in k for k in [*child.data.params, *child.data.metrics])
 
 
@@ -155,12 +128,13 @@ def test_mlflow_serves_the_champion_classifier(repro: Path,
     assert accuracy == pytest.approx(rank["chosen_real_test_accuracy"], abs=1e-9)
 
 
-def test_cli_reports_bad_config_with_exit_code_2(tmp_path: Path) -> None:
+def test_cli_reports_bad_config_with_exit_code_2(tmp_path: Path,
+                                                repro_env: dict[str, str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("pretrain: {steps: 0}\n")
     proc = subprocess.run([sys.executable, "-m", "dpsynth.cli", "prepare", "--config", str(bad),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True,
-                          env=_env(tmp_path), timeout=120)
+                          env=repro_env, timeout=120)
     assert proc.returncode == 2
     assert "pretrain.steps=0: must be >= 1" in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -11,10 +11,11 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from dpsynth import __version__, config
-from dpsynth.errors import InputError
+from dpsynth.errors import DpsynthError, InputError
+from dpsynth.submit import DEFAULT_EXPERIMENT, DEFAULT_PACKAGE
 from dpsynth.tracking import open_tracker
 
 EXAMPLES = {
@@ -36,7 +37,46 @@ EXAMPLES = {
                 "--out artifacts/classify",
     "rank": "dpsynth rank --config params.yaml --synthetic artifacts/sample "
             "--test artifacts/prepare/test --generator artifacts/finetune --out artifacts/rank",
+    "submit": "dpsynth submit --host http://localhost:8080 --param epsilon=10\n"
+              "  dpsynth submit --host https://kubeflow.example.com/pipeline --namespace team-a "
+              "--schedule '0 3 * * *'   # daily at 03:00, scheduler time",
+    "mlflow-server": "dpsynth mlflow-server --artifacts-destination s3://my-bucket/mlflow "
+                     "--port 5000\n  export MLFLOW_TRACKING_URI=http://127.0.0.1:5000   "
+                     "# then run stages as usual",
 }
+
+
+# Stage arguments that name a folder a stage reads; each may be an s3:// URI.
+INPUT_ARGS = ("public", "private", "model", "synthetic", "reference", "test", "generator")
+
+
+def _location(value: str) -> str | Path:
+    """A folder argument: `s3://` URIs stay strings (a Path would turn `//` into `/`)."""
+    from dpsynth.io.storage import is_s3
+
+    return value if is_s3(value) else Path(value)
+
+
+@contextlib.contextmanager
+def _stage_io(args: argparse.Namespace, cfg: config.Config) -> Iterator[None]:
+    """Stage the I/O of an unchanged stage: each s3:// input becomes its verified
+    local copy and --out a local folder published to S3 when the stage succeeds,
+    with the stage's work folder mirrored for resumption (dpsynth.io.storage).
+    Local paths pass through untouched."""
+    from dpsynth.io import storage
+
+    storage.configure(cfg.storage)
+    with contextlib.ExitStack() as stack:
+        for name in INPUT_ARGS:
+            if getattr(args, name, None) is not None:
+                setattr(args, name, stack.enter_context(storage.local_input(getattr(args, name))))
+        if getattr(args, "merge", None):
+            args.merge = [stack.enter_context(storage.local_input(m)) for m in args.merge]
+        uri = args.out
+        args.out = stack.enter_context(storage.publish(uri))
+        yield
+    if storage.is_s3(uri):
+        print(f"{args.command}: published {uri}")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -44,7 +84,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="YAML config (params.yaml or configs/*.yaml); defaults if omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set pretrain.steps=100 (repeatable)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    p.add_argument("--out", type=_location, required=True,
+                   help="output folder or s3:// URI (published atomically)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
 
 
@@ -143,6 +184,38 @@ def _rank(args: argparse.Namespace, cfg: config.Config) -> None:
           f"(registered as dpsynth-classifier@champion)")
 
 
+def _submit(args: argparse.Namespace) -> None:
+    from dpsynth.submit import parse_param_args, submit
+
+    host = args.host or os.environ.get("KF_PIPELINES_ENDPOINT")
+    if not host:
+        raise InputError("--host URL of the KFP API is required (or set KF_PIPELINES_ENDPOINT)")
+    result = submit(args.package, host=host, experiment=args.experiment,
+                    params=parse_param_args(args.param), schedule=args.schedule,
+                    run_name=args.run_name, namespace=args.namespace)
+    shown = ", ".join(f"{k}={v!r}" for k, v in result.params.items()) or "defaults"
+    if result.kind == "run":
+        print(f"submit: run {result.id} ({result.name}) in experiment {result.experiment} "
+              f"with {shown}\n  {result.url}")
+    else:
+        print(f"submit: recurring run {result.id} ({result.name}), cron '{result.schedule}', "
+              f"in experiment {result.experiment} with {shown}\n  {result.url}")
+
+
+def _mlflow_server(args: argparse.Namespace) -> None:
+    from dpsynth.mlflow_server import serve, server_command
+
+    cmd = server_command(artifacts_destination=args.artifacts_destination,
+                         backend_store_uri=args.backend_store_uri, host=args.host,
+                         port=args.port, workers=args.workers, basic_auth=args.basic_auth,
+                         allowed_hosts=args.allowed_hosts)
+    auth = "basic auth" if args.basic_auth else "NO authentication"
+    print(f"mlflow-server: http://{args.host}:{args.port} ({auth}), artifacts in "
+          f"{args.artifacts_destination}; clients: export "
+          f"MLFLOW_TRACKING_URI=http://{args.host}:{args.port}")
+    serve(cmd)
+
+
 def _summary(args: argparse.Namespace) -> None:
     from dpsynth.summary import summarize
 
@@ -158,11 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dpsynth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, help_: str, fn: Callable) -> argparse.ArgumentParser:
+    def add(name: str, help_: str, fn: Callable, common: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_,
                            epilog="example:\n  " + EXAMPLES[name],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        _common(p)
+        if common:  # the stages' --config/--set/--out/-q
+            _common(p)
         p.set_defaults(fn=fn)
         return p
 
@@ -171,52 +245,96 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("pretrain", "Train the diffusion model (non-private) on the public split; "
             "writes the EMA model (safetensors + config.json) and loss curve to --out.",
             _pretrain)
-    p.add_argument("--public", type=Path, required=True, help="public split from prepare")
+    p.add_argument("--public", type=_location, required=True, help="public split from prepare")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the latest compatible checkpoint (default: yes)")
     p = add("finetune", "Fine-tune the pre-trained model on the private split with DP-SGD "
             "(Poisson sampling, per-example clipping of the K-averaged gradient, calibrated "
             "Gaussian noise); checks the dataset's privacy ledger first. Writes the DP model, "
             "privacy.json and metrics to --out.", _finetune)
-    p.add_argument("--model", type=Path, required=True, help="pre-trained model folder")
-    p.add_argument("--private", type=Path, required=True, help="private split from prepare")
-    p.add_argument("--public", type=Path, required=True,
+    p.add_argument("--model", type=_location, required=True, help="pre-trained model folder")
+    p.add_argument("--private", type=_location, required=True, help="private split from prepare")
+    p.add_argument("--public", type=_location, required=True,
                    help="public split (only for the publishable monitoring loss)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue the same run (and its accounting) from its checkpoint")
     p = add("sample", "Sample a synthetic dataset from a model into --out as shards + "
             "manifest + per-class grid; resumes finished shards.", _sample)
-    p.add_argument("--model", type=Path, help="model folder (e.g. artifacts/pretrain)")
+    p.add_argument("--model", type=_location, help="model folder (e.g. artifacts/pretrain)")
     p.add_argument("--num-shards", type=int, help="override sample.num_shards")
     p.add_argument("--shard-index", type=int, action="append", default=[],
                    help="make only this shard (repeatable) into --out, without a manifest")
-    p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+    p.add_argument("--merge", type=_location, nargs="+", metavar="DIR",
                    help="collect shards made with --shard-index from these folders")
     p = add("fid", "Distribution distances between the synthetic set and the real test split: "
             "Frechet distance, KID and precision/recall in each configured feature space "
             "(fid_inception for Inception-v3, fd_<data>_cnn for the domain CNN trained on the "
             "public split). Writes metrics.json and the domain CNN to --out.", _fid)
-    p.add_argument("--synthetic", type=Path, required=True, help="synthetic set from sample")
-    p.add_argument("--reference", type=Path, required=True, help="real test split from prepare")
-    p.add_argument("--public", type=Path, required=True,
+    p.add_argument("--synthetic", type=_location, required=True, help="synthetic set from sample")
+    p.add_argument("--reference", type=_location, required=True,
+                   help="real test split from prepare")
+    p.add_argument("--public", type=_location, required=True,
                    help="public split (trains the domain CNN; never the private one)")
     p = add("classify", "Train WRN classifiers on growing subsets of the synthetic set and "
             "measure their accuracy on the real test split (accuracy vs number of synthetic "
             "samples); with classify.real_baseline also the non-private baseline trained on "
             "the real private split (evaluation only, not covered by epsilon).", _classify)
-    p.add_argument("--synthetic", type=Path, required=True, help="synthetic set from sample")
-    p.add_argument("--test", type=Path, required=True, help="real test split from prepare")
-    p.add_argument("--private", type=Path, default=None,
+    p.add_argument("--synthetic", type=_location, required=True, help="synthetic set from sample")
+    p.add_argument("--test", type=_location, required=True, help="real test split from prepare")
+    p.add_argument("--private", type=_location, default=None,
                    help="private split, only for the non-private baseline")
     p = add("rank", "Train the rank.grid of classifier configurations on synthetic data, "
             "choose on synthetic validation, and report how well the synthetic ranking "
             "holds on the real test split (Spearman, Kendall, regret). Registers the chosen "
             "classifier as dpsynth-classifier@champion and the DP model as "
             "dpsynth-generator in MLflow.", _rank)
-    p.add_argument("--synthetic", type=Path, required=True, help="synthetic set from sample")
-    p.add_argument("--test", type=Path, required=True, help="real test split from prepare")
-    p.add_argument("--generator", type=Path, required=True,
+    p.add_argument("--synthetic", type=_location, required=True, help="synthetic set from sample")
+    p.add_argument("--test", type=_location, required=True, help="real test split from prepare")
+    p.add_argument("--generator", type=_location, required=True,
                    help="the DP model (finetune output) to register as dpsynth-generator")
+    p = add("submit", "Submit the compiled Kubeflow pipeline (make pipeline) to a KFP API "
+            "server: one run, or with --schedule a recurring run. Parameters are checked "
+            "against the package before anything is sent. A token, if the API needs one, is "
+            "read from the file named by $KF_PIPELINES_SA_TOKEN_PATH (in a pod: the "
+            "projected service-account token), never from the command line.", _submit,
+            common=False)
+    p.add_argument("--host", default=None,
+                   help="http(s) URL of the KFP API (default: $KF_PIPELINES_ENDPOINT)")
+    p.add_argument("--package", type=Path, default=DEFAULT_PACKAGE,
+                   help="compiled pipeline YAML (default: %(default)s, from `make pipeline`)")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
+                   help="KFP experiment, created if missing (default: %(default)s)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="pipeline argument (repeatable); the value is read as YAML and must "
+                        "match the parameter's type in the package")
+    p.add_argument("--schedule", default=None, metavar="CRON",
+                   help="make a recurring run: cron with 5 fields ('0 3 * * *', a seconds "
+                        "field 0 is prepended) or KFP's 6 with seconds first ('0 0 3 * * *')")
+    p.add_argument("--run-name", default=None,
+                   help="display name (default: pipeline name + UTC time, or + the schedule)")
+    p.add_argument("--namespace", default=None,
+                   help="Kubernetes namespace (multi-user Kubeflow); omit for single-user")
+    p = add("mlflow-server", "Run a shared MLflow tracking server (UI, REST API, model "
+            "registry): runs in a SQLite or Postgres database, artifacts proxied to S3. Binds "
+            "to 127.0.0.1 with no authentication unless --basic-auth. S3 credentials come "
+            "from the standard AWS chain (env, ~/.aws, the pod's role), never from flags.",
+            _mlflow_server, common=False)
+    p.add_argument("--artifacts-destination", default=os.environ.get(
+        "MLFLOW_ARTIFACTS_DESTINATION"), metavar="URI",
+        help="where artifacts are stored, e.g. s3://my-bucket/mlflow "
+             "(default: $MLFLOW_ARTIFACTS_DESTINATION)")
+    p.add_argument("--backend-store-uri", default=None, metavar="URI",
+                   help="runs/registry database (default: $MLFLOW_BACKEND_STORE_URI, else "
+                        "sqlite:///mlflow-server.db); a URI with a password goes in that "
+                        "variable, not here")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=5000, help="port (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--basic-auth", action="store_true",
+                   help="enable MLflow's basic-auth app (users, passwords, permissions)")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="Host headers to accept when served beyond localhost")
     p = sub.add_parser("summary", help="Print what the pipeline produced and how to view it.",
                        description="Print what the pipeline produced and how to view it.")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
@@ -231,19 +349,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "summary":
         _summary(args)
         return 0
-    if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "submit":  # talks to a server; no stage config
+            _submit(args)
+            return 0
+        if args.command == "mlflow-server":  # runs a server; no stage config
+            _mlflow_server(args)
+            return 0
+        if args.quiet:
+            os.environ["TQDM_DISABLE"] = "1"
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s")
         overrides = list(args.overrides)
         if getattr(args, "num_shards", None) is not None:
             overrides.append(f"sample.num_shards={args.num_shards}")
         cfg = config.load(args.config, overrides)
-        args.fn(args, cfg)
+        with _stage_io(args, cfg):
+            args.fn(args, cfg)
     except InputError as err:
         print(f"dpsynth {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except DpsynthError as err:
+        print(f"dpsynth {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"dpsynth {args.command}: interrupted", file=sys.stderr)
         return 130

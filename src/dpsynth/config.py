@@ -415,6 +415,57 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Object storage for `s3://` paths (AWS S3, MinIO, ...), used by `dpsynth.io.storage`.
+
+    Credentials are never configured here: boto3's standard chain finds them
+    (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws, a pod's role).
+
+    Attributes:
+        endpoint_url: S3 endpoint, e.g. `http://minio:9000`; the environment's
+            AWS_ENDPOINT_URL(_S3) wins when set; unset means AWS.
+        cache_dir: local copies of s3:// inputs and staging of outputs;
+            DPSYNTH_CACHE_DIR wins; default `~/.cache/dpsynth`.
+        retry_mode: botocore's retry mode for transient errors (throttling, 5xx).
+        max_attempts: attempts per request, the first included.
+        multipart_threshold_mb: files at least this large are sent and fetched in parts.
+        multipart_chunksize_mb: part size (S3's minimum is 5 MiB).
+        max_concurrency: parallel part transfers per file.
+        addressing_style: `auto` is path-style with a custom endpoint (what MinIO
+            wants), botocore's choice otherwise.
+    """
+
+    endpoint_url: str | None = None
+    cache_dir: str | None = None
+    retry_mode: Literal["standard", "adaptive"] = "standard"
+    max_attempts: int = 5
+    multipart_threshold_mb: int = 64
+    multipart_chunksize_mb: int = 16
+    max_concurrency: int = 4
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.endpoint_url is not None:
+            if "@" in self.endpoint_url.split("/")[2 if "//" in self.endpoint_url else 0]:
+                # not echoed: the part before "@" would be a credential
+                raise ConfigError("storage.endpoint_url: holds user:password@; remove it. "
+                                  "Credentials come from boto3's standard chain "
+                                  "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+                                  "~/.aws, a pod's role), never from the config")
+            _check(re.fullmatch(r"https?://[^/@\s]+(/\S*)?", self.endpoint_url) is not None,
+                   "storage.endpoint_url", self.endpoint_url,
+                   "must be an http(s)://host[:port] URL")
+        _check(1 <= self.max_attempts <= 20, "storage.max_attempts", self.max_attempts,
+               "must be in [1, 20]")
+        _check(self.multipart_chunksize_mb >= 5, "storage.multipart_chunksize_mb",
+               self.multipart_chunksize_mb, "must be >= 5 (S3's minimum part size)")
+        _check(self.multipart_threshold_mb >= 5, "storage.multipart_threshold_mb",
+               self.multipart_threshold_mb, "must be >= 5 (S3's minimum part size)")
+        _check(1 <= self.max_concurrency <= 64, "storage.max_concurrency",
+               self.max_concurrency, "must be in [1, 64]")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration (`params.yaml`)."""
 
@@ -430,6 +481,7 @@ class Config:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     rank: RankConfig = field(default_factory=RankConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
         # cross-section check: fine-tuning timesteps live in the diffusion's range
@@ -459,7 +511,8 @@ _YamlLoader.add_implicit_resolver(
     list("-+0123456789"))
 
 
-def _yaml_load(text: str) -> Any:
+def yaml_load(text: str) -> Any:
+    """YAML (safe) with `1e-3` read as a float, as `--set` and config files are read."""
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
@@ -536,7 +589,7 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = _yaml_load(value)
+    node[parts[-1]] = yaml_load(value)
 
 
 def from_dict(raw: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Config:
@@ -556,7 +609,7 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Confi
             raise ConfigError(f"config file {str(path)!r} not found; pass --config params.yaml "
                               "or one of configs/*.yaml")
         try:
-            raw = _yaml_load(path.read_text()) or {}
+            raw = yaml_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
         if not isinstance(raw, Mapping):

@@ -59,9 +59,31 @@ def test_labeled_images_validates_and_takes() -> None:
 def test_local_path_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="nope.tar.gz: not found"):
         local_path(SourceConfig(kind="cifar10", path=str(tmp_path / "nope.tar.gz")))
-    with pytest.raises(InputError, match="s3://bucket/x: .*local copy"):
-        local_path(SourceConfig(kind="npz", path="s3://bucket/x"))
     assert local_path(SourceConfig(kind="npz", path=str(tmp_path))) == tmp_path
+
+
+def test_every_kind_reads_the_same_from_s3(every_source: dict[str, SourceConfig], s3) -> None:
+    """A source on S3 (an object: cifar10 tarball, npz; a prefix: the folder kinds) is
+    downloaded to the storage cache and read exactly as its local original."""
+    for kind, spec in every_source.items():
+        if spec.path is None:
+            continue
+        local = Path(spec.path)
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        for f in files:
+            key = f"raw/{kind}/{local.name}" + ("" if f == local else f"/{f.relative_to(local)}")
+            s3.client.upload_file(str(f), s3.bucket, key)
+        remote = SourceConfig(kind=spec.kind, path=s3.uri(f"raw/{kind}/{local.name}"),
+                              hospitals=spec.hospitals)
+        got, want = load_source(remote), load_source(spec)
+        assert set(got) == set(want), kind
+        for name in want:
+            np.testing.assert_array_equal(got[name].images, want[name].images)
+            np.testing.assert_array_equal(got[name].labels, want[name].labels)
+            assert got[name].classes == want[name].classes
+    with pytest.raises(InputError, match=rf"s3://{s3.bucket}/raw/missing.npz: no object or "
+                                         "prefix"):
+        local_path(SourceConfig(kind="npz", path=s3.uri("raw/missing.npz")))
 
 
 def test_chw_rows_to_nhwc_layout() -> None:

@@ -52,6 +52,12 @@ def test_work_dir_for_is_a_sibling_of_the_output(tmp_path: Path) -> None:
     assert work_dir_for(tmp_path / "a") != work_dir_for(tmp_path / "b")
 
 
+def test_work_dir_for_an_s3_output_is_a_sibling_prefix() -> None:
+    # storage.publish mirrors it, so a stage retried on another machine resumes
+    assert work_dir_for("s3://bucket/runs/7/finetune") == "s3://bucket/runs/7/.work/finetune"
+    assert work_dir_for("s3://bucket/sample/") == "s3://bucket/.work/sample"
+
+
 def test_write_metrics(tmp_path: Path) -> None:
     write_metrics(tmp_path / "new", {"fid": 12.5, "steps": 3, "rate": None})
     assert json.loads((tmp_path / "new" / "metrics.json").read_text()) == {

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from dpsynth.config import SourceConfig
 from dpsynth.errors import InputError
+from dpsynth.io import storage
 from dpsynth.io.shards import check_images
 
 
@@ -101,17 +102,17 @@ def load_source(spec: SourceConfig) -> dict[str, LabeledImages]:
 
 
 def local_path(spec: SourceConfig) -> Path:
-    """The existing local file or folder that `spec.path` names.
+    """The existing local file or folder that `spec.path` names; for an `s3://`
+    object (a tarball, an npz) or prefix (a folder source), its local copy in the
+    storage cache, downloaded first if needed (`dpsynth.io.storage.fetch`).
 
     Raises:
-        InputError: the path is unset, an `s3://` URI, or does not exist.
+        InputError: the path is unset or does not exist (locally or in the bucket).
     """
     if not spec.path:
         raise InputError(f"{spec.kind} source needs a path (a file or folder); set data.*.path")
-    if spec.path.startswith("s3://"):
-        raise InputError(f"{spec.path}: {spec.kind} sources are read from local paths; copy it "
-                         "first (`aws s3 cp --recursive` or `dvc pull`) and set the path to "
-                         "the local copy")
+    if storage.is_s3(spec.path):
+        return storage.fetch(spec.path)
     path = Path(spec.path).expanduser()
     if not path.exists():
         raise InputError(f"{path}: not found; check the {spec.kind} source's path "

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dpsynth.errors import InputError
+from dpsynth.errors import DpsynthError, InputError
+from dpsynth.io import storage
 from dpsynth.io.shards import iter_shards, read_manifest
 
 log = logging.getLogger(__name__)
@@ -182,16 +183,13 @@ def extract_stats(data_dir: Path, extractor: FeatureExtractor, *, batch_size: in
 
 
 def read_weights_bytes(uri: str) -> bytes:
-    """The bytes of a local file or `s3://bucket/key` object (boto3)."""
-    if uri.startswith("s3://"):
-        import boto3  # only needed for s3 URIs
-
-        bucket, _, key = uri[len("s3://"):].partition("/")
+    """The bytes of a local file or `s3://bucket/key` object (`dpsynth.io.storage`)."""
+    if storage.is_s3(uri):
         try:
-            return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as err:  # noqa: BLE001 - missing object, no credentials, ...
-            raise InputError(f"fid.inception_weights={uri!r}: cannot read it ({err}); check "
-                             f"the URI and credentials, or {_HOW_TO_GET_WEIGHTS}") from None
+            return storage.read_bytes(uri)
+        except DpsynthError as err:  # missing object or bucket, no credentials, ...
+            raise InputError(f"fid.inception_weights={uri!r}: cannot read it ({err}); "
+                             f"or {_HOW_TO_GET_WEIGHTS}") from None
     path = Path(uri).expanduser()
     if not path.is_file():
         raise InputError(f"fid.inception_weights={uri!r}: file not found; {_HOW_TO_GET_WEIGHTS}")

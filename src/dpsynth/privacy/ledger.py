@@ -12,6 +12,10 @@ history, never data. The history's sample rate q = B/N reveals the private
 split's size N, so the ledger stays with the private data (not published).
 Writes are atomic and serialised by an exclusive ``flock`` on a sidecar
 ``<dataset_hash>.lock``, so two processes cannot both reserve past the budget.
+On object storage (``privacy.ledger_dir: s3://...``) there is no lock: each
+change is a compare-and-swap, a conditional PUT (``IfMatch`` the ETag read, or
+``IfNoneMatch='*'`` for a new ledger) retried on conflict, so concurrent runs
+on different machines never lose an entry nor both take the last budget.
 """
 
 from __future__ import annotations
@@ -21,15 +25,18 @@ import fcntl
 import json
 import math
 import os
+import random
 import re
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from dpsynth.errors import InputError
-from dpsynth.io.atomic import atomic_write_json
+from dpsynth.errors import DpsynthError, InputError
+from dpsynth.io import storage
+from dpsynth.io.atomic import atomic_write_bytes
 from dpsynth.privacy.accounting import AccountantKind, Step, epsilon, normalize_history
 
 SCHEMA = 1
@@ -37,6 +44,8 @@ LedgerStatus = Literal["reserved", "completed"]
 _HASH = re.compile(r"[0-9a-f]{8,128}")
 _ENTRY_FIELDS = ("run_id", "status", "accountant", "delta", "history", "steps_done",
                  "started", "updated")
+CAS_ATTEMPTS = 50  # conditional-write retries on S3 before giving up (heavy contention)
+T = TypeVar("T")
 
 
 class LedgerExceeded(InputError):
@@ -82,16 +91,21 @@ class PrivacyLedger:
     """The privacy ledger of one private dataset.
 
     Args:
-        ledger_dir: folder of the ledgers (``privacy.ledger_dir``).
+        ledger_dir: folder of the ledgers (``privacy.ledger_dir``), local or ``s3://``.
         dataset_hash: the dataset manifest's content hash (lowercase hex).
     """
 
-    def __init__(self, ledger_dir: Path, dataset_hash: str) -> None:
+    def __init__(self, ledger_dir: str | Path, dataset_hash: str) -> None:
         if not (isinstance(dataset_hash, str) and _HASH.fullmatch(dataset_hash)):
             raise InputError(f"{dataset_hash=} must be a lowercase hex content hash")
         self.dataset_hash = dataset_hash
-        self.path = Path(ledger_dir) / f"{dataset_hash}.json"
-        self.lock_path = Path(ledger_dir) / f"{dataset_hash}.lock"
+        self.s3 = storage.is_s3(ledger_dir)
+        if self.s3:
+            self.path: Path | str = str(storage.S3Uri.parse(str(ledger_dir)).child(
+                f"{dataset_hash}.json"))
+        else:
+            self.path = Path(ledger_dir) / f"{dataset_hash}.json"
+            self.lock_path = Path(ledger_dir) / f"{dataset_hash}.lock"
 
     def entries(self) -> list[LedgerEntry]:
         """All runs recorded on this dataset, oldest first."""
@@ -130,9 +144,8 @@ class PrivacyLedger:
         plan = normalize_history(history)
         if not plan:
             raise InputError(f"run {run_id}: the planned history is empty")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._locked():
-            entries = self._read()
+
+        def change(entries: list[LedgerEntry]) -> tuple[list[LedgerEntry] | None, LedgerEntry]:
             for entry in entries:
                 if entry.run_id == run_id:
                     if not _same_plan(entry, plan, delta, accountant):
@@ -140,15 +153,16 @@ class PrivacyLedger:
                             f"run {run_id} is in the privacy ledger {self.path} with another "
                             "plan (noise multiplier, sample rate, steps, delta or accountant); "
                             "a resumed run must keep its settings: start a new run instead")
-                    return entry
+                    return None, entry
             total = _composed(entries, delta, accountant, plan)
             if total > budget_epsilon:
                 raise LedgerExceeded(self._refusal(entries, plan, total, delta, accountant,
                                                    budget_epsilon))
             now = _now()
             entry = LedgerEntry(run_id, "reserved", accountant, float(delta), plan, 0, now, now)
-            self._write(entries + [entry])
-            return entry
+            return entries + [entry], entry
+
+        return self._transact(change)
 
     def record_progress(self, run_id: str, steps_done: int) -> None:
         """Note that `run_id` has taken `steps_done` steps (called at checkpoints)."""
@@ -159,8 +173,7 @@ class PrivacyLedger:
         self._update(run_id, steps_done, "completed")
 
     def _update(self, run_id: str, steps_done: int, status: LedgerStatus | None) -> None:
-        with self._locked():
-            entries = self._read()
+        def change(entries: list[LedgerEntry]) -> tuple[list[LedgerEntry], None]:
             for i, entry in enumerate(entries):
                 if entry.run_id == run_id:
                     break
@@ -174,7 +187,9 @@ class PrivacyLedger:
             # a resume from an earlier checkpoint does not undo steps already taken
             entries[i] = replace(entry, steps_done=max(entry.steps_done, steps_done),
                                  status=status or entry.status, updated=_now())
-            self._write(entries)
+            return entries, None
+
+        self._transact(change)
 
     def _refusal(self, entries: list[LedgerEntry], plan: tuple[Step, ...], total: float,
                  delta: float, accountant: AccountantKind, budget: float) -> str:
@@ -191,6 +206,28 @@ class PrivacyLedger:
                 "finetune.epsilon, or fine-tune on new data. Ledger: "
                 f"{self.path}")
 
+    def _transact(self, change: Callable[[list[LedgerEntry]],
+                                         tuple[list[LedgerEntry] | None, T]]) -> T:
+        """Read the entries, apply `change` (new entries or None for no write, and
+        a result), write: under the file lock locally, as a compare-and-swap on S3."""
+        if not self.s3:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            with self._locked():
+                new, result = change(self._read())
+                if new is not None:
+                    self._write(new)
+                return result
+        for attempt in range(CAS_ATTEMPTS):
+            data, etag = storage.read_versioned(str(self.path))
+            new, result = change(self._parse(data))
+            if new is None or storage.write_if(str(self.path), self._encode(new), etag):
+                return result
+            # another run changed the ledger between our read and write: re-read,
+            # re-check the budget against its entry too, and try again
+            time.sleep(random.uniform(0, min(1.0, 0.02 * 2 ** attempt)))
+        raise DpsynthError(f"{self.path}: the privacy ledger kept changing under "
+                           f"{CAS_ATTEMPTS} attempts to update it; try again")
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """Hold the exclusive lock of this dataset's ledger (blocking)."""
@@ -205,10 +242,20 @@ class PrivacyLedger:
             os.close(fd)  # releases the lock
 
     def _read(self) -> list[LedgerEntry]:
-        if not self.path.exists():
+        if self.s3:
+            return self._parse(storage.read_versioned(str(self.path))[0])
+        path = Path(self.path)
+        try:
+            data = path.read_bytes() if path.exists() else None
+        except OSError as exc:
+            raise InputError(f"{path}: the privacy ledger is unreadable ({exc})") from exc
+        return self._parse(data)
+
+    def _parse(self, data: bytes | None) -> list[LedgerEntry]:
+        if data is None:
             return []
         try:
-            raw = json.loads(self.path.read_text())
+            raw = json.loads(data)
             if not (isinstance(raw, dict) and raw.get("schema") == SCHEMA
                     and raw.get("dataset") == self.dataset_hash
                     and isinstance(raw.get("entries"), list)):
@@ -221,9 +268,12 @@ class PrivacyLedger:
                 "the privacy already spent on this dataset, so it is never reset "
                 "automatically: restore it from a backup or repair it by hand") from exc
 
+    def _encode(self, entries: list[LedgerEntry]) -> bytes:
+        return (json.dumps({"schema": SCHEMA, "dataset": self.dataset_hash,
+                            "entries": [e.to_json() for e in entries]}, indent=2) + "\n").encode()
+
     def _write(self, entries: list[LedgerEntry]) -> None:
-        atomic_write_json(self.path, {"schema": SCHEMA, "dataset": self.dataset_hash,
-                                      "entries": [e.to_json() for e in entries]})
+        atomic_write_bytes(self.path, self._encode(entries))
 
 
 def _composed(entries: Sequence[LedgerEntry], delta: float, accountant: AccountantKind,

@@ -98,7 +98,8 @@ def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, private_dir: Path |
     num_classes = len(manifest.classes)
     device = default_device()
     tracker.log_params(cfg.section(*SECTIONS) | {
-        "num_synthetic_available": len(syn_x), "num_test": len(test_x), "device": str(device)})
+        # no test split size: carved from the private pool, it would give the private size
+        "num_synthetic_available": len(syn_x), "device": str(device)})
 
     # one seeded order; each size takes a prefix, so the subsets are nested and balanced
     order = nested_balanced_order(syn_y, cfg.seed)
@@ -123,7 +124,7 @@ def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, private_dir: Path |
 
     metrics: dict[str, object] = {
         "real_test_accuracy": curve[-1][1], "num_synthetic": curve[-1][0],
-        "curve": {str(n): acc for n, acc in curve}, "num_test": len(test_x),
+        "curve": {str(n): acc for n, acc in curve},
         "train_seconds": round(train_seconds, 2)}
     if baseline is not None:
         metrics |= {BASELINE: baseline, "nonprivate_baseline_note": BASELINE_NOTE}

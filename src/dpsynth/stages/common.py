@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from dpsynth.io import storage
 from dpsynth.io.atomic import atomic_write_json
 
 
@@ -15,11 +16,12 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def work_dir_for(out_dir: str | Path) -> Path:
+def work_dir_for(out_dir: str | Path) -> Path | str:
     """Where a stage keeps resumable state (checkpoints, finished shards) while it
-    runs: `<parent>/.work/<name>`, outside the atomically published output."""
-    out_dir = Path(out_dir)
-    return out_dir.parent / ".work" / out_dir.name
+    runs: `<parent>/.work/<name>`, outside the atomically published output. For
+    an `s3://` output the URI `s3://.../.work/<name>`, which `storage.publish`
+    mirrors to the local work folder the stage actually writes."""
+    return storage.work_location(out_dir)
 
 
 def write_metrics(out_dir: str | Path, metrics: Mapping[str, Any]) -> None:

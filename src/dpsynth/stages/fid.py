@@ -223,7 +223,9 @@ def run(cfg: Config, *, synthetic_dir: Path, reference_dir: Path, public_dir: Pa
 
     work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
     tracker.log_params(cfg.section(*SECTIONS))
-    metrics: dict[str, float] = {"num_synthetic": syn.count, "num_reference": ref.count}
+    # not the reference (test split) size: carved out of the private pool, it would
+    # give the private split's size with the public fractions (PRIVACY.md rule 6)
+    metrics: dict[str, float] = {"num_synthetic": syn.count}
     reused: list[str] = []
     described = []
     cnn_from_cache = False

@@ -133,7 +133,7 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     # ledger counts a resumed run once and two separate runs twice. Rank 0 alone
     # cleans up, talks to the ledger, checkpoints and publishes.
     run_id = state.meta["run_id"] if state else f"{config_id}-{secrets.token_hex(4)}"
-    ledger = PrivacyLedger(Path(cfg.privacy.ledger_dir), manifest.content_hash)
+    ledger = PrivacyLedger(cfg.privacy.ledger_dir, manifest.content_hash)  # local or s3://
     refusal: InputError | None = None
     workers.agree(True)  # every worker has read the checkpoint before rank 0 cleans up
     if workers.is_main:

@@ -124,7 +124,8 @@ def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, generator_dir: Path
     num_classes = len(manifest.classes)
     device = default_device()
     tracker.log_params(cfg.section(*SECTIONS) | {
-        "num_synthetic_train": len(tr), "num_synthetic_val": len(va), "num_test": len(test_x),
+        # no test split size: carved from the private pool, it would give the private size
+        "num_synthetic_train": len(tr), "num_synthetic_val": len(va),
         "num_configs": len(rc.grid), "device": str(device)})
 
     val_scores: list[float] = []
@@ -158,8 +159,7 @@ def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, generator_dir: Path
                "chosen_synthetic_val_accuracy": val_scores[chosen],
                "chosen_real_test_accuracy": test_scores[chosen],
                "best_real_test_accuracy": max(test_scores), "num_configs": len(rc.grid),
-               "num_synthetic_train": len(tr), "num_synthetic_val": len(va),
-               "num_test": len(test_x)}
+               "num_synthetic_train": len(tr), "num_synthetic_val": len(va)}
     with atomic_dir(out_dir) as tmp:
         save_classifier(nets[chosen], rc.grid[chosen], num_classes=num_classes,
                         channels=manifest.shape[2], image_size=manifest.shape[0],

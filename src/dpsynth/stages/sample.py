@@ -28,6 +28,7 @@ from dpsynth.diffusion.loss import make_noise_schedule
 from dpsynth.diffusion.samplers import make_sampler, sample, to_uint8
 from dpsynth.diffusion.unet import WEIGHTS, EMA_WEIGHTS, load_model
 from dpsynth.errors import InputError
+from dpsynth.io import storage
 from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import (Manifest, ShardInfo, read_dataset, sha256_file, shard_name,
                                write_manifest, write_shard)
@@ -129,6 +130,7 @@ def make_shards(cfg: Config, *, model_dir: Path, shard_dir: Path,
         atomic_write_json(_sidecar(shard_dir, i), {
             "index": i, "count": info.count, "sha256": info.sha256, "run_id": run_id,
             "classes": model_cfg["classes"], "shape": list(images.shape[1:])})
+        storage.checkpoint_saved(shard_dir)  # an s3:// output's work folder: upload it now
         made.append(i)
     bar.close()
     return made, skipped
@@ -185,18 +187,30 @@ def save_grid(images: np.ndarray, labels: np.ndarray, classes: Sequence[str], pa
     Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
 
 
-def run(cfg: Config, *, model_dir: Path, out_dir: Path, tracker: Tracker,
-        work_dir: Path | None = None) -> SampleResult:
-    """Make every shard (resuming finished ones) and publish them with a manifest,
-    a per-class sample grid and metrics into `out_dir`, atomically."""
+def tracked_params(cfg: Config, model_dir: Path) -> dict:
+    """What a sampling run logs as params: its config sections and the model's hash."""
+    return cfg.section(*SECTIONS) | {"model_sha256": _model_hash(Path(model_dir))}
+
+
+def publish(cfg: Config, *, shard_dirs: Sequence[Path], model_dir: Path, out_dir: Path,
+            tracker: Tracker, made: Sequence[int], skipped: Sequence[int],
+            seconds: float) -> SampleResult:
+    """Publish the finished shards 0..num_shards-1 found in `shard_dirs` into `out_dir`,
+    atomically: the shards with their manifest, a per-class sample grid, the model's
+    `privacy.json` (the samples carry its guarantee) and the metrics.
+
+    This is the second half of `run`; a fan-out driver (the Kubeflow pipeline's merge
+    step) calls it with the folders its shard tasks filled, so that the result is
+    byte-identical to one `run`.
+
+    Args:
+        made, skipped: indices of the shards made and of those found finished (resumed).
+        seconds: time spent making `made` (in a fan-out: summed over the workers, so
+            `images_per_second` is the throughput of one worker).
+    """
     model_dir = Path(model_dir)
-    work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
-    tracker.log_params(cfg.section(*SECTIONS) | {"model_sha256": _model_hash(model_dir)})
-    t0 = time.perf_counter()
-    made, skipped = make_shards(cfg, model_dir=model_dir, shard_dir=work_dir)
-    seconds = time.perf_counter() - t0
     with atomic_dir(out_dir) as tmp:
-        manifest = merge_shards([work_dir], tmp, num_shards=cfg.sample.num_shards,
+        manifest = merge_shards(shard_dirs, tmp, num_shards=cfg.sample.num_shards,
                                 source=f"dpsynth-sample:{_model_hash(model_dir)[:16]}")
         images, labels, _ = read_dataset(tmp)
         save_grid(images, labels, manifest.classes, tmp / "grid.png")
@@ -204,13 +218,29 @@ def run(cfg: Config, *, model_dir: Path, out_dir: Path, tracker: Tracker,
                      for i in made)
         metrics = {"num_samples": manifest.count, "shards_made": len(made),
                    "shards_skipped": len(skipped), "sample_seconds": round(seconds, 2),
-                   "images_per_second": round(float(n_made) / seconds, 2) if made else None}
+                   "images_per_second": (round(float(n_made) / seconds, 2)
+                                         if made and seconds > 0 else None)}
         if (model_dir / "privacy.json").is_file():
             # samples are post-processing of the DP model: they carry its guarantee
             shutil.copyfile(model_dir / "privacy.json", tmp / "privacy.json")
         write_run_info(tmp, "sample", cfg.section(*SECTIONS))
         write_metrics(tmp, metrics)
     tracker.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-    tracker.log_artifact(out_dir / "grid.png")
+    tracker.log_artifact(Path(out_dir) / "grid.png")
+    return SampleResult(Path(out_dir), manifest, tuple(made), tuple(skipped))
+
+
+def run(cfg: Config, *, model_dir: Path, out_dir: Path, tracker: Tracker,
+        work_dir: Path | None = None) -> SampleResult:
+    """Make every shard (resuming finished ones) and publish them with a manifest,
+    a per-class sample grid and metrics into `out_dir`, atomically."""
+    model_dir = Path(model_dir)
+    work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
+    tracker.log_params(tracked_params(cfg, model_dir))
+    t0 = time.perf_counter()
+    made, skipped = make_shards(cfg, model_dir=model_dir, shard_dir=work_dir)
+    result = publish(cfg, shard_dirs=[work_dir], model_dir=model_dir, out_dir=out_dir,
+                     tracker=tracker, made=made, skipped=skipped,
+                     seconds=time.perf_counter() - t0)
     shutil.rmtree(work_dir, ignore_errors=True)
-    return SampleResult(out_dir, manifest, tuple(made), tuple(skipped))
+    return result

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dpsynth.errors import InputError
+from dpsynth.io import storage
 from dpsynth.io.atomic import atomic_write_json
 
 LATEST = "latest.json"
@@ -107,6 +108,9 @@ def save_checkpoint(ckpt_dir: str | Path, state: TrainState, keep: int = 2) -> P
     stale = [p for p in ckpt_dir.glob(".ckpt-*") if p.is_dir() and p != tmp]
     for old in done[:max(0, len(done) - (keep - 1))] + stale:  # stale: crashed writes
         shutil.rmtree(old, ignore_errors=True)
+    # an s3:// output's work folder is mirrored: upload this checkpoint now, so a
+    # retry on another machine resumes from it (no-op for local runs)
+    storage.checkpoint_saved(ckpt_dir)
     return final
 
 

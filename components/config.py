@@ -1,0 +1,110 @@
+"""Configuration components: resolve the run's config once, and list the sampling shards."""
+
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Output
+
+from components.images import CPU_IMAGE
+from components.runtime import load_config
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def resolve_config(
+    config: Output[Artifact],
+    base_config: str,
+    ledger_dir: str,
+    overrides: List[str],
+    private_kind: str = "",
+    private_path: str = "",
+    public_kind: str = "",
+    public_path: str = "",
+    test_kind: str = "",
+    test_path: str = "",
+    image_size: int = 0,
+    seed: int = -1,
+    pretrain_steps: int = 0,
+    pretrain_batch_size: int = 0,
+    epsilon: float = 0.0,
+    delta: float = 0.0,
+    aug_multiplicity: int = 0,
+    finetune_steps: int = 0,
+    finetune_batch_size: int = 0,
+    num_samples: int = 0,
+    num_shards: int = 0,
+    sample_batch_size: int = 0,
+    mlflow_experiment: str = "",
+):
+    """Validate the run's configuration and write it, resolved, as YAML to `config`.
+
+    `base_config` is a whole config file (params.yaml or configs/*.yaml). The typed
+    parameters become `--set` overrides, applied in this order: data sources, the
+    scalar settings, then `overrides` (free `key=value` strings), then
+    `privacy.ledger_dir=<ledger_dir>` last, so that no run can put the ledger on a
+    pod's ephemeral disk. An empty string, 0 (or -1 for `seed`) means "keep the
+    base config's value". A source kind `none` unsets `data.public` / `data.test`
+    (carve that split out of the private pool).
+
+    Every stage reads this one resolved config, so a typo fails here, in seconds,
+    before any GPU is requested. (It is an artifact, not a string output, because
+    kfp.local 2.17 hands a ParallelFor body the loop item in place of any task
+    output parameter it consumes; see components/README.md.)
+    """
+    import json
+    import os
+    import tempfile
+
+    import yaml
+
+    from dpsynth.config import load
+
+    sets = []
+    for role, kind, path in (("private", private_kind, private_path),
+                             ("public", public_kind, public_path),
+                             ("test", test_kind, test_path)):
+        if kind == "none":
+            sets.append(f"data.{role}=null")
+        elif kind:  # a new source replaces the whole mapping (path, hospitals)
+            sets.append(f"data.{role}=" + json.dumps({"kind": kind, "path": path or None}))
+        elif path:
+            sets.append(f"data.{role}.path=" + json.dumps(path))
+    scalars = {"data.image_size": image_size, "pretrain.steps": pretrain_steps,
+               "pretrain.batch_size": pretrain_batch_size, "finetune.epsilon": epsilon,
+               "finetune.delta": delta, "finetune.aug_multiplicity": aug_multiplicity,
+               "finetune.steps": finetune_steps, "finetune.batch_size": finetune_batch_size,
+               "sample.num_samples": num_samples, "sample.num_shards": num_shards,
+               "sample.batch_size": sample_batch_size, "tracking.experiment": mlflow_experiment}
+    sets += [f"{key}={json.dumps(value)}" for key, value in scalars.items() if value]
+    if seed >= 0:
+        sets.append(f"seed={seed}")
+    sets += list(overrides)
+    if not os.path.isabs(ledger_dir):
+        raise ValueError(f"ledger_dir={ledger_dir!r}: must be an absolute path on durable "
+                         "storage (a PVC mount); the privacy ledger is the record of the "
+                         "budget spent on each private dataset")
+    sets.append("privacy.ledger_dir=" + json.dumps(ledger_dir))
+
+    # config.load reads YAML as the CLI does (e.g. `1e-3` is a number)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "base.yaml")
+        with open(path, "w") as f:
+            f.write(base_config)
+        cfg = load(path, sets)
+    tracking = cfg.tracking
+    local_sqlite = (tracking.tracking_uri.startswith("sqlite:///")
+                    and not tracking.tracking_uri.startswith("sqlite:////"))
+    if (tracking.enabled and local_sqlite and os.environ.get("KUBERNETES_SERVICE_HOST")
+            and not os.environ.get("MLFLOW_TRACKING_URI")):
+        raise ValueError("tracking is on but MLFLOW_TRACKING_URI is not set, so every stage "
+                         f"would log to {tracking.tracking_uri} on its pod's ephemeral disk: "
+                         "create the MLflow Secret the pipeline reads (pipelines/README.md) "
+                         "or pass overrides=['tracking.enabled=false']")
+    print("overrides applied:", *sets, sep="\n  ")
+    with open(config.path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False, additional_funcs=[load_config])
+def shard_indices(config: Input[Artifact]) -> List[int]:
+    """The sampling shards to fan out over: 0 .. sample.num_shards - 1."""
+    return list(range(load_config(config.path).sample.num_shards))

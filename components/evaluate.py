@@ -1,0 +1,79 @@
+"""The evaluation stages: `fid`, `classify`, `rank`. Each reads the merged synthetic set.
+
+Each publishes the stage's folder (as in `artifacts/<stage>/`) as `results` and
+its scalar metrics as a KFP Metrics artifact; metrics that touch the real test
+split say so in their names, as in MLflow.
+"""
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+from components.images import CPU_IMAGE
+from components.runtime import figures_html, load_config, log_metrics_file
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False,
+               additional_funcs=[load_config, log_metrics_file])
+def fid(config: Input[Artifact], synthetic: Input[Dataset], reference: Input[Dataset],
+        public: Input[Dataset], results: Output[Artifact], metrics: Output[Metrics]):
+    """`dpsynth fid`: Frechet distance, KID, precision/recall between the synthetic
+    set and the real test split (`reference`); the domain CNN is trained on `public`."""
+    import os
+    from pathlib import Path
+
+    from dpsynth.stages import fid as stage
+    from dpsynth.tracking import open_tracker
+
+    cfg = load_config(config.path)
+    with open_tracker(cfg.tracking, "fid") as tracker:
+        stage.run(cfg, synthetic_dir=Path(synthetic.path), reference_dir=Path(reference.path),
+                  public_dir=Path(public.path), out_dir=Path(results.path), tracker=tracker)
+    log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False,
+               additional_funcs=[load_config, log_metrics_file, figures_html])
+def classify(config: Input[Artifact], synthetic: Input[Dataset], test: Input[Dataset],
+             private: Input[Dataset], results: Output[Artifact], metrics: Output[Metrics],
+             curve: Output[HTML]):
+    """`dpsynth classify`: accuracy on the real test split of classifiers trained on
+    synthetic data, against the number of synthetic images. `private` is read only
+    for the labelled non-private baseline (`classify.real_baseline`)."""
+    import os
+    from pathlib import Path
+
+    from dpsynth.stages import classify as stage
+    from dpsynth.tracking import open_tracker
+
+    cfg = load_config(config.path)
+    with open_tracker(cfg.tracking, "classify") as tracker:
+        stage.run(cfg, synthetic_dir=Path(synthetic.path), test_dir=Path(test.path),
+                  private_dir=Path(private.path) if cfg.classify.real_baseline else None,
+                  out_dir=Path(results.path), tracker=tracker)
+    log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
+    figures_html(curve, "Real test accuracy vs number of synthetic training images",
+                 [os.path.join(results.path, "curve.png")])
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False,
+               additional_funcs=[load_config, log_metrics_file, figures_html])
+def rank(config: Input[Artifact], synthetic: Input[Dataset], test: Input[Dataset],
+         generator: Input[Model], results: Output[Artifact], metrics: Output[Metrics],
+         scatter: Output[HTML]):
+    """`dpsynth rank`: train the classifier grid on synthetic data, choose on synthetic
+    validation, measure the ranking on the real test split; registers the champion
+    classifier and the DP generator in MLflow. `results/classifier` is the champion."""
+    import os
+    from pathlib import Path
+
+    from dpsynth.stages import rank as stage
+    from dpsynth.tracking import open_tracker
+
+    cfg = load_config(config.path)
+    with open_tracker(cfg.tracking, "rank") as tracker:
+        stage.run(cfg, synthetic_dir=Path(synthetic.path), test_dir=Path(test.path),
+                  generator_dir=Path(generator.path), out_dir=Path(results.path),
+                  tracker=tracker)
+    log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
+    figures_html(scatter, "Classifier configurations: synthetic validation vs real test "
+                 "accuracy", [os.path.join(results.path, "scatter.png")])

@@ -1,0 +1,96 @@
+"""Data preparation and the two trainers: `prepare`, `pretrain`, `finetune` (DP)."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+from components.images import CPU_IMAGE, GPU_IMAGE
+from components.runtime import figures_html, load_config, log_metrics_file, work_dir
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False,
+               additional_funcs=[load_config, log_metrics_file])
+def prepare(config: Input[Artifact], public: Output[Dataset], private: Output[Dataset],
+            test: Output[Dataset], metrics: Output[Metrics]):
+    """`dpsynth prepare`: read the raw sources, write the public / private / test splits.
+
+    Each split is its own artifact (the stage's folder split in three, each with the
+    stage's params.json and version.json), so the DAG shows which tasks read the
+    private split: `finetune`, and `classify` for its labelled non-private baseline.
+    """
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from dpsynth.stages import prepare as stage
+    from dpsynth.tracking import open_tracker
+
+    cfg = load_config(config.path)
+    parent = os.path.dirname(public.path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".prepare-", dir=parent)  # same file system: renames
+    out = Path(staging) / "prepare"
+    with open_tracker(cfg.tracking, "prepare") as tracker:
+        stage.run(cfg, out_dir=out, tracker=tracker)
+    for role, artifact in (("public", public), ("private", private), ("test", test)):
+        for name in ("params.json", "version.json"):
+            shutil.copyfile(out / name, out / role / name)
+        if os.path.isdir(artifact.path):  # an (empty) folder the launcher made
+            os.rmdir(artifact.path)
+        shutil.move(out / role, artifact.path)
+    log_metrics_file(out / "metrics.json", metrics)
+    shutil.rmtree(staging)
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False,
+               additional_funcs=[load_config, work_dir, log_metrics_file, figures_html])
+def pretrain(config: Input[Artifact], public: Input[Dataset], work_root: str,
+             model: Output[Model], metrics: Output[Metrics], loss_plot: Output[HTML]):
+    """`dpsynth pretrain`: non-private diffusion training on the public split.
+
+    Checkpoints go to a folder under `work_root` keyed by the config and the input
+    artifact, so a retried (or re-submitted, uncached) task resumes from them.
+    """
+    import os
+    from pathlib import Path
+
+    from dpsynth.stages import pretrain as stage
+    from dpsynth.tracking import open_tracker
+
+    cfg = load_config(config.path)
+    with open_tracker(cfg.tracking, "pretrain") as tracker:
+        stage.run(cfg, public_dir=Path(public.path), out_dir=Path(model.path), tracker=tracker,
+                  work_dir=work_dir(work_root, "pretrain", cfg.to_dict(), public.uri))
+    log_metrics_file(os.path.join(model.path, "metrics.json"), metrics)
+    figures_html(loss_plot, "Pre-training loss (public split)",
+                 [os.path.join(model.path, "loss.png")])
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False,
+               additional_funcs=[load_config, work_dir, log_metrics_file, figures_html])
+def finetune(config: Input[Artifact], model: Input[Model], private: Input[Dataset],
+             public: Input[Dataset], work_root: str, pipeline_run_id: str,
+             dp_model: Output[Model], metrics: Output[Metrics], loss_plot: Output[HTML]):
+    """`dpsynth finetune`: DP-SGD fine-tuning on the private split, the only trainer on it.
+
+    The privacy ledger (`privacy.ledger_dir`, set by `resolve_config`) reserves the
+    run's whole plan before training and refuses a run past the dataset's budget.
+    The work folder is per pipeline run: a retry resumes the same DP run (the
+    ledger counts it once), a new pipeline run is a new DP run. `privacy.json` stays
+    in the model artifact; its sample rate gives away the private split's size, so
+    it is not copied to the metrics.
+    """
+    import os
+    from pathlib import Path
+
+    from dpsynth.stages import finetune as stage
+    from dpsynth.tracking import open_tracker
+
+    cfg = load_config(config.path)
+    with open_tracker(cfg.tracking, "finetune") as tracker:
+        stage.run(cfg, model_dir=Path(model.path), private_dir=Path(private.path),
+                  public_dir=Path(public.path), out_dir=Path(dp_model.path), tracker=tracker,
+                  work_dir=work_dir(work_root, "finetune", pipeline_run_id))
+    log_metrics_file(os.path.join(dp_model.path, "metrics.json"), metrics)
+    figures_html(loss_plot, "DP fine-tuning: loss of the DP model on public data",
+                 [os.path.join(dp_model.path, "loss.png")])

@@ -1,0 +1,1 @@
+"""The dpsynth Kubeflow pipeline (dpsynth_pipeline.py), compiled to dpsynth.yaml."""

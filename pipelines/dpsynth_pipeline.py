@@ -1,0 +1,280 @@
+"""The dpsynth Kubeflow pipeline (KFP v2): prepare -> pretrain -> finetune (DP) ->
+sample (fanned out over shards) -> fid, classify, rank; the DAG of dvc.yaml.
+
+Compile it with `make pipeline` (-> pipelines/dpsynth.yaml), or
+`python -m pipelines.dpsynth_pipeline --output PATH`. What the cluster must
+provide (images, Secrets, the state PVC) and the parameters are in
+pipelines/README.md; the scheduling and resources tables below are where to
+adapt it to a cluster. Compile-time settings come from environment variables
+(all optional): DPSYNTH_IMAGE / DPSYNTH_IMAGE_CPU (components/images.py),
+DPSYNTH_GPU_NODE_SELECTOR, DPSYNTH_GPU_TOLERATIONS, DPSYNTH_CPU_NODE_SELECTOR,
+DPSYNTH_CPU_TOLERATIONS (JSON), DPSYNTH_STATE_PVC.
+"""
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+from kfp import compiler, dsl, kubernetes
+
+from components import (classify, fid, finetune, merge_shards, prepare, pretrain, rank,
+                        resolve_config, sample_shard, shard_indices)
+from dpsynth.config import load as load_config_file
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINE_NAME = "dpsynth"
+DEFAULT_OUTPUT = REPO / "pipelines" / "dpsynth.yaml"
+
+
+def _one_line_yaml(path: Path) -> str:
+    """The config file `path`, resolved (every field explicit), as one line of YAML.
+
+    One line because the KFP compiler copies defaults into the comment header of
+    the compiled file unescaped: a multi-line default would turn its lines into
+    YAML keys there. A user's multi-line config text as a run argument is fine.
+    """
+    resolved = load_config_file(path).to_dict()
+    return yaml.safe_dump(resolved, default_flow_style=True, sort_keys=False,
+                          width=float("inf")).strip()
+
+
+# The default base config: the embedded default experiment (params.yaml), as `make run`
+# uses it.
+DEFAULT_BASE_CONFIG = _one_line_yaml(REPO / "params.yaml")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one task of a stage requests. Memory is also the limit: a pod that
+    outgrows it is killed (and retried, for the retried stages) rather than
+    starving its node. `shm` sizes a memory-backed /dev/shm (counted in memory):
+    PyTorch data loader workers and NCCL pass tensors through it, and the default
+    64 MiB of a container is far too small."""
+
+    cpu: str
+    memory: str
+    gpus: int = 0
+    shm: str | None = None
+
+
+# Sized for the paper-scale configs (CIFAR-10 at 32x32, Camelyon17 patches at
+# 96x96); edit and recompile for other data. The keys are the components' names.
+RESOURCES: dict[str, Resources] = {
+    "resolve-config": Resources(cpu="250m", memory="1Gi"),
+    "shard-indices": Resources(cpu="250m", memory="1Gi"),
+    "prepare": Resources(cpu="2", memory="16Gi"),  # holds a whole source in memory
+    "pretrain": Resources(cpu="8", memory="32Gi", gpus=1, shm="8Gi"),
+    "finetune": Resources(cpu="8", memory="32Gi", gpus=1, shm="8Gi"),
+    "sample-shard": Resources(cpu="4", memory="16Gi", gpus=1, shm="4Gi"),
+    "merge-shards": Resources(cpu="2", memory="8Gi"),
+    "fid": Resources(cpu="4", memory="16Gi"),
+    "classify": Resources(cpu="4", memory="16Gi"),
+    "rank": Resources(cpu="4", memory="16Gi"),
+}
+# Retried stages: those that can lose hours to a preempted node, and resume from
+# their work folder under `work_root` (checkpoints, finished shards).
+RETRIED = ("pretrain", "finetune", "sample-shard")
+RETRY_POLICY = {"num_retries": 3, "backoff_duration": "60s", "backoff_factor": 2.0,
+                "backoff_max_duration": "1800s"}
+
+
+def _json_env(name: str, default: object) -> object:
+    value = os.environ.get(name)
+    return json.loads(value) if value else default
+
+
+# Where tasks may run. GPU node pools are commonly tainted nvidia.com/gpu:NoSchedule
+# (GKE, EKS, AKS); tolerating a taint that is absent changes nothing.
+GPU_NODE_SELECTOR: dict[str, str] = _json_env("DPSYNTH_GPU_NODE_SELECTOR", {})
+GPU_TOLERATIONS: list[dict] = _json_env(
+    "DPSYNTH_GPU_TOLERATIONS", [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                 "effect": "NoSchedule"}])
+CPU_NODE_SELECTOR: dict[str, str] = _json_env("DPSYNTH_CPU_NODE_SELECTOR", {})
+CPU_TOLERATIONS: list[dict] = _json_env("DPSYNTH_CPU_TOLERATIONS", [])
+
+# Durable state: the stages' work folders (resume after a retry) and the privacy
+# ledger live on this PVC, mounted by the tasks that use them. It must outlive
+# every run (the ledger is the record of the budget spent) and be ReadWriteMany
+# when shard tasks can land on different nodes. Empty: mount nothing (then point
+# work_root and ledger_dir at storage the image mounts itself). S3 work folders
+# come in a later issue.
+STATE_PVC = os.environ.get("DPSYNTH_STATE_PVC", "dpsynth-state")
+STATE_MOUNT = "/mnt/dpsynth-state"
+STATEFUL = ("pretrain", "finetune", "sample-shard", "merge-shards")
+
+# Credentials come from Kubernetes Secrets, by name; never parameters, never in the
+# compiled YAML. Optional: a missing Secret or key leaves the variable unset
+# (resolve_config then stops a run that would track to a pod's ephemeral disk).
+SECRETS: dict[str, dict[str, str]] = {
+    "dpsynth-pipeline-mlflow": {"tracking-uri": "MLFLOW_TRACKING_URI",
+                                "username": "MLFLOW_TRACKING_USERNAME",
+                                "password": "MLFLOW_TRACKING_PASSWORD",
+                                "token": "MLFLOW_TRACKING_TOKEN"},
+    "dpsynth-pipeline-s3": {"aws-access-key-id": "AWS_ACCESS_KEY_ID",
+                            "aws-secret-access-key": "AWS_SECRET_ACCESS_KEY",
+                            "endpoint-url": "AWS_ENDPOINT_URL",  # MinIO etc.
+                            "region": "AWS_DEFAULT_REGION"},
+}
+# The image runs as a non-root user (UID 10001), which cannot create the root folders
+# where KFP's launcher puts a task's artifacts (/minio, /s3 or /gcs, after the
+# pipeline root's scheme; kubeflow/pipelines#10397, #5673): give each task writable,
+# empty ones.
+ARTIFACT_SCRATCH = ("/minio", "/s3", "/gcs")
+# The MLflow parent run groups a pipeline run's stages (dpsynth.tracking). The id
+# comes from the pod's KFP run-id label, not a task input: an input would enter
+# the cache key, and no task would ever be cached.
+PIPELINE_ID_ENV = "DPSYNTH_PIPELINE_ID"
+RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
+
+
+def configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
+    """Apply the resources, scheduling, state, secrets, retry and caching settings
+    of the tables above to the task of component `name`."""
+    res = RESOURCES[name]
+    task.set_cpu_request(res.cpu).set_memory_request(res.memory).set_memory_limit(res.memory)
+    if res.gpus:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(res.gpus)
+    node_selector, tolerations = ((GPU_NODE_SELECTOR, GPU_TOLERATIONS) if res.gpus
+                                  else (CPU_NODE_SELECTOR, CPU_TOLERATIONS))
+    for key, value in sorted(node_selector.items()):
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for toleration in tolerations:
+        kubernetes.add_toleration(task, **toleration)
+    if res.shm:
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm",
+                                   medium="Memory", size_limit=res.shm)
+    for path in ARTIFACT_SCRATCH:
+        kubernetes.empty_dir_mount(task, volume_name=f"kfp-artifacts-{path[1:]}",
+                                   mount_path=path)
+    if name in STATEFUL and STATE_PVC:
+        kubernetes.mount_pvc(task, pvc_name=STATE_PVC, mount_path=STATE_MOUNT)
+    for secret, key_to_env in SECRETS.items():
+        kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=key_to_env,
+                                     optional=True)
+    kubernetes.use_field_path_as_env(task, env_name=PIPELINE_ID_ENV, field_path=RUN_ID_FIELD)
+    if name in RETRIED:
+        task.set_retry(**RETRY_POLICY)
+    # Deterministic stages are cached (same inputs and config: same outputs). The
+    # DP stage never is: a cached DP model must not pass for a new DP run, and each
+    # DP run is recorded in the privacy ledger.
+    task.set_caching_options(enable_caching=name != "finetune")
+    return task
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description=(
+    "Differentially private synthetic images: public pre-training, DP-SGD fine-tuning on "
+    "the private split, sharded sampling, and evaluation (FID, downstream accuracy, "
+    "hyperparameter ranking). Every stage calls the dpsynth library, as `dvc repro` does."))
+def dpsynth_pipeline(
+    base_config: str = DEFAULT_BASE_CONFIG,
+    private_kind: str = "",
+    private_path: str = "",
+    public_kind: str = "",
+    public_path: str = "",
+    test_kind: str = "",
+    test_path: str = "",
+    image_size: int = 0,
+    seed: int = -1,
+    pretrain_steps: int = 0,
+    pretrain_batch_size: int = 0,
+    epsilon: float = 0.0,
+    delta: float = 0.0,
+    aug_multiplicity: int = 0,
+    finetune_steps: int = 0,
+    finetune_batch_size: int = 0,
+    num_samples: int = 0,
+    num_shards: int = 0,
+    sample_batch_size: int = 0,
+    mlflow_experiment: str = "",
+    overrides: list = [],  # noqa: B006 -- KFP reads the default; it is never mutated
+    work_root: str = f"{STATE_MOUNT}/work",
+    ledger_dir: str = f"{STATE_MOUNT}/ledger",
+):
+    """Run dpsynth end to end.
+
+    Args:
+        base_config: a whole config file's YAML text (default: params.yaml).
+        private_kind: data.private source kind (digits, cifar10, imagenet32,
+            camelyon17, imagefolder, npz); empty keeps the base config's.
+        private_path: data.private path or s3:// URI; empty keeps the base config's.
+        public_kind: data.public source kind; `none` carves it out of the private pool.
+        public_path: data.public path or s3:// URI.
+        test_kind: data.test source kind; `none` carves it out of the private pool.
+        test_path: data.test path or s3:// URI.
+        image_size: data.image_size; 0 keeps the base config's.
+        seed: seed; -1 keeps the base config's.
+        pretrain_steps: pretrain.steps; 0 keeps the base config's.
+        pretrain_batch_size: pretrain.batch_size; 0 keeps the base config's.
+        epsilon: finetune.epsilon, the target epsilon; 0 keeps the base config's.
+        delta: finetune.delta; 0 keeps the base config's.
+        aug_multiplicity: finetune.aug_multiplicity (K); 0 keeps the base config's.
+        finetune_steps: finetune.steps; 0 keeps the base config's.
+        finetune_batch_size: finetune.batch_size (expected batch); 0 keeps the base config's.
+        num_samples: sample.num_samples; 0 keeps the base config's.
+        num_shards: sample.num_shards, the sampling tasks in parallel; 0 keeps the base
+            config's.
+        sample_batch_size: sample.batch_size; 0 keeps the base config's.
+        mlflow_experiment: tracking.experiment; empty keeps the base config's.
+        overrides: more `key=value` overrides, as `dpsynth --set`, applied after the above.
+        work_root: durable folder for the stages' resumable state (on the state PVC).
+        ledger_dir: durable folder of the privacy ledger (on the state PVC); absolute.
+    """
+    resolved = configure(resolve_config(
+        base_config=base_config, ledger_dir=ledger_dir, overrides=overrides,
+        private_kind=private_kind, private_path=private_path, public_kind=public_kind,
+        public_path=public_path, test_kind=test_kind, test_path=test_path,
+        image_size=image_size, seed=seed, pretrain_steps=pretrain_steps,
+        pretrain_batch_size=pretrain_batch_size, epsilon=epsilon, delta=delta,
+        aug_multiplicity=aug_multiplicity, finetune_steps=finetune_steps,
+        finetune_batch_size=finetune_batch_size, num_samples=num_samples,
+        num_shards=num_shards, sample_batch_size=sample_batch_size,
+        mlflow_experiment=mlflow_experiment), "resolve-config")
+    config = resolved.outputs["config"]
+
+    data = configure(prepare(config=config), "prepare")
+    public, private, test = (data.outputs[k] for k in ("public", "private", "test"))
+    pre = configure(pretrain(config=config, public=public, work_root=work_root), "pretrain")
+    dp = configure(finetune(config=config, model=pre.outputs["model"], private=private,
+                            public=public, work_root=work_root,
+                            pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "finetune")
+    dp_model = dp.outputs["dp_model"]
+
+    shards = configure(shard_indices(config=config), "shard-indices")
+    with dsl.ParallelFor(shards.output, name="sample-shards") as index:
+        shard = configure(sample_shard(config=config, model=dp_model, shard_index=index,
+                                       work_root=work_root), "sample-shard")
+    merged = configure(merge_shards(config=config, model=dp_model,
+                                    shards=dsl.Collected(shard.outputs["shard"]),
+                                    work_root=work_root), "merge-shards")
+    synthetic = merged.outputs["synthetic"]
+
+    configure(fid(config=config, synthetic=synthetic, reference=test, public=public), "fid")
+    configure(classify(config=config, synthetic=synthetic, test=test, private=private),
+              "classify")
+    configure(rank(config=config, synthetic=synthetic, test=test, generator=dp_model), "rank")
+
+
+def compile_pipeline(output: str | Path = DEFAULT_OUTPUT) -> Path:
+    """Compile the pipeline to `output` (YAML). Deterministic: the same code, params.yaml
+    and compile-time settings give the same bytes."""
+    output = Path(output)
+    compiler.Compiler().compile(dpsynth_pipeline, str(output))
+    return output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help="where to write the compiled pipeline (default: %(default)s)")
+    args = parser.parse_args(argv)
+    print(f"compiled pipeline {PIPELINE_NAME!r} to {compile_pipeline(args.output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
