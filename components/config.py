@@ -78,10 +78,10 @@ def resolve_config(
     if seed >= 0:
         sets.append(f"seed={seed}")
     sets += list(overrides)
-    if not os.path.isabs(ledger_dir):
-        raise ValueError(f"ledger_dir={ledger_dir!r}: must be an absolute path on durable "
-                         "storage (a PVC mount); the privacy ledger is the record of the "
-                         "budget spent on each private dataset")
+    if not (os.path.isabs(ledger_dir) or ledger_dir.startswith("s3://")):
+        raise ValueError(f"ledger_dir={ledger_dir!r}: must be durable storage, an absolute "
+                         "path (a PVC mount) or an s3:// prefix; the privacy ledger is the "
+                         "record of the budget spent on each private dataset")
     sets.append("privacy.ledger_dir=" + json.dumps(ledger_dir))
 
     # config.load reads YAML as the CLI does (e.g. `1e-3` is a number)

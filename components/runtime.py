@@ -18,15 +18,15 @@ def load_config(path: str):  # -> dpsynth.config.Config (not importable at defin
         return config.from_dict(yaml.safe_load(f))
 
 
-def work_dir(work_root: str, stage: str, *keys: object):  # -> pathlib.Path
+def work_dir(work_root: str, stage: str, *keys: object) -> str:
     """Where a stage keeps its resumable state (checkpoints, finished shards) on the
-    durable `work_root`: `<work_root>/<stage>-<fingerprint of keys>`. A retried
-    task computes the same folder from the same keys and resumes from it."""
-    from pathlib import Path
-
+    durable `work_root` (a PVC path or an `s3://` prefix):
+    `<work_root>/<stage>-<fingerprint of keys>`. A retried task computes the same
+    location from the same keys and resumes from it (open it with
+    `dpsynth.io.storage.work_folder`)."""
     from dpsynth.stages.common import fingerprint
 
-    return Path(work_root) / f"{stage}-{fingerprint(*keys)}"
+    return f"{work_root.rstrip('/')}/{stage}-{fingerprint(*keys)}"
 
 
 def log_metrics_file(metrics_json: str, metrics) -> None:  # metrics: Output[Metrics]

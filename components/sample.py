@@ -29,17 +29,19 @@ def sample_shard(config: Input[Artifact], model: Input[Model], shard_index: int,
     import time
     from pathlib import Path
 
+    from dpsynth.io import storage
     from dpsynth.stages import sample as stage
 
     cfg = load_config(config.path)
-    shard_dir = work_dir(work_root, "sample", cfg.to_dict(), model.uri) / str(shard_index)
-    t0 = time.perf_counter()
-    made, _ = stage.make_shards(cfg, model_dir=Path(model.path), shard_dir=shard_dir,
-                                indices=[shard_index])
-    seconds = time.perf_counter() - t0
-    # the shard and its sidecar; not the temporary files of an interrupted attempt
-    shutil.copytree(shard_dir, shard.path, ignore=shutil.ignore_patterns(".*"),
-                    dirs_exist_ok=True)
+    location = f"{work_dir(work_root, 'sample', cfg.to_dict(), model.uri)}/{shard_index}"
+    with storage.work_folder(location) as shard_dir:
+        t0 = time.perf_counter()
+        made, _ = stage.make_shards(cfg, model_dir=Path(model.path), shard_dir=shard_dir,
+                                    indices=[shard_index])
+        seconds = time.perf_counter() - t0
+        # the shard and its sidecar; not the temporary files of an interrupted attempt
+        shutil.copytree(shard_dir, shard.path, ignore=shutil.ignore_patterns(".*"),
+                        dirs_exist_ok=True)
     shard.metadata.update({"shard_index": shard_index, "resumed": not made,
                            "sample_seconds": round(seconds, 3)})
     start, stop = stage.shard_bounds(cfg.sample.num_samples, cfg.sample.num_shards, shard_index)
@@ -61,9 +63,9 @@ def merge_shards(config: Input[Artifact], model: Input[Model], shards: Input[Lis
     config). Then removes the shards' work folder: the result is published.
     """
     import os
-    import shutil
     from pathlib import Path
 
+    from dpsynth.io import storage
     from dpsynth.stages import sample as stage
     from dpsynth.tracking import open_tracker
 
@@ -76,7 +78,7 @@ def merge_shards(config: Input[Artifact], model: Input[Model], shards: Input[Lis
         stage.publish(cfg, shard_dirs=[Path(s.path) for s in shards],
                       model_dir=Path(model.path), out_dir=Path(synthetic.path), tracker=tracker,
                       made=made, skipped=skipped, seconds=seconds)
-    shutil.rmtree(work_dir(work_root, "sample", cfg.to_dict(), model.uri), ignore_errors=True)
+    storage.remove_work(work_dir(work_root, "sample", cfg.to_dict(), model.uri))
     log_metrics_file(os.path.join(synthetic.path, "metrics.json"), metrics)
     figures_html(grid, "Synthetic samples, one row per class",
                  [os.path.join(synthetic.path, "grid.png")])

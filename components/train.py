@@ -54,13 +54,16 @@ def pretrain(config: Input[Artifact], public: Input[Dataset], work_root: str,
     import os
     from pathlib import Path
 
+    from dpsynth.io import storage
     from dpsynth.stages import pretrain as stage
     from dpsynth.tracking import open_tracker
 
     cfg = load_config(config.path)
-    with open_tracker(cfg.tracking, "pretrain") as tracker:
+    with (open_tracker(cfg.tracking, "pretrain") as tracker,
+          storage.work_folder(work_dir(work_root, "pretrain", cfg.to_dict(), public.uri))
+          as work):
         stage.run(cfg, public_dir=Path(public.path), out_dir=Path(model.path), tracker=tracker,
-                  work_dir=work_dir(work_root, "pretrain", cfg.to_dict(), public.uri))
+                  work_dir=work)
     log_metrics_file(os.path.join(model.path, "metrics.json"), metrics)
     figures_html(loss_plot, "Pre-training loss (public split)",
                  [os.path.join(model.path, "loss.png")])
@@ -83,14 +86,16 @@ def finetune(config: Input[Artifact], model: Input[Model], private: Input[Datase
     import os
     from pathlib import Path
 
+    from dpsynth.io import storage
     from dpsynth.stages import finetune as stage
     from dpsynth.tracking import open_tracker
 
     cfg = load_config(config.path)
-    with open_tracker(cfg.tracking, "finetune") as tracker:
+    with (open_tracker(cfg.tracking, "finetune") as tracker,
+          storage.work_folder(work_dir(work_root, "finetune", pipeline_run_id)) as work):
         stage.run(cfg, model_dir=Path(model.path), private_dir=Path(private.path),
                   public_dir=Path(public.path), out_dir=Path(dp_model.path), tracker=tracker,
-                  work_dir=work_dir(work_root, "finetune", pipeline_run_id))
+                  work_dir=work)
     log_metrics_file(os.path.join(dp_model.path, "metrics.json"), metrics)
     figures_html(loss_plot, "DP fine-tuning: loss of the DP model on public data",
                  [os.path.join(dp_model.path, "loss.png")])

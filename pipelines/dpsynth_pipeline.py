@@ -100,9 +100,10 @@ CPU_TOLERATIONS: list[dict] = _json_env("DPSYNTH_CPU_TOLERATIONS", [])
 # Durable state: the stages' work folders (resume after a retry) and the privacy
 # ledger live on this PVC, mounted by the tasks that use them. It must outlive
 # every run (the ledger is the record of the budget spent) and be ReadWriteMany
-# when shard tasks can land on different nodes. Empty: mount nothing (then point
-# work_root and ledger_dir at storage the image mounts itself). S3 work folders
-# come in a later issue.
+# when shard tasks can land on different nodes. Empty: mount nothing, and point
+# work_root and ledger_dir at s3:// prefixes instead (the work folders are then
+# mirrored to S3 at every checkpoint and finished shard, and the ledger is
+# updated by compare-and-swap; credentials from the dpsynth-pipeline-s3 Secret).
 STATE_PVC = os.environ.get("DPSYNTH_STATE_PVC", "dpsynth-state")
 STATE_MOUNT = "/mnt/dpsynth-state"
 STATEFUL = ("pretrain", "finetune", "sample-shard", "merge-shards")
@@ -221,8 +222,10 @@ def dpsynth_pipeline(
         sample_batch_size: sample.batch_size; 0 keeps the base config's.
         mlflow_experiment: tracking.experiment; empty keeps the base config's.
         overrides: more `key=value` overrides, as `dpsynth --set`, applied after the above.
-        work_root: durable folder for the stages' resumable state (on the state PVC).
-        ledger_dir: durable folder of the privacy ledger (on the state PVC); absolute.
+        work_root: durable location of the stages' resumable state: a folder on the
+            state PVC or an s3:// prefix.
+        ledger_dir: durable location of the privacy ledger: an absolute folder on the
+            state PVC or an s3:// prefix.
     """
     resolved = configure(resolve_config(
         base_config=base_config, ledger_dir=ledger_dir, overrides=overrides,

@@ -6,6 +6,7 @@ pipeline` compiles it, and one local run of it on the smoke config.
 
 from __future__ import annotations
 
+import builtins
 import sys
 import types
 from pathlib import Path
@@ -53,6 +54,11 @@ def kfp_local_smoke_run(tmp_path_factory: pytest.TempPathFactory,
         # Retries keep their policy; only the wait between attempts (60 s, doubling:
         # right for a preempted node) is skipped, so a failing task fails fast here.
         mp.setattr(task_executor, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+        # kfp.local indents task logs by swapping builtins.print for the task's run;
+        # two ParallelFor tasks in threads can restore each other's swap and leave
+        # every later print() in this process prefixed with 4 spaces (kfp 2.17.3).
+        # monkeypatch restores the real one when the block ends.
+        mp.setattr(builtins, "print", builtins.print)
         local.init(runner=local.SubprocessRunner(use_venv=False),
                    pipeline_root=str(run.run_dir), workspace_root=str(tmp / "workspace"))
         dpsynth_pipeline(base_config=(REPO / "configs" / "smoke.yaml").read_text(),

@@ -147,7 +147,7 @@ def test_resolve_config_puts_the_ledger_where_the_pipeline_says(tmp_path: Path) 
     # the ledger_dir parameter wins even over a free override
     resolved = _resolve(tmp_path, overrides=["privacy.ledger_dir=artifacts/ledger"])
     assert resolved["privacy"]["ledger_dir"] == str(tmp_path / "ledger")
-    with pytest.raises(ValueError, match="ledger_dir='ledger': must be an absolute path"):
+    with pytest.raises(ValueError, match="ledger_dir=.ledger.: must be durable storage"):
         _resolve(tmp_path, ledger_dir="ledger")
 
 
@@ -201,12 +201,15 @@ def test_work_dirs_are_keyed_by_what_makes_a_resume_valid(tmp_path: Path) -> Non
     root = str(tmp_path)
     a = runtime.work_dir(root, "pretrain", {"seed": 0}, "s3://root/prepare/public")
     assert a == runtime.work_dir(root, "pretrain", {"seed": 0}, "s3://root/prepare/public")
-    assert a.parent == tmp_path and a.name.startswith("pretrain-")
+    assert a.startswith(f"{root}/pretrain-") and "/" not in a[len(root) + 1:]
     assert a != runtime.work_dir(root, "pretrain", {"seed": 1}, "s3://root/prepare/public")
     assert a != runtime.work_dir(root, "pretrain", {"seed": 0}, "s3://root/other/public")
     # the DP stage: one folder per pipeline run (a retry resumes, a new run starts over)
     assert (runtime.work_dir(root, "finetune", "run-1")
             != runtime.work_dir(root, "finetune", "run-2"))
+    # an s3:// work root stays a URI (pathlib would turn s3:// into s3:/)
+    assert runtime.work_dir("s3://b/work/", "finetune", "run-1").startswith(
+        "s3://b/work/finetune-")
 
 
 # --------------------------------------------------------------------------- stages
@@ -323,3 +326,45 @@ def test_merge_refuses_a_missing_shard(prepared: dict[str, Any]) -> None:
             synthetic=Dataset(uri=str(tmp / "never")), metrics=Metrics(uri=str(tmp / "m")),
             grid=HTML(uri=str(tmp / "g")))
     assert not (tmp / "never").exists()
+
+
+def test_retried_tasks_resume_from_an_s3_work_root_on_a_fresh_machine(
+        prepared: dict[str, Any], s3: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dpsynth.io import storage
+
+    tmp, config, public = prepared["tmp"], prepared["config"], prepared["splits"]["public"]
+    model = prepared["model"]
+    cfg = runtime.load_config(config.path)
+    work_root = f"s3://{s3.bucket}/work"
+    # a killed attempt on machine A: 10 of 20 steps, checkpoints mirrored to S3
+    with storage.work_folder(runtime.work_dir(work_root, "pretrain", cfg.to_dict(),
+                                              public.uri)) as work:
+        pretrain_stage.run(cfg, public_dir=Path(public.path), out_dir=tmp_path / "killed",
+                           tracker=NullTracker(), stop_after=10, work_dir=work)
+    # machine B, with nothing local: resumes from S3 and ends as if never interrupted
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "machine-b"))
+    resumed = Model(uri=str(tmp_path / "resumed"))
+    metrics = Metrics(uri=str(tmp_path / "resumed-metrics"))
+    components.pretrain.python_func(config=config, public=public, work_root=work_root,
+                                    model=resumed, metrics=metrics,
+                                    loss_plot=HTML(uri=str(tmp_path / "loss")))
+    assert metrics.metadata["resumed_from_step"] == 10.0
+    assert ((Path(resumed.path) / "ema.safetensors").read_bytes()
+            == (Path(model.path) / "ema.safetensors").read_bytes())
+    keys = s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="work/pretrain-")
+    assert keys.get("KeyCount", 0) == 0  # published: the checkpoints are gone from S3
+
+    # a sample shard made on one machine is found finished by a retry on another
+    shard = Dataset(uri=str(tmp_path / "shard"))
+    components.sample_shard.python_func(config=config, model=model, shard_index=0,
+                                        work_root=work_root, shard=shard,
+                                        metrics=Metrics(uri=str(tmp_path / "m0")))
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "machine-c"))
+    again = Dataset(uri=str(tmp_path / "again"))
+    components.sample_shard.python_func(config=config, model=model, shard_index=0,
+                                        work_root=work_root, shard=again,
+                                        metrics=Metrics(uri=str(tmp_path / "m1")))
+    assert again.metadata["resumed"]
+    assert ((Path(again.path) / "shard-00000.npz").read_bytes()
+            == (Path(shard.path) / "shard-00000.npz").read_bytes())

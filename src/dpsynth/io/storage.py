@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 from dpsynth.config import StorageConfig
 from dpsynth.errors import DpsynthError, InputError
+from dpsynth.io.shards import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -320,12 +321,6 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "dpsynth"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _into_cache(tmp: Path, target: Path) -> Path:
@@ -434,7 +429,7 @@ def upload_published(local_dir: Path, location: str) -> int:
         raise InputError(f"{location}: an output needs a key under the bucket")
     paths = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
     files = [{"path": p.relative_to(local_dir).as_posix(), "size": p.stat().st_size,
-              "sha256": _sha256(p)} for p in paths]
+              "sha256": sha256_file(p)} for p in paths]
     marker = uri.child(MARKER)
     with _s3_errors(c, marker, "unpublish"):
         c.delete_object(Bucket=uri.bucket, Key=marker.key)
@@ -509,7 +504,7 @@ def download_published(location: str) -> Path:
                 except InputError as err:
                     bad = f"{uri.child(f['path'])}: listed in {MARKER} but unreadable ({err})"
                     break
-                if _sha256(tmp / f["path"]) != f["sha256"]:
+                if sha256_file(tmp / f["path"]) != f["sha256"]:
                     bad = (f"{uri.child(f['path'])}: sha256 differs from {MARKER} (changed "
                            "or truncated after publishing); re-run the stage that wrote it")
                     break
@@ -620,6 +615,48 @@ def checkpoint_saved(ckpt_dir: str | Path) -> None:
     for mirror in _mirrors:
         if path == mirror.local.resolve() or mirror.local.resolve() in path.parents:
             mirror.push()
+
+
+@contextlib.contextmanager
+def work_folder(location: str | Path) -> Iterator[Path]:
+    """A resumable work folder (checkpoints, finished shards) at `location`, as a
+    local folder: for drivers that choose the work folder themselves (the Kubeflow
+    components' `work_root`).
+
+    Local: the path itself. `s3://`: a local copy, pulled before; pushed at every
+    checkpoint (`checkpoint_saved`) and when the block ends, error or not, so a
+    retry on another machine resumes; deleted remotely when the stage removed its
+    local copy (it finished and published).
+    """
+    if not is_s3(location):
+        yield Path(location)
+        return
+    uri = S3Uri.parse(str(location))
+    staging = cache_root() / "staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="work-", dir=staging))
+    mirror = WorkMirror(str(uri), root / uri.name)
+    mirror.pull()
+    _mirrors.append(mirror)
+    try:
+        yield mirror.local
+    finally:
+        _mirrors.remove(mirror)
+        try:
+            if mirror.local.exists():
+                mirror.push()
+            else:
+                mirror.clear()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def remove_work(location: str | Path) -> None:
+    """Delete a work folder, local or `s3://` (its output is published)."""
+    if is_s3(location):
+        WorkMirror(str(location), Path(tempfile.gettempdir())).clear()
+    else:
+        shutil.rmtree(location, ignore_errors=True)
 
 
 @contextlib.contextmanager
