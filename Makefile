@@ -46,6 +46,8 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/sampling.py
+	$(BIN)/python benchmarks/dp_step.py
+	$(BIN)/python benchmarks/fid.py
 
 # Needs uv (pip install uv). The extra index is where the build machines keep torch.
 lock:

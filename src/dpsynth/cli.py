@@ -222,6 +222,12 @@ def _summary(args: argparse.Namespace) -> None:
     print(summarize(args.artifacts, args.seconds))
 
 
+def _evaluation_inputs(p: argparse.ArgumentParser) -> None:
+    """The inputs classify and rank share: the synthetic set and the real test split."""
+    p.add_argument("--synthetic", type=_location, required=True, help="synthetic set from sample")
+    p.add_argument("--test", type=_location, required=True, help="real test split from prepare")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpsynth", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -279,8 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
             "measure their accuracy on the real test split (accuracy vs number of synthetic "
             "samples); with classify.real_baseline also the non-private baseline trained on "
             "the real private split (evaluation only, not covered by epsilon).", _classify)
-    p.add_argument("--synthetic", type=_location, required=True, help="synthetic set from sample")
-    p.add_argument("--test", type=_location, required=True, help="real test split from prepare")
+    _evaluation_inputs(p)
     p.add_argument("--private", type=_location, default=None,
                    help="private split, only for the non-private baseline")
     p = add("rank", "Train the rank.grid of classifier configurations on synthetic data, "
@@ -288,8 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
             "holds on the real test split (Spearman, Kendall, regret). Registers the chosen "
             "classifier as dpsynth-classifier@champion and the DP model as "
             "dpsynth-generator in MLflow.", _rank)
-    p.add_argument("--synthetic", type=_location, required=True, help="synthetic set from sample")
-    p.add_argument("--test", type=_location, required=True, help="real test split from prepare")
+    _evaluation_inputs(p)
     p.add_argument("--generator", type=_location, required=True,
                    help="the DP model (finetune output) to register as dpsynth-generator")
     p = add("submit", "Submit the compiled Kubeflow pipeline (make pipeline) to a KFP API "
