@@ -162,13 +162,10 @@ def _fid(args: argparse.Namespace, cfg: config.Config) -> None:
 def _classify(args: argparse.Namespace, cfg: config.Config) -> None:
     from dpsynth.stages import classify
 
-    if cfg.classify.real_baseline and args.private is None:
-        raise InputError("dpsynth classify: classify.real_baseline is on, so --private is "
-                         "needed (or --set classify.real_baseline=false)")
+    # the stage refuses a missing --private while classify.real_baseline is on
     with open_tracker(cfg.tracking, "classify") as tracker:
         result = classify.run(cfg, synthetic_dir=args.synthetic, test_dir=args.test,
-                              private_dir=args.private if cfg.classify.real_baseline else None,
-                              out_dir=args.out, tracker=tracker)
+                              private_dir=args.private, out_dir=args.out, tracker=tracker)
     print(f"classify: real test accuracy {result.real_test_accuracy:.3f} trained on "
           f"{result.num_synthetic} synthetic images (curve in {result.out_dir / 'curve.png'})")
 

@@ -617,6 +617,13 @@ def checkpoint_saved(ckpt_dir: str | Path) -> None:
             mirror.push()
 
 
+def _staging_dir(prefix: str) -> Path:
+    """A fresh local folder under the cache, for a stage's copy of S3 state."""
+    staging = cache_root() / "staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=staging))
+
+
 @contextlib.contextmanager
 def work_folder(location: str | Path) -> Iterator[Path]:
     """A resumable work folder (checkpoints, finished shards) at `location`, as a
@@ -632,9 +639,7 @@ def work_folder(location: str | Path) -> Iterator[Path]:
         yield Path(location)
         return
     uri = S3Uri.parse(str(location))
-    staging = cache_root() / "staging"
-    staging.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="work-", dir=staging))
+    root = _staging_dir("work-")
     mirror = WorkMirror(str(uri), root / uri.name)
     mirror.pull()
     _mirrors.append(mirror)
@@ -675,9 +680,7 @@ def publish(location: str | Path, *, mirror_work: bool = True) -> Iterator[Path]
         return
     uri = S3Uri.parse(str(location))
     work_uri = str(work_location(str(uri)))  # also refuses a bucket-root output
-    staging = cache_root() / "staging"
-    staging.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="publish-", dir=staging))
+    root = _staging_dir("publish-")
     out = root / uri.name
     mirror = WorkMirror(work_uri, Path(work_location(out))) if mirror_work else None
 
