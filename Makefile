@@ -109,9 +109,10 @@ push: setup
 	$(NEED_REMOTE)
 	$(BIN)/dvc push
 
+# --allow-missing: the private split is never pushed (push: false in dvc.yaml)
 pull: setup
 	$(NEED_REMOTE)
-	$(BIN)/dvc pull
+	$(BIN)/dvc pull --allow-missing
 
 mlflow-server: setup
 	$(BIN)/dpsynth mlflow-server --port $(MLFLOW_PORT) \

@@ -1,5 +1,5 @@
 """The dpsynth Kubeflow pipeline (KFP v2): prepare -> pretrain -> finetune (DP) ->
-sample (fanned out over shards) -> fid, classify, rank; the DAG of dvc.yaml.
+sample (fanned out over shards) -> fid, classify, rank, audit; the DAG of dvc.yaml.
 
 Compile it with `make pipeline` (-> pipelines/dpsynth.yaml), or
 `python -m pipelines.dpsynth_pipeline --output PATH`. What the cluster must
@@ -22,8 +22,8 @@ from typing import Sequence
 import yaml
 from kfp import compiler, dsl, kubernetes
 
-from components import (classify, fid, finetune, merge_shards, prepare, pretrain, rank,
-                        resolve_config, sample_shard, shard_indices)
+from components import (audit, classify, fid, finetune, merge_shards, prepare, pretrain,
+                        rank, resolve_config, sample_shard, shard_indices)
 from dpsynth.config import load as load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +75,8 @@ RESOURCES: dict[str, Resources] = {
     "fid": Resources(cpu="4", memory="16Gi"),
     "classify": Resources(cpu="4", memory="16Gi"),
     "rank": Resources(cpu="4", memory="16Gi"),
+    # trains two short twins of the fine-tuning run (DP and control) on canaries
+    "audit": Resources(cpu="8", memory="32Gi", gpus=1, shm="8Gi"),
 }
 # Retried stages: those that can lose hours to a preempted node, and resume from
 # their work folder under `work_root` (checkpoints, finished shards).
@@ -170,7 +172,8 @@ def configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
 @dsl.pipeline(name=PIPELINE_NAME, description=(
     "Differentially private synthetic images: public pre-training, DP-SGD fine-tuning on "
     "the private split, sharded sampling, and evaluation (FID, downstream accuracy, "
-    "hyperparameter ranking). Every stage calls the dpsynth library, as `dvc repro` does."))
+    "hyperparameter ranking) and an empirical privacy audit. Every stage calls the dpsynth "
+    "library, as `dvc repro` does."))
 def dpsynth_pipeline(
     base_config: str = DEFAULT_BASE_CONFIG,
     private_kind: str = "",
@@ -260,6 +263,8 @@ def dpsynth_pipeline(
     configure(classify(config=config, synthetic=synthetic, test=test, private=private),
               "classify")
     configure(rank(config=config, synthetic=synthetic, test=test, generator=dp_model), "rank")
+    configure(audit(config=config, model=pre.outputs["model"], dp_model=dp_model,
+                    synthetic=synthetic, private=private, test=test), "audit")
 
 
 def compile_pipeline(output: str | Path = DEFAULT_OUTPUT) -> Path:

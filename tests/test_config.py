@@ -134,7 +134,7 @@ def test_unknown_key_is_named_and_known_keys_listed(raw: dict, where: str, bad: 
     with pytest.raises(ConfigError) as info:
         config.from_dict(raw)
     msg = str(info.value)
-    assert msg.startswith(f"{where}:" if where else ":")
+    assert msg.startswith(f"{where}:" if where else "config:")  # top level: "config"
     assert f"unknown key(s) ['{bad}']" in msg
     assert "known keys" in msg and f"'{known}'" in msg
 

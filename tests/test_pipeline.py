@@ -18,7 +18,7 @@ import pytest
 
 from dpsynth.io.shards import read_dataset
 
-STAGES = ("prepare", "pretrain", "finetune", "sample", "fid", "classify", "rank")
+STAGES = ("prepare", "pretrain", "finetune", "sample", "fid", "classify", "rank", "audit")
 pytestmark = pytest.mark.slow
 
 
@@ -44,6 +44,10 @@ def test_every_stage_publishes_verified_artifacts(repro: Path) -> None:
         assert json.loads((art / stage / "metrics.json").read_text())
         params = json.loads((art / stage / "params.json").read_text())
         assert params["seed"] == 0
+    audit = json.loads((art / "audit" / "metrics.json").read_text())
+    assert audit["claimed_epsilon"] == privacy["epsilon"] and audit["audit_passed"] is True
+    assert audit["membership_epsilon_lower_bound"] <= audit["audit_epsilon"]
+    assert 0 <= audit["memorized_fraction"] <= 1 and (art / "audit" / "roc.png").is_file()
     # nothing half-written left next to the outputs
     assert not [p for p in art.iterdir() if ".tmp-" in p.name]
 

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -37,6 +38,10 @@ EXAMPLES = {
                 "--out artifacts/classify",
     "rank": "dpsynth rank --config params.yaml --synthetic artifacts/sample "
             "--test artifacts/prepare/test --generator artifacts/finetune --out artifacts/rank",
+    "audit": "dpsynth audit --config params.yaml --model artifacts/pretrain "
+             "--generator artifacts/finetune --synthetic artifacts/sample "
+             "--private artifacts/prepare/private --heldout artifacts/prepare/test "
+             "--out artifacts/audit",
     "submit": "dpsynth submit --host http://localhost:8080 --param epsilon=10\n"
               "  dpsynth submit --host https://kubeflow.example.com/pipeline --namespace team-a "
               "--schedule '0 3 * * *'   # daily at 03:00, scheduler time",
@@ -47,7 +52,8 @@ EXAMPLES = {
 
 
 # Stage arguments that name a folder a stage reads; each may be an s3:// URI.
-INPUT_ARGS = ("public", "private", "model", "synthetic", "reference", "test", "generator")
+INPUT_ARGS = ("public", "private", "model", "synthetic", "reference", "test", "generator",
+              "heldout")
 
 
 def _location(value: str) -> str | Path:
@@ -181,6 +187,21 @@ def _rank(args: argparse.Namespace, cfg: config.Config) -> None:
           f"(registered as dpsynth-classifier@champion)")
 
 
+def _audit(args: argparse.Namespace, cfg: config.Config) -> None:
+    from dpsynth.stages import audit
+
+    with open_tracker(cfg.tracking, "audit") as tracker:
+        result = audit.run(cfg, model_dir=args.model, generator_dir=args.generator,
+                           synthetic_dir=args.synthetic, private_dir=args.private,
+                           heldout_dir=args.heldout, out_dir=args.out, tracker=tracker)
+    control = (f"; non-private control {result.control.epsilon_lower_bound:.2f}"
+               if result.control else "")
+    print(f"audit: epsilon lower bound {result.dp.epsilon_lower_bound:.2f} at "
+          f"{cfg.audit.confidence:.0%} confidence vs claimed {result.audit_epsilon:.2f}"
+          f"{control}; memorized fraction {result.metrics['memorized_fraction']:.4f} "
+          f"(metrics in {result.out_dir / 'metrics.json'})")
+
+
 def _submit(args: argparse.Namespace) -> None:
     from dpsynth.submit import parse_param_args, submit
 
@@ -230,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dpsynth", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Differentially private synthetic images with diffusion models.\n"
                     "Stages: prepare -> pretrain -> finetune (DP) -> sample -> fid, classify, "
-                    "rank (run them all with `dvc repro`).")
+                    "rank, audit (run them all with `dvc repro`).")
     parser.add_argument("--version", action="version", version=f"dpsynth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -293,6 +314,21 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluation_inputs(p)
     p.add_argument("--generator", type=_location, required=True,
                    help="the DP model (finetune output) to register as dpsynth-generator")
+    p = add("audit", "Check the DP guarantee empirically: a canary membership audit in one "
+            "training run (Steinke, Nasr & Jagielski 2023) of a twin of the fine-tuning run "
+            "on public canaries (epsilon lower bound at audit.confidence, TPR at low FPR), "
+            "with a non-private control that shows the audit's power; and memorization of "
+            "the private split by the generated samples (aggregates only). Writes "
+            "metrics.json and roc.png to --out.", _audit)
+    p.add_argument("--model", type=_location, required=True,
+                   help="pre-trained model the fine-tuning started from (the twin's start)")
+    p.add_argument("--generator", type=_location, required=True,
+                   help="the DP model (finetune output): its privacy.json is the claim")
+    p.add_argument("--synthetic", type=_location, required=True, help="synthetic set from sample")
+    p.add_argument("--private", type=_location, required=True,
+                   help="private split (memorization only; aggregates leave)")
+    p.add_argument("--heldout", type=_location, required=True,
+                   help="real data not trained on (the test split from prepare)")
     p = add("submit", "Submit the compiled Kubeflow pipeline (make pipeline) to a KFP API "
             "server: one run, or with --schedule a recurring run. Parameters are checked "
             "against the package before anything is sent. A token, if the API needs one, is "
@@ -344,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """The message on one line, without terminal escapes: some wrapped library
+    errors (PyYAML, tarfile, torch) span lines or carry colour codes, and a log
+    line (DVC, Kubeflow) should hold the whole error."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -368,10 +411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _stage_io(args, cfg):
             args.fn(args, cfg)
     except InputError as err:
-        print(f"dpsynth {args.command}: error: {err}", file=sys.stderr)
+        print(f"dpsynth {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except DpsynthError as err:
-        print(f"dpsynth {args.command}: error: {err}", file=sys.stderr)
+        print(f"dpsynth {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"dpsynth {args.command}: interrupted", file=sys.stderr)

@@ -406,6 +406,55 @@ class RankConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """`dpsynth audit`: an empirical check of the DP guarantee (PRIVACY.md,
+    "Empirical checks") and of memorization, beside the proof.
+
+    The membership audit (Steinke, Nasr & Jagielski 2023, one training run)
+    trains a twin of the fine-tuning run from the same pre-trained model, with
+    the same mechanism, (epsilon, delta) target, C and K, on `num_canaries`
+    noise canaries each included with probability 1/2 (public data only: it
+    spends none of the private budget), then a non-private control of the same
+    run. Its own `steps`, `batch_size` and `lr` keep it cheap; a larger lr only
+    makes the audit stronger (the guarantee holds for any lr).
+    """
+
+    num_canaries: int = 256  # m; about m/2 end up in the twin's training set
+    steps: int = 100
+    batch_size: int = 64  # expected logical batch of the twin runs (q = B / #included)
+    lr: float = 2e-3
+    score_draws: int = 8  # (t, noise) pairs per canary on the fixed scoring grid
+    score_t_range: tuple[float, float] = (0.05, 0.5)  # fractions of T
+    guess_fractions: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0)  # k+ = k- = f * m / 2
+    confidence: float = 0.95
+    control: bool = True  # also train the non-private control (shows the audit's power)
+    memorization_samples: int = 2000  # generated samples checked against the private split
+    memorization_ratio: float = 1 / 3  # near-copy: d1 / d2 below this (Carlini et al. 2023)
+
+    def __post_init__(self) -> None:
+        _check(self.num_canaries >= 8, "audit.num_canaries", self.num_canaries, "must be >= 8")
+        _check(self.steps >= 1, "audit.steps", self.steps, "must be >= 1")
+        # about m/2 canaries are included; the Poisson batch must stay below that
+        _check(1 <= self.batch_size <= self.num_canaries // 4, "audit.batch_size",
+               self.batch_size, f"must be in [1, audit.num_canaries // 4 = "
+               f"{self.num_canaries // 4}] (about half the canaries are in the training set)")
+        _check(self.lr > 0, "audit.lr", self.lr, "must be > 0")
+        _check(self.score_draws >= 1, "audit.score_draws", self.score_draws, "must be >= 1")
+        lo, hi = self.score_t_range
+        _check(0 <= lo <= hi <= 1, "audit.score_t_range", list(self.score_t_range),
+               "must be [lo, hi] with 0 <= lo <= hi <= 1")
+        _check(len(self.guess_fractions) >= 1 and all(0 < f <= 1 for f in self.guess_fractions),
+               "audit.guess_fractions", list(self.guess_fractions),
+               "needs at least one fraction in (0, 1]")
+        _check(0.5 <= self.confidence < 1, "audit.confidence", self.confidence,
+               "must be in [0.5, 1)")
+        _check(self.memorization_samples >= 1, "audit.memorization_samples",
+               self.memorization_samples, "must be >= 1")
+        _check(0 < self.memorization_ratio < 1, "audit.memorization_ratio",
+               self.memorization_ratio, "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow tracking. The URI comes from `MLFLOW_TRACKING_URI` when set."""
 
@@ -480,6 +529,7 @@ class Config:
     fid: FidConfig = field(default_factory=FidConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     rank: RankConfig = field(default_factory=RankConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
@@ -527,7 +577,8 @@ def _build(cls: Any, raw: Any, where: str) -> Any:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - names)
         if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+            raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known keys: "
+                              f"{sorted(names)}")
         kwargs = {k: _build(hints[k], v, f"{where}.{k}" if where else k) for k, v in raw.items()}
         try:
             return cls(**kwargs)
@@ -611,7 +662,11 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Confi
         try:
             raw = yaml_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+            mark = getattr(err, "problem_mark", None)  # one line, not PyYAML's multi-line text
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            why = getattr(err, "problem", None) or " ".join(str(err).split())
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {why}; "
+                              "fix the file") from None
         if not isinstance(raw, Mapping):
             raise ConfigError(f"config file {str(path)!r}: top level must be a mapping")
     return from_dict(raw, overrides)

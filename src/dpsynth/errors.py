@@ -13,3 +13,9 @@ class InputError(DpsynthError, ValueError):
 
 class ConfigError(InputError):
     """A config field is unknown or has an invalid value."""
+
+
+class TrainingDiverged(DpsynthError):
+    """Training produced non-finite values (exit code 1). The message names the
+    step, the last good checkpoint kept in the work folder and what to change;
+    the diverged state is never checkpointed or published."""

@@ -66,3 +66,21 @@ def plot_rank_scatter(synthetic_val: Sequence[float], real_test: Sequence[float]
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_audit_roc(curves: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+                   path: str | Path, title: str) -> None:
+    """Membership-audit ROC curves, `(label, fpr, tpr)` each, on log-log axes so
+    the low-FPR region (where an attack matters) is visible; chance is dotted."""
+    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=100)
+    floor = 1e-3
+    for label, fpr, tpr in curves:
+        ax.plot([max(f, floor) for f in fpr], [max(t, floor) for t in tpr], lw=1.5, label=label)
+    ax.plot([floor, 1], [floor, 1], color="0.6", lw=0.8, ls=":", label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title,
+           xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1.05))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

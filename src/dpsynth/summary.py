@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-STAGES = ("prepare", "pretrain", "finetune", "sample", "fid", "classify", "rank")
+STAGES = ("prepare", "pretrain", "finetune", "sample", "fid", "classify", "rank", "audit")
 WHAT = {
     "prepare": "public/private/test shards + manifests",
     "pretrain": "EMA diffusion model (safetensors + config.json), loss.csv",
@@ -15,6 +15,7 @@ WHAT = {
     "fid": "distances to the real test split, domain CNN",
     "classify": "accuracy vs number of synthetic samples, curve.png",
     "rank": "synthetic vs real ranking, scatter.png, champion classifier",
+    "audit": "canary membership audit (epsilon lower bound vs claim), memorization, roc.png",
 }
 
 

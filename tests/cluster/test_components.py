@@ -31,8 +31,9 @@ STAGE_COMPONENTS = {
     "prepare": {"prepare": "run"}, "pretrain": {"pretrain": "run"},
     "finetune": {"finetune": "run"},
     "sample": {"sample_shard": "make_shards", "merge_shards": "publish"},
-    "fid": {"fid": "run"}, "classify": {"classify": "run"}, "rank": {"rank": "run"}}
-GPU_COMPONENTS = {"pretrain", "finetune", "sample_shard"}
+    "fid": {"fid": "run"}, "classify": {"classify": "run"}, "rank": {"rank": "run"},
+    "audit": {"audit": "run"}}
+GPU_COMPONENTS = {"pretrain", "finetune", "sample_shard", "audit"}
 
 
 def _source(component: Any) -> str:
@@ -102,6 +103,9 @@ def test_components_pass_typed_artifacts() -> None:
         assert io(name)[0]["synthetic"] == dataset
         assert io(name)[1]["metrics"] == metrics
     assert io("rank")[0]["generator"] == model
+    assert io("audit") == (config | {"model": model, "dp_model": model, "synthetic": dataset,
+                                     "private": dataset, "test": dataset},
+                           {"results": "system.Artifact@0.0.1", "metrics": metrics, "roc": html})
 
 
 # --------------------------------------------------------------------------- the config

@@ -22,8 +22,9 @@ from pipelines import dpsynth_pipeline as pipe
 
 # dvc.yaml stage -> the task(s) of the pipeline that do its work
 TASKS = {"prepare": "prepare", "pretrain": "pretrain", "finetune": "finetune",
-         "sample": "merge-shards", "fid": "fid", "classify": "classify", "rank": "rank"}
-GPU_TASKS = {"pretrain", "finetune", "sample-shard"}
+         "sample": "merge-shards", "fid": "fid", "classify": "classify", "rank": "rank",
+         "audit": "audit"}
+GPU_TASKS = {"pretrain", "finetune", "sample-shard", "audit"}
 LOOP = "for-loop-1"  # the ParallelFor's task (the compiler names it)
 
 
@@ -109,11 +110,16 @@ def test_artifacts_flow_as_designed(spec) -> None:
     assert source("fid", "reference") == ("prepare", "test")
     assert source("fid", "public") == ("prepare", "public")
     assert source("rank", "generator") == ("finetune", "dp_model")
-    # the private split reaches only the DP trainer and the labelled non-private baseline
+    assert source("audit", "model") == ("pretrain", "model")
+    assert source("audit", "dp_model") == ("finetune", "dp_model")
+    assert source("audit", "synthetic") == ("merge-shards", "synthetic")
+    assert source("audit", "test") == ("prepare", "test")
+    # the private split reaches only the DP trainer, the labelled non-private baseline
+    # and the audit's memorization aggregates
     readers = {t for t, spec_ in tasks.items()
                for art in spec_.get("inputs", {}).get("artifacts", {}).values()
                if art.get("taskOutputArtifact", {}).get("outputArtifactKey") == "private"}
-    assert readers == {"finetune", "classify"}
+    assert readers == {"finetune", "classify", "audit"}
 
 
 def test_sampling_fans_out_over_shard_indices(spec) -> None:

@@ -31,7 +31,8 @@ pytestmark = [
 # dvc.yaml stage -> (task, output) of its artifact in the pipeline
 OUTPUTS = {"pretrain": ("pretrain", "model"), "finetune": ("finetune", "dp_model"),
            "sample": ("merge-shards", "synthetic"), "fid": ("fid", "results"),
-           "classify": ("classify", "results"), "rank": ("rank", "results")}
+           "classify": ("classify", "results"), "rank": ("rank", "results"),
+           "audit": ("audit", "results")}
 STAGES = ("prepare", *OUTPUTS)
 
 
@@ -53,7 +54,7 @@ def test_every_task_ran_and_sampling_fanned_out(kfp_local_smoke_run: KfpLocalRun
     run = kfp_local_smoke_run
     tasks = {p.name for p in run.run_dir.iterdir()}
     assert tasks == {"resolve-config", "prepare", "pretrain", "finetune", "shard-indices",
-                     "merge-shards", "fid", "classify", "rank",
+                     "merge-shards", "fid", "classify", "rank", "audit",
                      *(f"for-loop-1-iteration-{i}" for i in range(3))}
     for i in range(3):  # one shard per iteration
         shard = run.run_dir / f"for-loop-1-iteration-{i}" / "sample-shard" / "shard"

@@ -161,8 +161,31 @@ def test_missing_weights_are_an_input_error(tmp_path: Path, tiny_net: UNet2DMode
                                             tiny_spec: UNetSpec) -> None:
     save_model(tmp_path, tiny_spec, tiny_net)
     (tmp_path / WEIGHTS).unlink()
-    with pytest.raises(InputError, match=f"{WEIGHTS}: cannot load weights"):
+    with pytest.raises(InputError, match=f"{tmp_path}: no {WEIGHTS} .*dpsynth pretrain"):
         load_model(tmp_path)
+
+
+class _Payload:
+    """Unpickling this creates the file `path`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("name", [WEIGHTS, "pytorch_model.bin"])
+def test_pickled_weights_are_refused_unread(tmp_path: Path, tiny_net: UNet2DModel,
+                                            tiny_spec: UNetSpec, name: str) -> None:
+    save_model(tmp_path, tiny_spec, tiny_net)
+    (tmp_path / WEIGHTS).unlink()
+    marker = tmp_path / "marker"
+    torch.save({"conv_in.weight": _Payload(str(marker))}, tmp_path / name)
+    with pytest.raises(InputError, match="never unpickled") as info:
+        load_model(tmp_path)
+    assert name in str(info.value)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("name", [WEIGHTS, EMA_WEIGHTS])

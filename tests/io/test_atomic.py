@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,35 @@ def test_atomic_write_bytes_exact(tmp_path: Path) -> None:
     data = bytes(range(256)) * 3
     atomic_write_bytes(tmp_path / "b.bin", data)
     assert (tmp_path / "b.bin").read_bytes() == data
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid  # gone (a reuse within this test is vanishingly unlikely)
+
+
+def test_a_killed_writers_leftovers_go_with_the_next_publish(tmp_path: Path) -> None:
+    """A SIGKILL runs no cleanup: its temp/old folders stay until the next successful
+    publish of the same target, which removes those whose writer process is gone,
+    and leaves a live writer's, another host's and unrelated folders alone."""
+    from dpsynth.io import atomic
+
+    target = tmp_path / "out"
+    host, dead, live = atomic._HOST, _dead_pid(), os.getppid()
+    killed = [tmp_path / f".out.tmp-0123abcd-{dead}-{host}",
+              tmp_path / f".out.old-0123abcd-{dead}-{host}"]
+    kept = [tmp_path / f".out.tmp-4567abcd-{live}-{host}",  # a writer still running
+            tmp_path / f".out.tmp-89abcdef-{dead}-{'0' * 8}",  # another machine's
+            tmp_path / ".other.tmp-0123abcd-1-x"]
+    for folder in killed + kept:
+        folder.mkdir()
+        (folder / "half.bin").write_bytes(b"half")
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("a")
+    assert (target / "a.txt").read_text() == "a"
+    assert not any(p.exists() for p in killed)
+    assert all(p.exists() for p in kept)

@@ -297,3 +297,13 @@ def test_ledger_on_s3_keeps_every_entry_of_concurrent_runs(s3) -> None:
     assert errors == []
     assert sorted(e.run_id for e in PrivacyLedger(ledger_dir, DATASET).entries()) == [
         f"run-{i}" for i in range(4)]
+
+
+def test_a_killed_writers_temporary_file_goes_with_the_next_write(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path, DATASET)
+    ledger.reserve("run-1", PLAN, delta=DELTA, accountant="prv", budget_epsilon=10.0)
+    stale = tmp_path / f".{DATASET}.json.tmp-deadbeef"  # SIGKILLed mid-write
+    stale.write_bytes(b'{"schema": 1, "entr')
+    ledger.record_progress("run-1", 10)
+    assert not stale.exists()
+    assert ledger.entries()[0].steps_done == 10

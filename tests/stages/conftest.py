@@ -105,6 +105,36 @@ def sampled_dir(tmp_path_factory: pytest.TempPathFactory, tiny_cfg: Config,
     return out
 
 
+NUM_PRIVATE = 300  # the DP fine-tuning tests' private split
+
+
+@pytest.fixture(scope="session")
+def private_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private split of NUM_PRIVATE digits disjoint from the public ones. Read-only."""
+    images, labels = digits_uint8()
+    out = tmp_path_factory.mktemp("digits") / "private"
+    write_dataset(out, images[1000:1000 + NUM_PRIVATE], labels[1000:1000 + NUM_PRIVATE],
+                  DIGIT_CLASSES, source="sklearn-digits private", shard_size=200)
+    return out
+
+
+@pytest.fixture
+def dp_cfg(make_cfg: Callable[..., Config], tmp_path: Path) -> Callable[..., Config]:
+    """The tiny config with a small, test-seeded DP fine-tuning section (6 steps,
+    checkpoints every 2) and a per-test privacy ledger in `tmp_path / "ledger"`."""
+
+    def make(*overrides: str) -> Config:
+        return make_cfg(
+            "finetune.steps=6", "finetune.batch_size=24", "finetune.physical_batch_size=10",
+            "finetune.aug_multiplicity=2", "finetune.checkpoint_every=2",
+            "finetune.log_every=2", "finetune.accountant=rdp", "finetune.noise_seed=7",
+            "finetune.timesteps={kind: piecewise, intervals: [[0, 30], [30, 100]], "
+            "weights: [0.3, 0.7]}",
+            f"privacy.ledger_dir={tmp_path / 'ledger'}", *overrides)
+
+    return make
+
+
 NUM_EVAL_PRIVATE = 213  # distinctive: tests check it never reaches metrics or params
 
 

@@ -7,56 +7,22 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from safetensors.torch import load_file
 
 from dpsynth.config import Config
 from dpsynth.errors import InputError
-from dpsynth.io.shards import write_dataset
 from dpsynth.privacy import accounting
 from dpsynth.privacy.ledger import PrivacyLedger
 from dpsynth.stages import finetune, sample
 from dpsynth.stages.common import work_dir_for
 from dpsynth.tracking import NullTracker, flatten
 
-NUM_PRIVATE = 300
-DIGIT_CLASSES = tuple(str(k) for k in range(10))
-
-
-def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
-    d = load_digits()
-    return np.round(d.images * 255 / 16).astype(np.uint8)[..., None], d.target.astype(np.int64)
+NUM_PRIVATE = 300  # the size of the `private_dir` fixture (tests/stages/conftest.py)
 
 PRIVACY_KEYS = {"epsilon", "delta", "noise_multiplier", "sample_rate", "steps",
                 "aug_multiplicity", "max_grad_norm", "accountant", "sampler", "seeded_for_test"}
-
-
-@pytest.fixture(scope="module")
-def private_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    images, labels = digits_uint8()
-    out = tmp_path_factory.mktemp("digits") / "private"
-    write_dataset(out, images[1000:1000 + NUM_PRIVATE], labels[1000:1000 + NUM_PRIVATE],
-                  DIGIT_CLASSES, source="sklearn-digits private", shard_size=200)
-    return out
-
-
-@pytest.fixture
-def dp_cfg(make_cfg: Callable[..., Config], tmp_path: Path) -> Callable[..., Config]:
-    """The tiny config with a small DP fine-tuning section and a per-test ledger."""
-
-    def make(*overrides: str) -> Config:
-        return make_cfg(
-            "finetune.steps=6", "finetune.batch_size=24", "finetune.physical_batch_size=10",
-            "finetune.aug_multiplicity=2", "finetune.checkpoint_every=2",
-            "finetune.log_every=2", "finetune.accountant=rdp", "finetune.noise_seed=7",
-            "finetune.timesteps={kind: piecewise, intervals: [[0, 30], [30, 100]], "
-            "weights: [0.3, 0.7]}",
-            f"privacy.ledger_dir={tmp_path / 'ledger'}", *overrides)
-
-    return make
 
 
 def run(cfg: Config, model: Path, private: Path, public: Path, out: Path,
@@ -252,3 +218,139 @@ def test_only_checkpointed_steps_are_released(dp_cfg: Callable[..., Config],
     for step in released:
         i = events.index(("release", step))
         assert ("checkpoint", step) in events[:i], events
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+def poison_private_loss_from(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
+    """Make the loss on the private batches NaN from DP step k on (the public
+    monitoring loss stays finite): the NaN flows through the per-example
+    gradients into the noisy update, where the stage must catch it."""
+    from dpsynth.diffusion.loss import DenoisingLoss
+
+    steps = {"n": 0, "poisoned": False}
+    real_step, real_loss = finetune.noisy_gradient, DenoisingLoss.per_example
+
+    def noisy_gradient(*args: Any, **kwargs: Any) -> Any:
+        steps["n"] += 1
+        steps["poisoned"] = steps["n"] >= k
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            steps["poisoned"] = False
+
+    def per_example(self: DenoisingLoss, *args: Any) -> torch.Tensor:
+        value = real_loss(self, *args)
+        return value * float("nan") if steps["poisoned"] else value
+
+    monkeypatch.setattr(finetune, "noisy_gradient", noisy_gradient)
+    monkeypatch.setattr(DenoisingLoss, "per_example", per_example)
+
+
+def test_divergence_stops_keeps_the_last_good_checkpoint_and_the_ledger_entry(
+        dp_cfg: Callable[..., Config], inputs: tuple[Path, Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dpsynth.errors import TrainingDiverged
+    from dpsynth.training.checkpoint import load_latest
+
+    cfg = dp_cfg()  # 6 steps, a checkpoint every 2
+    straight = run(cfg, *inputs, tmp_path / "straight")
+    out, work = tmp_path / "finetune", work_dir_for(tmp_path / "finetune")
+    with monkeypatch.context() as m:
+        poison_private_loss_from(m, 5)
+        with pytest.raises(TrainingDiverged) as info:
+            run(cfg, *inputs, out)
+    message = str(info.value)
+    assert "DP fine-tuning diverged at step 5: the parameters after the noisy update" in message
+    assert f"the last good checkpoint (step 4) is kept in {work}" in message
+    assert "finetune.lr" in message and "finetune.max_grad_norm" in message
+    assert "ledger entry stays" in message and "1 step(s) it redoes" in message
+    assert str(NUM_PRIVATE) not in message  # nothing derived from the private data
+    assert not out.exists() and not list(tmp_path.glob(".finetune.*"))
+    state = load_latest(work)
+    assert state is not None and state.step == 4
+    for tensors in (state.net, state.ema):
+        assert all(torch.isfinite(v).all() for v in tensors.values())
+
+    # the diverged run's reservation stays, in full (its steps were spent)
+    ledger = PrivacyLedger(tmp_path / "ledger", _dataset_hash(inputs[1]))
+    diverged = [e for e in ledger.entries() if e.run_id == state.meta["run_id"]]
+    assert [(e.status, e.steps_done, e.planned_steps) for e in diverged] == [("reserved", 5, 6)]
+
+    # resume, the fault gone: the same run finishes with the same guarantee and
+    # (test-seeded noise) the weights of an uninterrupted run
+    resumed = run(cfg, *inputs, out)
+    assert resumed.resumed_from == 4 and resumed.epsilon == straight.epsilon
+    a, b = (load_file(d / "model.safetensors") for d in (tmp_path / "straight", out))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    # ... and the ledger also counts the redone step 5, whose first attempt's
+    # divergence was released: two runs (straight, resumed) plus one redone step
+    entries = {e.run_id: e for e in ledger.entries()}
+    redo = entries.pop(f"{state.meta['run_id']}-redo-4-5")
+    assert (redo.status, redo.planned_steps, redo.history[0][:2]) == (
+        "completed", 1, (resumed.noise_multiplier, pytest.approx(24 / NUM_PRIVATE)))
+    assert sorted(e.status for e in entries.values()) == ["completed", "completed"]
+
+
+def test_the_private_loss_is_never_tested_for_divergence(
+        dp_cfg: Callable[..., Config], inputs: tuple[Path, Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the private batches' loss *value* is NaN but its gradient is the true one (a
+    # NaN constant added): only a check on the private loss would stop this run,
+    # and that check would be a data-dependent release (PRIVACY.md rule 6)
+    from dpsynth.diffusion.loss import DenoisingLoss
+
+    private = {"on": False}
+    real_step, real_loss = finetune.noisy_gradient, DenoisingLoss.per_example
+
+    def noisy_gradient(*args: Any, **kwargs: Any) -> Any:
+        private["on"] = True
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            private["on"] = False
+
+    def per_example(self: DenoisingLoss, *args: Any) -> torch.Tensor:
+        value = real_loss(self, *args)
+        return value + torch.full_like(value, float("nan")).detach() if private["on"] else value
+
+    monkeypatch.setattr(finetune, "noisy_gradient", noisy_gradient)
+    monkeypatch.setattr(DenoisingLoss, "per_example", per_example)
+    out = tmp_path / "finetune"
+    run(dp_cfg("finetune.steps=2"), *inputs, out)
+    weights = load_file(out / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_divergence_before_any_checkpoint_leaves_nothing_to_resume(
+        dp_cfg: Callable[..., Config], inputs: tuple[Path, Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dpsynth.errors import TrainingDiverged
+    from dpsynth.training.checkpoint import load_latest
+
+    poison_private_loss_from(monkeypatch, 1)
+    out = tmp_path / "finetune"
+    with pytest.raises(TrainingDiverged, match="diverged at step 1") as info:
+        run(dp_cfg(), *inputs, out)
+    assert "no checkpoint was saved before it" in str(info.value)
+    assert "redoes" not in str(info.value)
+    assert not out.exists() and load_latest(work_dir_for(out)) is None
+    ledger = PrivacyLedger(tmp_path / "ledger", _dataset_hash(inputs[1]))
+    assert [(e.status, e.steps_done) for e in ledger.entries()] == [("reserved", 1)]
+
+
+def test_a_model_without_ema_weights_is_finetuned_from_its_raw_weights(
+        dp_cfg: Callable[..., Config], inputs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from dpsynth.io.shards import sha256_file
+
+    model = tmp_path / "model"
+    shutil.copytree(inputs[0], model)
+    (model / "ema.safetensors").unlink()  # load_model falls back to model.safetensors
+    out = tmp_path / "finetune"
+    run(dp_cfg("finetune.steps=2"), model, *inputs[1:], out)
+    finetuned_from = json.loads((out / "config.json").read_text())["finetuned_from"]
+    assert finetuned_from == sha256_file(model / "model.safetensors")

@@ -22,6 +22,7 @@ import dpsynth
 from dpsynth.config import Config
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.diffusion.unet import EMA_WEIGHTS, WEIGHTS, load_model
+from dpsynth.errors import TrainingDiverged
 from dpsynth.stages import pretrain
 from dpsynth.stages.common import work_dir_for
 from dpsynth.tracking import NullTracker, flatten
@@ -388,3 +389,82 @@ def test_tracker_sees_only_config_and_scalar_metrics(tmp_path: Path, tiny_cfg: C
     series = [(step, m["loss"]) for m, step in tracker.raw_metrics if "loss" in m]
     assert series == loss_rows(out)
     assert tracker.artifacts == [out / "loss.csv", out / "loss.png"]
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+def nan_loss_from(k: int) -> Callable[..., torch.Tensor]:
+    """A `DenoisingLoss.__call__` whose value is NaN from its k-th call (step k) on."""
+    calls = {"n": 0}
+    original = DenoisingLoss.__call__
+
+    def loss(self: DenoisingLoss, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["n"] += 1
+        value = original(self, *args, **kwargs)
+        return value * float("nan") if calls["n"] >= k else value
+
+    return loss
+
+
+def nan_update_at(k: int) -> Callable[..., torch.Tensor]:
+    """A `DenoisingLoss.__call__` with a finite value at every step whose gradient is
+    NaN at step k (d/dx sqrt(x) at 0 is inf, times 0): the loss check cannot see
+    it, the parameters after the update are NaN."""
+    calls = {"n": 0}
+    original = DenoisingLoss.__call__
+
+    def loss(self: DenoisingLoss, net: torch.nn.Module, *args: Any,
+             **kwargs: Any) -> torch.Tensor:
+        calls["n"] += 1
+        value = original(self, net, *args, **kwargs)
+        if calls["n"] == k:
+            value = value + torch.sqrt(next(net.parameters()).sum() * 0)
+        return value
+
+    return loss
+
+
+@pytest.mark.parametrize("fault, step, what", [
+    (nan_loss_from(7), 7, "the loss on a public batch is nan"),
+    # step 8 is a checkpoint step: the diverged state must not be saved
+    (nan_update_at(8), 8, "the parameters after the update are not finite"),
+], ids=["nan-loss", "nan-update"])
+def test_divergence_stops_keeps_the_last_good_checkpoint_and_can_resume(
+        tmp_path: Path, tiny_cfg: Config, digits_public_dir: Path, pretrained_dir: Path,
+        monkeypatch: pytest.MonkeyPatch, fault: Callable[..., torch.Tensor], step: int,
+        what: str) -> None:
+    out = tmp_path / "pretrain"
+    work = work_dir_for(out)
+    with monkeypatch.context() as m:
+        m.setattr(DenoisingLoss, "__call__", fault)
+        with pytest.raises(TrainingDiverged) as info:
+            run(tiny_cfg, digits_public_dir, out)
+    message = str(info.value)
+    assert f"pre-training diverged at step {step}: {what}" in message
+    assert f"the last good checkpoint (step 4) is kept in {work}" in message  # every 4 steps
+    assert "pretrain.lr (now 0.002)" in message and "pretrain.warmup_steps" in message
+    assert not out.exists() and leftovers(tmp_path, "pretrain") == []
+
+    state = load_latest(work)
+    assert state is not None and state.step == 4 < step
+    assert [p.name for p in work.glob("ckpt-*")] == ["ckpt-00000004"]
+    for tensors in (state.net, state.ema):
+        assert all(torch.isfinite(v).all() for v in tensors.values())
+
+    # the fault gone, an unchanged re-run resumes from it and ends where an
+    # uninterrupted run does
+    result = run(tiny_cfg, digits_public_dir, out)
+    assert result.resumed_from == 4
+    assert_same_model(out, pretrained_dir)
+
+
+def test_divergence_before_the_first_checkpoint_says_a_rerun_starts_over(
+        tmp_path: Path, tiny_cfg: Config, digits_public_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(DenoisingLoss, "__call__", nan_loss_from(2))
+    out = tmp_path / "pretrain"
+    with pytest.raises(TrainingDiverged, match="diverged at step 2") as info:
+        run(tiny_cfg, digits_public_dir, out)
+    assert "no checkpoint was saved before it (the first is due at step 4" in str(info.value)
+    assert not out.exists() and load_latest(work_dir_for(out)) is None

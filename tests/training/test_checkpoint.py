@@ -277,3 +277,27 @@ def test_latest_pointing_at_a_moved_folder_falls_back_to_the_newest_complete(
     (tmp_path / "ckpt-00000002").rename(tmp_path / ".ckpt-00000002.old-cafe0000")
     got = load_latest(tmp_path)
     assert got is not None and got.step == 1 and float(got.net["w"][0, 0]) == 1.0
+
+
+def test_a_kill_while_pruning_leaves_every_ckpt_folder_complete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Old checkpoints are renamed out of the `ckpt-*` names before they are deleted:
+    a kill half-way through deleting one leaves no partial `ckpt-*` folder that
+    load_latest could fall back to."""
+    for step in (1, 2):
+        save_checkpoint(tmp_path, tiny_state(step), keep=2)
+
+    def killed_half_way(path: Path, ignore_errors: bool = False) -> None:
+        next(Path(path).iterdir()).unlink()  # one file gone, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, tiny_state(3), keep=2)  # prunes ckpt-1
+    monkeypatch.undo()
+    for folder in tmp_path.glob("ckpt-*"):
+        assert {p.name for p in folder.iterdir()} == {
+            "model.safetensors", "ema.safetensors", "state.safetensors", "state.json"}
+    assert load_latest(tmp_path).step == 3
+    save_checkpoint(tmp_path, tiny_state(4), keep=2)  # the next save clears the debris
+    assert not list(tmp_path.glob(".ckpt-*"))

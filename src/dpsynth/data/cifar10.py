@@ -93,7 +93,8 @@ def _read_members(path: Path) -> dict[str, bytes]:
                     if f is not None:
                         found[base] = f.read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-        raise InputError(f"{path}: corrupt or truncated archive ({err}); re-download "
+        detail = " ".join(str(err).split())  # tarfile lists each method on its own line
+        raise InputError(f"{path}: corrupt or truncated archive ({detail}); re-download "
                          "cifar-10-python.tar.gz") from None
     missing = [f"{FOLDER}/{m}" for m in MEMBERS if m not in found]
     if missing:

@@ -20,8 +20,10 @@ from dpsynth.io.shards import MANIFEST, read_dataset
 
 def _images(images: np.ndarray, path: Path) -> np.ndarray:
     where = f"{path}: field 'images'"
-    if np.issubdtype(images.dtype, np.floating) and np.isnan(images).any():
-        raise InputError(f"{where}: contains NaN; clean the data and store it as uint8 0..255")
+    if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
+        bad = "NaN" if np.isnan(images).any() else "inf"
+        raise InputError(f"{where}: contains {bad} pixel values; clean the data and store it "
+                         "as uint8 0..255")
     if images.dtype != np.uint8:
         raise InputError(f"{where}: dtype {images.dtype}, expected uint8 0..255; convert it "
                          "(e.g. (x * 255).round().clip(0, 255).astype(np.uint8))")

@@ -98,11 +98,44 @@ def load_model(model_dir: str | Path, use_ema: bool = True) -> tuple[UNetSpec, U
         raise InputError(f"{cfg_path}: not a valid model config ({err}); re-run the stage "
                          "that wrote it") from None
     net = build_unet(spec)
-    path = model_dir / (EMA_WEIGHTS if use_ema and (model_dir / EMA_WEIGHTS).is_file()
-                        else WEIGHTS)
+    path = weights_file(model_dir, use_ema)
     try:
         net.load_state_dict(load_file(path))
-    except Exception as err:  # noqa: BLE001 - missing, truncated or mismatched weights
-        raise InputError(f"{path}: cannot load weights ({err}); re-run the stage that "
+    except Exception as err:  # noqa: BLE001 - a pickle, truncated or mismatched weights
+        if looks_like_pickle(path):
+            raise InputError(f"{path}: not a safetensors file but a pickle (torch.save); "
+                             "pickles can run code and are never unpickled here: re-run "
+                             "`dpsynth pretrain`, or convert weights you trust with "
+                             "safetensors.torch.save_file") from None
+        detail = " ".join(str(err).split())[:300]
+        raise InputError(f"{path}: cannot load weights ({detail}); re-run the stage that "
                          "wrote them") from None
     return spec, net.eval(), raw
+
+
+def weights_file(model_dir: str | Path, use_ema: bool = True) -> Path:
+    """The weights `load_model` reads: the EMA weights when present and asked for.
+
+    Raises:
+        InputError: the folder has neither weights file.
+    """
+    model_dir = Path(model_dir)
+    if use_ema and (model_dir / EMA_WEIGHTS).is_file():
+        return model_dir / EMA_WEIGHTS
+    if (model_dir / WEIGHTS).is_file():
+        return model_dir / WEIGHTS
+    others = sorted(p.name for p in model_dir.iterdir() if p.is_file()
+                    and p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+    found = (f"; it has {others}, which are pickles and are never unpickled here (they can "
+             "run code)" if others else "")
+    raise InputError(f"{model_dir}: no {WEIGHTS} (safetensors weights){found}; pass the "
+                     "output folder of `dpsynth pretrain` or re-run `dpsynth pretrain`")
+
+
+def looks_like_pickle(path: Path) -> bool:
+    """Whether a file that safetensors could not read starts like a pickle (protocol
+    2+) or a `torch.save` zip archive. Only read, never unpickled."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+            or head == b"PK\x03\x04")

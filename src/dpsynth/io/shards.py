@@ -163,11 +163,27 @@ def iter_shards(data_dir: str | Path) -> Iterator[tuple[np.ndarray, np.ndarray]]
             raise InputError(f"{path}: holds {len(images)} images, manifest "
                              f"says {info.count}")
         # a matching hash only says the file is unchanged; check its content too
-        check_images(images, labels, len(manifest.classes), where=str(path))
+        try:
+            check_images(images, labels, len(manifest.classes), where=str(path))
+        except InputError as err:
+            raise InputError(f"{err}; re-run the stage that wrote it") from None
         if images.shape[1:] != manifest.shape:
             raise InputError(f"{path}: images have shape (H, W, C)={images.shape[1:]}, "
-                             f"manifest says {manifest.shape}")
+                             f"manifest says {manifest.shape}; re-run the stage that wrote it")
         yield images, labels
+
+
+def verify_dataset(data_dir: str | Path) -> Manifest:
+    """Check every shard of a dataset (hash and content) without keeping them in
+    memory: for stages that must refuse a bad input before writing anything but
+    read it only later, in the middle of their work.
+
+    Raises:
+        InputError: a missing manifest or shard, a hash mismatch, bad content.
+    """
+    for _ in iter_shards(data_dir):
+        pass
+    return read_manifest(data_dir)
 
 
 def read_dataset(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray, Manifest]:

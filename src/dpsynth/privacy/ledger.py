@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import math
 import os
@@ -273,7 +274,13 @@ class PrivacyLedger:
                             "entries": [e.to_json() for e in entries]}, indent=2) + "\n").encode()
 
     def _write(self, entries: list[LedgerEntry]) -> None:
-        atomic_write_bytes(self.path, self._encode(entries))
+        """Replace the ledger file (local; the caller holds the lock)."""
+        path = Path(self.path)
+        atomic_write_bytes(path, self._encode(entries))
+        # Every writer holds the lock while it writes, so a temporary file of the
+        # ledger seen now is a killed writer's (a SIGKILL runs no cleanup).
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+            stale.unlink(missing_ok=True)
 
 
 def _composed(entries: Sequence[LedgerEntry], delta: float, accountant: AccountantKind,

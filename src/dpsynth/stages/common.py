@@ -1,4 +1,5 @@
-"""Small helpers every stage uses: fingerprints, work folders, metrics files."""
+"""Small helpers every stage uses: fingerprints, work folders, metrics files, and
+the divergence check of the training stages."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any, Mapping
+
+import torch
 
 from dpsynth.io import storage
 from dpsynth.io.atomic import atomic_write_json
@@ -26,3 +29,18 @@ def work_dir_for(out_dir: str | Path) -> Path | str:
 
 def write_metrics(out_dir: str | Path, metrics: Mapping[str, Any]) -> None:
     atomic_write_json(Path(out_dir) / "metrics.json", dict(metrics))
+
+
+def all_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter of `module` is finite (one device sync in all)."""
+    flags = [torch.isfinite(p).all() for p in module.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def kept_checkpoint(work_dir: str | Path, last_saved: int | None, checkpoint_every: int,
+                    section: str) -> str:
+    """The part of a divergence message that says what a re-run resumes from."""
+    if last_saved is None:
+        return (f"no checkpoint was saved before it (the first is due at step "
+                f"{checkpoint_every}: {section}.checkpoint_every), so a re-run starts over")
+    return f"the last good checkpoint (step {last_saved}) is kept in {work_dir}"

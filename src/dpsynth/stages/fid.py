@@ -29,7 +29,7 @@ from dpsynth.eval.domain_cnn import (DomainCnnExtractor, load_domain_cnn, save_d
 from dpsynth.eval.features import (FeatureExtractor, FeatureStats, InceptionExtractor,
                                    extract_stats)
 from dpsynth.io.atomic import atomic_dir, atomic_write_bytes, atomic_write_json
-from dpsynth.io.shards import MANIFEST, Manifest, read_dataset, read_manifest
+from dpsynth.io.shards import MANIFEST, Manifest, read_dataset, read_manifest, verify_dataset
 from dpsynth.provenance import write_run_info
 from dpsynth.stages.common import fingerprint, work_dir_for, write_metrics
 from dpsynth.tracking import Tracker
@@ -220,6 +220,11 @@ def run(cfg: Config, *, synthetic_dir: Path, reference_dir: Path, public_dir: Pa
     if "inception-v3-compat" in fc.extractors:  # before any work: a missing file fails fast
         device = "cuda" if torch.cuda.is_available() else "cpu"
         inception = InceptionExtractor.from_file(str(fc.inception_weights), device=device)
+    # every shard's hash and content, before anything goes into the work folder's
+    # caches or the output (the features are read again, shard by shard, below)
+    for role, m in (("synthetic", syn), ("reference", ref), ("public", pub)):
+        if m is not None:
+            verify_dataset(dirs[role])
 
     work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
     tracker.log_params(cfg.section(*SECTIONS))

@@ -29,8 +29,8 @@ from dpsynth.config import Config
 from dpsynth.diffusion.ema import EMA
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.diffusion.samplers import from_uint8
-from dpsynth.diffusion.unet import load_model, save_model
-from dpsynth.errors import InputError
+from dpsynth.diffusion.unet import load_model, save_model, weights_file
+from dpsynth.errors import InputError, TrainingDiverged
 from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import read_dataset, sha256_file
 from dpsynth.plots import plot_loss
@@ -41,13 +41,15 @@ from dpsynth.privacy.ledger import PrivacyLedger
 from dpsynth.privacy.per_example import use_vmap_friendly_attention
 from dpsynth.privacy.sampling import poisson_batch, sample_rate
 from dpsynth.provenance import write_run_info
-from dpsynth.stages.common import fingerprint, work_dir_for, write_metrics
+from dpsynth.stages.common import (all_finite, fingerprint, kept_checkpoint, work_dir_for,
+                                   write_metrics)
 from dpsynth.tracking import Tracker
 from dpsynth.training.checkpoint import TrainState, load_latest, restore, save_checkpoint
 
 log = logging.getLogger(__name__)
 SECTIONS = ("seed", "diffusion", "finetune", "privacy")
 EVAL_BATCH = 256  # fixed public examples x draws for the monitoring loss
+DIVERGED = "diverged.json"  # in the work folder: where the run diverged, for a resume
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,57 @@ def public_eval(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y: t
         return float(loss.per_example(net, x, labels, t, noise).mean())
 
 
+def _diverged(cfg: Config, step: int, work_dir: Path, last_saved: int | None, run_id: str,
+              ledger: PrivacyLedger, is_main: bool) -> TrainingDiverged:
+    """The error for a divergence at `step`. Rank 0 notes the steps taken in the
+    ledger (the run's entry stays and counts in full) and, when a checkpoint
+    exists, leaves `DIVERGED` in the work folder so that a resume accounts for
+    the steps it redoes (`_account_redone_steps`)."""
+    fc = cfg.finetune
+    if is_main:
+        ledger.record_progress(run_id, step)
+        if last_saved is not None:
+            atomic_write_json(work_dir / DIVERGED, {"run_id": run_id, "step": step,
+                                                    "checkpoint_step": last_saved})
+    kept = kept_checkpoint(work_dir, last_saved, fc.checkpoint_every, "finetune")
+    resume = ("" if last_saved is None else
+              f"; an unchanged re-run resumes from the checkpoint, and the privacy ledger "
+              f"then also counts the {step - last_saved} step(s) it redoes")
+    return TrainingDiverged(
+        f"DP fine-tuning diverged at step {step}: the parameters after the noisy update are "
+        f"not finite. Nothing was published and the diverged state was not saved; {kept}. "
+        f"The run's privacy ledger entry stays: its steps were spent. Lower finetune.lr (now "
+        f"{fc.lr:g}) or finetune.max_grad_norm (now {fc.max_grad_norm:g}) for a new run"
+        f"{resume}")
+
+
+def _account_redone_steps(ledger: PrivacyLedger, work_dir: Path, run_id: str,
+                          resumed_from: int, sigma: float, q: float, cfg: Config) -> None:
+    """Record, as one more ledger entry, the steps a resume after a divergence redoes.
+
+    The divergence at step k was released (the error says so), and it is a
+    function of steps resumed_from+1..k with their noise. A release run redoes
+    those steps with fresh noise, so they are spent twice: the run's own entry
+    counts them once, this entry once more (docs/privacy.md, "Releasing a step
+    that a resume then redoes"). A test-seeded run redoes them with the same
+    noise but is counted the same way (never under-counts). Raises the ledger's
+    refusal if that would exceed the dataset's budget; the marker then stays for
+    the next attempt.
+    """
+    marker = work_dir / DIVERGED
+    if not marker.is_file():
+        return
+    info = json.loads(marker.read_text())
+    redone = int(info["step"]) - resumed_from
+    if info.get("run_id") == run_id and redone > 0:
+        fc = cfg.finetune
+        redo_id = f"{run_id}-redo-{resumed_from}-{info['step']}"
+        ledger.reserve(redo_id, [(sigma, q, redone)], delta=fc.delta, accountant=fc.accountant,
+                       budget_epsilon=cfg.privacy.dataset_budget_epsilon)
+        ledger.complete(redo_id, redone)
+    marker.unlink()
+
+
 def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, out_dir: Path,
         tracker: Tracker, resume: bool = True, work_dir: Path | None = None,
         stop_after: int | None = None) -> FinetuneResult:
@@ -100,19 +153,39 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     Raises:
         InputError: bad model or data, delta >= 1/N, batch larger than the data,
             or a run the privacy ledger refuses.
+        TrainingDiverged: the parameters became non-finite; the last good
+            checkpoint stays in `work_dir`, nothing is published.
     """
     fc = cfg.finetune
     work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
     spec, net, model_cfg = load_model(model_dir)
+    weights_sha = sha256_file(weights_file(model_dir))  # the file load_model read
     check_model(net)
     images, labels, manifest = read_dataset(private_dir)
     if tuple(manifest.classes) != tuple(model_cfg["classes"]):
         raise InputError(f"{private_dir}: classes {list(manifest.classes)} differ from the "
                          f"model's {model_cfg['classes']}; pre-train on data with the same "
                          "label set")
-    if tuple(manifest.shape) != (spec.image_size, spec.image_size, spec.channels):
+    expected_shape = (spec.image_size, spec.image_size, spec.channels)
+    if tuple(manifest.shape) != expected_shape:
         raise InputError(f"{private_dir}: images are {list(manifest.shape)}, the model expects "
-                         f"{[spec.image_size, spec.image_size, spec.channels]}")
+                         f"{list(expected_shape)}; prepare the private split with the "
+                         "data.image_size and data.channels the model was pre-trained with")
+    if len(images) == 0:  # says N = 0 and nothing else: no private information
+        raise InputError(f"{private_dir}: the private split holds no images; pass the "
+                         "private split of `dpsynth prepare` (e.g. artifacts/prepare/private)")
+    # Read the public split (for the monitoring loss) before the ledger: a bad
+    # public input must stop the run before it reserves any privacy budget.
+    pub_images, pub_labels, pub_manifest = read_dataset(public_dir)
+    if tuple(pub_manifest.shape) != expected_shape or len(pub_images) == 0:
+        raise InputError(f"{public_dir}: the public split holds {len(pub_images)} images of "
+                         f"shape {list(pub_manifest.shape)}, the model expects "
+                         f"{list(expected_shape)}; pass the public split the model was "
+                         "pre-trained on (e.g. artifacts/prepare/public)")
+    if len(pub_manifest.classes) > spec.num_classes:
+        raise InputError(f"{public_dir}: {len(pub_manifest.classes)} classes, the model has "
+                         f"{spec.num_classes}; pass the public split the model was "
+                         "pre-trained on (e.g. artifacts/prepare/public)")
     n = len(images)  # private: a call-time value, never logged (PRIVACY.md rule 6)
     accounting.check_delta(fc.delta, n)
     q = sample_rate(fc.batch_size, n)
@@ -120,8 +193,7 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
         target_epsilon=fc.epsilon, delta=fc.delta, sample_rate=q, steps=fc.steps,
         accountant=fc.accountant)
     plan = [(sigma, q, fc.steps)]
-    config_id = fingerprint(cfg.section(*SECTIONS), sha256_file(
-        model_dir / "ema.safetensors"), manifest.content_hash)
+    config_id = fingerprint(cfg.section(*SECTIONS), weights_sha, manifest.content_hash)
 
     workers = Workers.from_env()
     state = load_latest(work_dir) if resume else None
@@ -142,6 +214,8 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
         try:
             ledger.reserve(run_id, plan, delta=fc.delta, accountant=fc.accountant,
                            budget_epsilon=cfg.privacy.dataset_budget_epsilon)
+            if state is not None:
+                _account_redone_steps(ledger, work_dir, run_id, state.step, sigma, q, cfg)
         except InputError as err:
             refusal = err
     if not workers.agree(refusal is None):
@@ -163,17 +237,18 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     step_cfg = DPStep(noise_multiplier=sigma, max_grad_norm=fc.max_grad_norm,
                       expected_batch_size=q * n, physical_batch_size=fc.physical_batch_size,
                       aug_multiplicity=fc.aug_multiplicity, augment=fc.augment)
-    pub_images, pub_labels, _ = read_dataset(public_dir)
     pub_x = from_uint8(torch.from_numpy(pub_images[:EVAL_BATCH]))
     pub_y = torch.from_numpy(pub_labels[:EVAL_BATCH]).long()
     x_all, y_all = from_uint8(torch.from_numpy(images)), torch.from_numpy(labels).long()
     history: list[list[float]] = []
     start = 0
+    last_saved: int | None = None  # the step of the newest checkpoint, for messages
     if state is not None:
         restore(state, net=net, ema=ema, optimizer=opt, generator=train_gen)
         if seeded_for_test and state.secret_rng is not None:
             dp_gen.set_state(state.secret_rng)  # release runs never persist it
         history, start = state.meta["history"], state.step
+        last_saved = start
         log.info("resuming DP fine-tuning from step %d", start)
 
     tracker.log_params(cfg.section(*SECTIONS) | {"finetune.workers": workers.world_size})
@@ -190,6 +265,14 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
             p.grad = grads[name]
         opt.step()  # an empty batch still steps: noise only (PRIVACY.md rule 1)
         opt.zero_grad(set_to_none=True)
+        # Divergence is detected on the parameters after the noisy step, never on the
+        # loss of the private batch: the noisy update is the DP mechanism's output, so
+        # testing it is post-processing and spends nothing, while a test of the private
+        # loss (data-dependent) would be a release outside the accounting (PRIVACY.md
+        # rule 6). The diverged state is never checkpointed, logged or published.
+        if not all_finite(net):
+            raise _diverged(cfg, step + 1, work_dir, last_saved, run_id, ledger,
+                            workers.is_main)
         ema.update(net)
         # Release (log) only state that is already checkpointed: a resume redoes
         # un-checkpointed steps with fresh noise, and two noisy versions of a
@@ -209,6 +292,7 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
                       "ema_num_updates": ema.num_updates,
                       "accountant_history": [[sigma, q, step + 1]]}))
             ledger.record_progress(run_id, step + 1)
+            last_saved = step + 1
         if log_now:
             tracker.log_metrics({"public_loss": history[-1][1]}, step=step + 1)
             bar.set_postfix(public_loss=f"{history[-1][1]:.4f}")
@@ -233,7 +317,7 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     with atomic_dir(out_dir) as tmp:
         save_model(tmp, spec, net, ema.shadow, extra={
             "classes": model_cfg["classes"], "dp": {"epsilon": epsilon, "delta": fc.delta},
-            "finetuned_from": sha256_file(model_dir / "ema.safetensors")})
+            "finetuned_from": weights_sha})
         atomic_write_json(tmp / "privacy.json", privacy)
         with open(tmp / "loss.csv", "w", newline="") as f:
             csv.writer(f).writerows([["step", "public_loss"], *history])

@@ -46,9 +46,14 @@ class PrepareResult:
 def _load(field: str, spec: SourceConfig) -> dict[str, LabeledImages]:
     """Load a source, prefixing errors with the config field that named it."""
     try:
-        return load_source(spec)
+        subsets = load_source(spec)
     except InputError as err:
         raise InputError(f"{field} ({spec.kind}): {err}") from None
+    for subset in subsets.values():
+        if len(subset) == 0:
+            raise InputError(f"{field} ({spec.kind}): {subset.source} holds no images; point "
+                             f"{field}.path at a source with data")
+    return subsets
 
 
 def _pick(subsets: dict[str, LabeledImages], preferred: str, field: str) -> LabeledImages:

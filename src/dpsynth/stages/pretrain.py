@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,11 +24,13 @@ from dpsynth.diffusion.ema import EMA
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.diffusion.samplers import from_uint8
 from dpsynth.diffusion.unet import UNetSpec, build_unet, save_model
+from dpsynth.errors import InputError, TrainingDiverged
 from dpsynth.io.atomic import atomic_dir
 from dpsynth.io.shards import read_dataset
 from dpsynth.plots import plot_loss
 from dpsynth.provenance import write_run_info
-from dpsynth.stages.common import fingerprint, work_dir_for, write_metrics
+from dpsynth.stages.common import (all_finite, fingerprint, kept_checkpoint, work_dir_for,
+                                   write_metrics)
 from dpsynth.tracking import Tracker
 from dpsynth.training.checkpoint import TrainState, load_latest, restore, save_checkpoint
 
@@ -43,6 +46,17 @@ class PretrainResult:
     resumed_from: int
 
 
+def _diverged(cfg: Config, step: int, what: str, work_dir: Path,
+              last_saved: int | None) -> TrainingDiverged:
+    pc = cfg.pretrain
+    kept = kept_checkpoint(work_dir, last_saved, pc.checkpoint_every, "pretrain")
+    return TrainingDiverged(
+        f"pre-training diverged at step {step}: {what}. Nothing was published and the "
+        f"diverged state was not saved; {kept}. Lower pretrain.lr (now {pc.lr:g}) or raise "
+        f"pretrain.warmup_steps (now {pc.warmup_steps}); a changed pretrain section starts "
+        "over, an unchanged re-run resumes from the checkpoint (e.g. after a hardware fault)")
+
+
 def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
         resume: bool = True, work_dir: Path | None = None,
         stop_after: int | None = None) -> PretrainResult:
@@ -56,10 +70,18 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
         work_dir: checkpoints; default `<out_dir parent>/.work/<out_dir name>`.
         stop_after: stop (without publishing) after this many steps -- tests use
             it to simulate a killed run.
+
+    Raises:
+        InputError: the public split is missing, bad or empty.
+        TrainingDiverged: the loss or the parameters became non-finite; the last
+            good checkpoint stays in `work_dir`, nothing is published.
     """
     pc = cfg.pretrain
     work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
     images, labels, manifest = read_dataset(public_dir)
+    if len(images) == 0:
+        raise InputError(f"{public_dir}: the public split holds no images; pass the public "
+                         "split of `dpsynth prepare` (e.g. artifacts/prepare/public)")
     h, w, c = manifest.shape
     spec = UNetSpec(image_size=h, channels=c, num_classes=len(manifest.classes), model=cfg.model)
     run_id = fingerprint(cfg.section(*SECTIONS), manifest.content_hash)
@@ -75,6 +97,7 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
     window: list[float] = []  # losses since the last logged step
 
     start = 0
+    last_saved: int | None = None  # the step of the newest checkpoint, for messages
     state = load_latest(work_dir) if resume else None
     if state is not None and state.meta.get("run_id") != run_id:
         log.warning("ignoring checkpoint in %s: it belongs to another config or dataset",
@@ -86,7 +109,7 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
         # a checkpoint between two logging steps carries the partial window, so
         # the resumed loss history equals the uninterrupted one
         window = state.meta.get("window", [])
-        start = state.step
+        start = last_saved = state.step
         log.info("resuming pre-training from step %d", start)
     elif work_dir.exists():
         shutil.rmtree(work_dir)
@@ -101,12 +124,16 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
         for group in opt.param_groups:  # linear warm-up
             group["lr"] = pc.lr * min(1.0, (step + 1) / max(1, pc.warmup_steps))
         loss = loss_fn(net, x_all[idx], y_all[idx], gen).mean()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):  # public data: testing its loss is free
+            raise _diverged(cfg, step + 1, f"the loss on a public batch is {loss_value}",
+                            work_dir, last_saved)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         ema.update(net)
-        window.append(loss.item())
+        window.append(loss_value)
         if (step + 1) % pc.log_every == 0 or step + 1 == pc.steps:
             mean = sum(window) / len(window)
             history.append([step + 1, mean])
@@ -114,11 +141,17 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
             bar.set_postfix(loss=f"{mean:.4f}")
             window = []
         if (step + 1) % pc.checkpoint_every == 0 or step + 1 == end:
+            # a finite loss does not prove a finite update (e.g. an inf gradient):
+            # never save (or, at the end, publish) a diverged state
+            if not all_finite(net):
+                raise _diverged(cfg, step + 1, "the parameters after the update are not "
+                                "finite", work_dir, last_saved)
             save_checkpoint(work_dir, TrainState(
                 step=step + 1, net=net.state_dict(), ema=ema.shadow.state_dict(),
                 optimizer=opt.state_dict(), generator=gen.get_state(),
                 torch_rng=torch.get_rng_state(), meta={"run_id": run_id, "ema_num_updates": ema.num_updates,
                       "history": history, "window": window}))
+            last_saved = step + 1
     bar.close()
     if end < pc.steps:
         return PretrainResult(out_dir, end, history[-1][1] if history else float("nan"), start)

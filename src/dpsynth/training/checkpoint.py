@@ -105,9 +105,13 @@ def save_checkpoint(ckpt_dir: str | Path, state: TrainState, keep: int = 2) -> P
         raise
     atomic_write_json(ckpt_dir / LATEST, {"checkpoint": final.name, "step": state.step})
     done = sorted(p for p in ckpt_dir.glob("ckpt-*") if p.is_dir() and p != final)
-    stale = [p for p in ckpt_dir.glob(".ckpt-*") if p.is_dir() and p != tmp]
-    for old in done[:max(0, len(done) - (keep - 1))] + stale:  # stale: crashed writes
-        shutil.rmtree(old, ignore_errors=True)
+    for old in done[:max(0, len(done) - (keep - 1))]:
+        # moved out of the ckpt-* names first: a kill in the middle of deleting
+        # must not leave a partial folder that load_latest could fall back to
+        os.replace(old, ckpt_dir / f".{old.name}.old-{uuid.uuid4().hex[:8]}")
+    for old in ckpt_dir.glob(".ckpt-*"):  # those, and what crashed writes left
+        if old.is_dir() and old != tmp:
+            shutil.rmtree(old, ignore_errors=True)
     # an s3:// output's work folder is mirrored: upload this checkpoint now, so a
     # retry on another machine resumes from it (no-op for local runs)
     storage.checkpoint_saved(ckpt_dir)
