@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 LOCK_HASH := $(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 
-.PHONY: help setup run test lock bench clean
+.PHONY: help setup browser run test lock bench clean
 
 help:
 	@echo "make run    set up .venv and run the pipeline (dvc repro) on the embedded digits data"
@@ -41,8 +41,16 @@ run: setup
 	dvc repro; \
 	dpsynth summary --artifacts artifacts --seconds $$(( $$(date +%s) - start ))
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The report test (tests/test_report_browser.py) renders the HTML report in headless
+# Chromium: Debian's `chromium` package, installed once (as root, or with sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium (apt-get) for the report test"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 bench: setup
 	$(BIN)/python benchmarks/sampling.py

@@ -1,5 +1,6 @@
 """The dpsynth Kubeflow pipeline (KFP v2): prepare -> pretrain -> finetune (DP) ->
-sample (fanned out over shards) -> fid, classify, rank, audit; the DAG of dvc.yaml.
+sample (fanned out over shards) -> fid, classify, rank, audit -> report; the DAG of
+dvc.yaml.
 
 Compile it with `make pipeline` (-> pipelines/dpsynth.yaml), or
 `python -m pipelines.dpsynth_pipeline --output PATH`. What the cluster must
@@ -23,7 +24,7 @@ import yaml
 from kfp import compiler, dsl, kubernetes
 
 from components import (audit, classify, fid, finetune, merge_shards, prepare, pretrain,
-                        rank, resolve_config, sample_shard, shard_indices)
+                        rank, report, resolve_config, sample_shard, shard_indices)
 from dpsynth.config import load as load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +78,8 @@ RESOURCES: dict[str, Resources] = {
     "rank": Resources(cpu="4", memory="16Gi"),
     # trains two short twins of the fine-tuning run (DP and control) on canaries
     "audit": Resources(cpu="8", memory="32Gi", gpus=1, shm="8Gi"),
+    # reads a few images per class and the other stages' small files
+    "report": Resources(cpu="1", memory="4Gi"),
 }
 # Retried stages: those that can lose hours to a preempted node, and resume from
 # their work folder under `work_root` (checkpoints, finished shards).
@@ -172,8 +175,8 @@ def configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
 @dsl.pipeline(name=PIPELINE_NAME, description=(
     "Differentially private synthetic images: public pre-training, DP-SGD fine-tuning on "
     "the private split, sharded sampling, and evaluation (FID, downstream accuracy, "
-    "hyperparameter ranking) and an empirical privacy audit. Every stage calls the dpsynth "
-    "library, as `dvc repro` does."))
+    "hyperparameter ranking), an empirical privacy audit, and an HTML report. Every stage "
+    "calls the dpsynth library, as `dvc repro` does."))
 def dpsynth_pipeline(
     base_config: str = DEFAULT_BASE_CONFIG,
     private_kind: str = "",
@@ -259,12 +262,19 @@ def dpsynth_pipeline(
                                     work_root=work_root), "merge-shards")
     synthetic = merged.outputs["synthetic"]
 
-    configure(fid(config=config, synthetic=synthetic, reference=test, public=public), "fid")
-    configure(classify(config=config, synthetic=synthetic, test=test, private=private),
-              "classify")
-    configure(rank(config=config, synthetic=synthetic, test=test, generator=dp_model), "rank")
-    configure(audit(config=config, model=pre.outputs["model"], dp_model=dp_model,
-                    synthetic=synthetic, private=private, test=test), "audit")
+    fidelity = configure(fid(config=config, synthetic=synthetic, reference=test, public=public),
+                         "fid")
+    utility = configure(classify(config=config, synthetic=synthetic, test=test,
+                                 private=private), "classify")
+    ranking = configure(rank(config=config, synthetic=synthetic, test=test, generator=dp_model),
+                        "rank")
+    checked = configure(audit(config=config, model=pre.outputs["model"], dp_model=dp_model,
+                              synthetic=synthetic, private=private, test=test), "audit")
+    # the last task: the report reads every stage's output, but not the private split
+    configure(report(config=config, public=public, test=test, model=pre.outputs["model"],
+                     dp_model=dp_model, synthetic=synthetic, fid=fidelity.outputs["results"],
+                     classify=utility.outputs["results"], rank=ranking.outputs["results"],
+                     audit=checked.outputs["results"]), "report")
 
 
 def compile_pipeline(output: str | Path = DEFAULT_OUTPUT) -> Path:

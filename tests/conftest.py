@@ -16,7 +16,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -41,18 +41,31 @@ def repro_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def repro(tmp_path_factory: pytest.TempPathFactory, repro_env: dict[str, str]) -> Path:
-    """A temp copy of the repo (configs/smoke.yaml as params.yaml) after `dvc repro`."""
-    root = tmp_path_factory.mktemp("repo")
+def copy_repo(root: Path, params: str) -> Path:
+    """What `dvc repro` needs of the repo, copied into `root` (a fresh git repo) with
+    `params` (YAML text) as params.yaml."""
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):  # .gitignore: DVC checks it
         if (REPO / name).exists():
             shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
     (root / ".dvc").mkdir()
     shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
-    shutil.copy(REPO / "configs" / "smoke.yaml", root / "params.yaml")
+    (root / "params.yaml").write_text(params)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def repo_copy() -> Callable[[Path, str], Path]:
+    """`repo_copy(root, params_yaml_text)`: a repo copy ready for `dvc repro`."""
+    return copy_repo
+
+
+@pytest.fixture(scope="session")
+def repro(tmp_path_factory: pytest.TempPathFactory, repro_env: dict[str, str]) -> Path:
+    """A temp copy of the repo (configs/smoke.yaml as params.yaml) after `dvc repro`."""
+    root = copy_repo(tmp_path_factory.mktemp("repo"),
+                     (REPO / "configs" / "smoke.yaml").read_text())
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=repro_env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -11,13 +11,38 @@ from dpsynth import cli
 from dpsynth.io.shards import read_dataset
 
 
-@pytest.mark.parametrize("command", ["prepare", "pretrain", "sample"])
-def test_every_subcommand_help_has_an_example(command: str, capsys: pytest.CaptureFixture) -> None:
+def _commands() -> list[str]:
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")  # the subparsers
+    return sorted(action.choices)
+
+
+def test_the_command_list_is_complete() -> None:
+    assert {"prepare", "pretrain", "finetune", "sample", "fid", "classify", "rank", "audit",
+            "submit", "mlflow-server", "summary"} <= set(_commands())
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_every_subcommand_help_says_what_it_does_with_an_example(
+        command: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "example:" in out and f"dpsynth {command}" in out and "--out" in out
+    description = out.split("\n\n")[1]  # after the usage line(s)
+    assert len(description.split()) >= 6, f"{command}: no description"
+    assert "example:" in out and f"dpsynth {command}" in out.split("example:")[1]
+    # and the one-line summary in `dpsynth --help`
+    assert cli.SHORT.get(command) or command == "summary"
+
+
+def test_top_level_help_lists_commands_and_exit_codes(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("    ")}
+    assert set(_commands()) <= listed
+    assert "exit codes: 0 ok, 2 usage or bad input" in out and "1 failure" in out
 
 
 def test_unknown_config_key_exits_2_naming_the_key(tmp_path: Path,

@@ -54,8 +54,12 @@ def test_push_then_a_fresh_clone_pulls_and_is_up_to_date(repro: Path, repro_env:
     changes = {(stage, kind, path): what
                for stage, items in json.loads(status.stdout or "{}").items()
                for item in items for kind, paths in item.items() for path, what in paths.items()}
-    assert changes and {path for _, _, path in changes} == {"artifacts/prepare/private"}
-    assert {stage for stage, _, _ in changes} == {"prepare", "finetune", "classify", "audit"}
+    assert changes and all(path.startswith("artifacts/prepare/private")
+                           for _, _, path in changes), changes
+    # its readers: fine-tuning, the labelled baseline, the audit, and the report (which
+    # reads only the private manifest, for the ledger's key)
+    assert {stage for stage, _, _ in changes} == {"prepare", "finetune", "classify", "audit",
+                                                   "report"}
     assert not (clone / "artifacts" / "prepare" / "private").exists()
     for split in ("prepare/public", "prepare/test", "sample"):
         pulled, original = (read_dataset(root / "artifacts" / split)[2]

@@ -24,12 +24,12 @@ from __future__ import annotations
 import base64
 import io
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -167,22 +167,14 @@ def write_sources(folder: Path) -> tuple[PrivateSet, np.ndarray, dict[str, dict]
 
 
 @pytest.fixture(scope="module")
-def egress_run(tmp_path_factory: pytest.TempPathFactory,
-               repro_env: dict[str, str]) -> EgressRun:
+def egress_run(tmp_path_factory: pytest.TempPathFactory, repro_env: dict[str, str],
+               repo_copy: Callable[[Path, str], Path]) -> EgressRun:
     """`dvc repro` of the smoke config, on the canary source, in a temp copy of the repo
     (as conftest's `repro`), its stdout / stderr captured to files."""
     private, public_test, sources = write_sources(tmp_path_factory.mktemp("sources"))
-    root = tmp_path_factory.mktemp("repo")
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):  # .gitignore: DVC checks it
-        if (REPO / name).exists():
-            shutil.copy(REPO / name, root / name)
-    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    (root / ".dvc").mkdir()
-    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
     params = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
     params["data"].update(sources)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    root = repo_copy(tmp_path_factory.mktemp("repo"), yaml.safe_dump(params, sort_keys=False))
     logs = tmp_path_factory.mktemp("logs")
     out, err = logs / "dvc-repro.stdout.log", logs / "dvc-repro.stderr.log"
     with open(out, "wb") as fo, open(err, "wb") as fe:

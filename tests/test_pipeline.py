@@ -72,7 +72,10 @@ def test_mlflow_groups_stage_runs_under_one_parent(repro: Path) -> None:
     assert len(parents) == 1
     nested = {k: r for k, r in children.items() if "/" in k}  # rank's one run per config
     children = {k: r for k, r in children.items() if "/" not in k}
-    assert set(children) == set(STAGES)
+    assert set(children) == {*STAGES, "report"}
+    # the report page is logged with its run (the browser test renders it)
+    assert [a.path for a in client.list_artifacts(children["report"].info.run_id)] == [
+        "index.html"]
     assert sorted(nested) == [f"rank/config-{i:02d}" for i in range(3)]
     for run in nested.values():
         assert run.data.tags["mlflow.parentRunId"] == children["rank"].info.run_id

@@ -48,8 +48,32 @@ EXAMPLES = {
     "mlflow-server": "dpsynth mlflow-server --artifacts-destination s3://my-bucket/mlflow "
                      "--port 5000\n  export MLFLOW_TRACKING_URI=http://127.0.0.1:5000   "
                      "# then run stages as usual",
+    "report": "dpsynth report --config params.yaml --artifacts artifacts --out artifacts/report\n"
+              "  dpsynth report --config params.yaml --artifacts s3://my-bucket/run1 "
+              "--out s3://my-bucket/run1/report",
+    "plan": "dpsynth plan --config params.yaml --dataset-size 990\n"
+            "  dpsynth plan --config params.yaml --dataset-size 990 --noise-multiplier 1.2 "
+            "--accountant rdp   # epsilon for a given sigma\n"
+            "  dpsynth plan --dataset-size 50000 --batch-size 4096 --epochs 200 --epsilon 10 "
+            "--device H100-SXM --json",
 }
 
+
+# One line per command for `dpsynth --help`; each command's own --help says more.
+SHORT = {
+    "prepare": "validate the raw sources; write public/private/test shards",
+    "pretrain": "train the diffusion model on the public split (not private)",
+    "finetune": "DP-SGD fine-tuning on the private split (the only reader of it)",
+    "sample": "generate the synthetic dataset (sharded, resumable)",
+    "fid": "Frechet distance, KID, precision/recall vs the real test split",
+    "classify": "accuracy of classifiers trained on synthetic data only",
+    "rank": "rank classifier settings on synthetic data; register the champion",
+    "audit": "empirical privacy check: canary membership audit, memorization",
+    "report": "one self-contained HTML report of the whole run, for the data owner",
+    "submit": "submit the Kubeflow pipeline to a cluster (a run or a schedule)",
+    "mlflow-server": "run a shared MLflow tracking server",
+    "plan": "privacy budget and compute of a fine-tuning run, before running it",
+}
 
 # Stage arguments that name a folder a stage reads; each may be an s3:// URI.
 INPUT_ARGS = ("public", "private", "model", "synthetic", "reference", "test", "generator",
@@ -202,6 +226,46 @@ def _audit(args: argparse.Namespace, cfg: config.Config) -> None:
           f"(metrics in {result.out_dir / 'metrics.json'})")
 
 
+def _published(root: str, rel: str) -> bool:
+    """Whether the stage output `rel` exists under an artifacts root: a folder, or on
+    S3 the completion marker of the output that holds it (`prepare` for `prepare/test`)."""
+    from dpsynth.io import storage
+
+    if not storage.is_s3(root):
+        return (Path(root) / rel).is_dir()
+    top = f"{root}/{rel.split('/')[0]}/{storage.MARKER}"
+    return storage.read_versioned(top)[0] is not None
+
+
+def _report(args: argparse.Namespace, cfg: config.Config) -> None:
+    import tempfile
+
+    from dpsynth.io import storage
+    from dpsynth.stages import report
+
+    root = str(args.artifacts).rstrip("/")
+    with contextlib.ExitStack() as stack:
+        # every stage output the root holds (s3: a verified local copy); of the private
+        # split only the manifest, the privacy ledger's key, never the shards
+        folders = {name: stack.enter_context(storage.local_input(f"{root}/{rel}"))
+                   for name, rel in report.LAYOUT.items() if _published(root, rel)}
+        manifest: Path | None = Path(root) / report.PRIVATE_MANIFEST
+        if storage.is_s3(root):
+            manifest = None
+            if _published(root, report.PRIVATE_MANIFEST.rsplit("/", 1)[0]):
+                manifest = (Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                            / "manifest.json")
+                manifest.write_bytes(storage.read_bytes(f"{root}/{report.PRIVATE_MANIFEST}"))
+        elif not manifest.is_file():
+            manifest = None
+        with open_tracker(cfg.tracking, "report") as tracker:
+            result = report.run(cfg, artifacts=folders, private_manifest=manifest,
+                                out_dir=args.out, tracker=tracker)
+    missing = f"; not run: {', '.join(result.not_run)}" if result.not_run else ""
+    print(f"report: {result.index} (epsilon={result.epsilon:.2f}, {result.images} images"
+          f"{missing})")
+
+
 def _submit(args: argparse.Namespace) -> None:
     from dpsynth.submit import parse_param_args, submit
 
@@ -240,10 +304,87 @@ def _summary(args: argparse.Namespace) -> None:
     print(summarize(args.artifacts, args.seconds))
 
 
+def _plan(args: argparse.Namespace) -> None:
+    import json
+
+    from dpsynth import plan
+
+    cfg = plan.with_flags(config.load(args.config, args.overrides),
+                          batch_size=args.batch_size, steps=args.steps,
+                          aug_multiplicity=args.aug_multiplicity, epsilon=args.epsilon,
+                          delta=args.delta, accountant=args.accountant,
+                          max_grad_norm=args.max_grad_norm)
+    result = plan.plan_run(cfg, dataset_size=args.dataset_size, epochs=args.epochs,
+                           noise_multiplier=args.noise_multiplier, num_classes=args.num_classes,
+                           device=args.device, precision=args.precision, mfu=args.mfu,
+                           whole_run=args.config is not None)
+    if args.json:
+        print(json.dumps({"config": None if args.config is None else str(args.config),
+                          **result.to_json()}, indent=2))
+    else:
+        print(f"dpsynth plan: {args.config or 'code defaults (no --config)'}\n"
+              + plan.render(result))
+
+
 def _evaluation_inputs(p: argparse.ArgumentParser) -> None:
     """The inputs classify and rank share: the synthetic set and the real test split."""
     p.add_argument("--synthetic", type=_location, required=True, help="synthetic set from sample")
     p.add_argument("--test", type=_location, required=True, help="real test split from prepare")
+
+
+PLAN_HELP = (
+    "Plan a DP fine-tuning run before running it. Reads no data and writes nothing.\n\n"
+    "inputs: the private split's size N (--dataset-size; printed back to you, stored "
+    "nowhere)\n  and the settings: --config (model, data, finetune, pretrain, sample), "
+    "then the flags.\n"
+    "outputs (a table, or JSON with --json):\n"
+    "  privacy: q = B/N, steps and epochs, the noise multiplier sigma that `dpsynth "
+    "finetune`\n    would calibrate for the target (epsilon, delta) with the same "
+    "accountant code, or\n    with --noise-multiplier the epsilon of that sigma;\n"
+    "  noise vs signal: sigma/B per coordinate and sigma*sqrt(d)/B in norm (d = UNet "
+    "parameters);\n"
+    "  compute: the configured UNet's FLOPs per image (counted, not guessed), x B x K x "
+    "steps,\n    as GPU-hours on --device at the assumed utilisation --mfu; with "
+    "--config also\n    pre-training and sampling;\n"
+    "  warnings: delta not well below 1/N, high sample rate, noise that drowns any "
+    "signal,\n    memory. delta >= 1/N or B > N is an error (exit 2), as in training.")
+
+
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    """`dpsynth plan`'s flags: each overrides the --config value of the same name."""
+    from dpsynth.gpus import DEFAULT_DEVICE, DEFAULT_MFU, DEVICES
+
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML config (params.yaml or configs/*.yaml); code defaults if omitted")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set model.layers_per_block=2")
+    p.add_argument("--dataset-size", type=int, required=True, metavar="N",
+                   help="images in the private split (private: never in a config)")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help="expected batch (finetune.batch_size)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, metavar="S", help="DP-SGD steps (finetune.steps)")
+    length.add_argument("--epochs", type=float, metavar="E",
+                        help="instead of --steps: S = ceil(E*N/B)")
+    p.add_argument("--aug-multiplicity", type=int, metavar="K",
+                   help="copies per example (finetune.aug_multiplicity)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--epsilon", type=float, help="target epsilon (finetune.epsilon)")
+    target.add_argument("--noise-multiplier", type=float, metavar="SIGMA",
+                        help="the inverse: report epsilon for this sigma")
+    p.add_argument("--delta", type=float, help="finetune.delta")
+    p.add_argument("--accountant", choices=("prv", "rdp"), help="finetune.accountant")
+    p.add_argument("--max-grad-norm", type=float, metavar="C", help="finetune.max_grad_norm")
+    p.add_argument("--num-classes", type=int, default=10,
+                   help="classes of the private data (default: %(default)s)")
+    p.add_argument("--device", choices=tuple(DEVICES), default=DEFAULT_DEVICE,
+                   help="GPU for the GPU-hours (default: %(default)s)")
+    p.add_argument("--precision", choices=("tf32", "bf16"), default="tf32",
+                   help="peak to use: tf32 is what dpsynth trains in (float32; cuDNN convolutions "
+                        "in TF32) (default: %(default)s)")
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                   help="assumed fraction of peak reached (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,12 +392,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dpsynth", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Differentially private synthetic images with diffusion models.\n"
                     "Stages: prepare -> pretrain -> finetune (DP) -> sample -> fid, classify, "
-                    "rank, audit (run them all with `dvc repro`).")
+                    "rank, audit -> report (run them all with `dvc repro`).",
+        epilog="examples:\n"
+               "  make run                      # the whole pipeline (dvc repro) on the "
+               "embedded digits\n"
+               "  dpsynth finetune --help       # what a stage reads, writes, and an example\n"
+               "  dpsynth finetune --config params.yaml --set finetune.epsilon=5 ...\n\n"
+               "Every stage takes --config FILE, --set KEY=VALUE (repeatable), --out DIR or "
+               "s3:// URI,\nand -q/--quiet (no progress bars, warnings only).\n"
+               "exit codes: 0 ok, 2 usage or bad input (the message names the input and "
+               "the fix),\n1 failure (e.g. training diverged), 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"dpsynth {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands")
 
-    def add(name: str, help_: str, fn: Callable, common: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_,
+    def add(name: str, help_: str, fn: Callable, common: bool = True,
+            short: str | None = None) -> argparse.ArgumentParser:
+        """A subcommand: `short` in the command list, `help_` on its own --help page."""
+        p = sub.add_parser(name, help=short or SHORT.get(name, help_), description=help_,
                            epilog="example:\n  " + EXAMPLES[name],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if common:  # the stages' --config/--set/--out/-q
@@ -329,6 +482,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="private split (memorization only; aggregates leave)")
     p.add_argument("--heldout", type=_location, required=True,
                    help="real data not trained on (the test split from prepare)")
+    p = add("report", "Write one self-contained HTML page about the run for the data owner "
+            "(index.html, every image embedded): the privacy guarantee in plain words and "
+            "its numbers (epsilon, delta, accountant, sampling, C, K, steps, the dataset's "
+            "budget spent per the privacy ledger), synthetic samples per class next to real "
+            "test-split images (never private ones), fidelity, downstream accuracy, the "
+            "ranking check, training curves, the audit, and the data's provenance. Reads the "
+            "stage outputs under --artifacts (a missing optional stage gets a 'not run' "
+            "section); of the private split only its manifest, for the ledger. Withholds the "
+            "private split's size and what reveals it (q, sigma) unless "
+            "report.disclose_private_size.", _report)
+    p.add_argument("--artifacts", type=_location, default=Path("artifacts"),
+                   help="folder or s3:// prefix holding the stage outputs as `dvc repro` "
+                        "lays them out: prepare/{public,test}, pretrain, finetune, sample, "
+                        "fid, classify, rank, audit (default: %(default)s)")
     p = add("submit", "Submit the compiled Kubeflow pipeline (make pipeline) to a KFP API "
             "server: one run, or with --schedule a recurring run. Parameters are checked "
             "against the package before anything is sent. A token, if the API needs one, is "
@@ -372,9 +539,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="enable MLflow's basic-auth app (users, passwords, permissions)")
     p.add_argument("--allowed-hosts", default=None,
                    help="Host headers to accept when served beyond localhost")
-    p = sub.add_parser("summary", help="Print what the pipeline produced and how to view it.",
-                       description="Print what the pipeline produced and how to view it.")
-    p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    _plan_arguments(add("plan", PLAN_HELP, _plan, common=False))
+    p = sub.add_parser("summary", help="print what the pipeline produced and how to view it",
+                       description="Print each stage's output folder and headline metrics, "
+                                   "and how to open MLflow and the DVC plots.",
+                       epilog="example:\n  dpsynth summary --artifacts artifacts",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"),
+                   help="the stage output folders (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=None, help="wall time to report")
     p.set_defaults(fn=None)
     return parser
@@ -396,6 +568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "submit":  # talks to a server; no stage config
             _submit(args)
+            return 0
+        if args.command == "plan":  # prints a plan; reads no data, writes nothing
+            _plan(args)
             return 0
         if args.command == "mlflow-server":  # runs a server; no stage config
             _mlflow_server(args)

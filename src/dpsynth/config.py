@@ -221,6 +221,9 @@ class FinetuneConfig:
     # Only for tests: a fixed seed for the DP randomness (Poisson sampling and
     # Gaussian noise). Release runs leave it null and draw from OS entropy.
     noise_seed: int | None = None
+    # Pre-trained on another label set (ImageNet32 -> CIFAR-10): start the class
+    # embedding afresh for the private split's classes; every other weight is kept.
+    reinit_class_embedding: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epsilon > 0, "finetune.epsilon", self.epsilon, "must be > 0")
@@ -455,6 +458,29 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """`dpsynth report`: the self-contained HTML page a data owner hands on.
+
+    The noise multiplier sigma and the sample rate q = B/N are withheld by
+    default: q gives the private split's size N, and so does sigma together with
+    the published epsilon, delta, steps and accountant (PRIVACY.md rule 6).
+    """
+
+    examples_per_class: int = 6  # synthetic (and real) images per class, side by side
+    # Real images of the test split next to the synthetic ones. The test split is
+    # real data, not covered by (epsilon, delta); turn off where even held-out
+    # images must not be shown. Private images are never shown.
+    real_examples: bool = True
+    # Print sigma and q. Only where the private split's size is public anyway
+    # (e.g. CIFAR-10's 50,000 training images).
+    disclose_private_size: bool = False
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.examples_per_class <= 32, "report.examples_per_class",
+               self.examples_per_class, "must be in [1, 32]")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow tracking. The URI comes from `MLFLOW_TRACKING_URI` when set."""
 
@@ -530,6 +556,7 @@ class Config:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     rank: RankConfig = field(default_factory=RankConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 

@@ -37,6 +37,10 @@ def summarize(artifacts: Path, seconds: float | None = None) -> str:
     grid = artifacts / "sample" / "grid.png"
     if grid.is_file():
         lines.append(f"\n  samples per class: {grid}")
+    report = artifacts / "report" / "index.html"
+    lines.append(f"  report:  {report}  (open in a browser: the privacy statement, samples, "
+                 "metrics, plots and provenance on one self-contained page to hand on)"
+                 if report.is_file() else "  report:  not made (dpsynth report)")
     lines += [
         "",
         "  MLflow:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000",

@@ -32,7 +32,7 @@ STAGE_COMPONENTS = {
     "finetune": {"finetune": "run"},
     "sample": {"sample_shard": "make_shards", "merge_shards": "publish"},
     "fid": {"fid": "run"}, "classify": {"classify": "run"}, "rank": {"rank": "run"},
-    "audit": {"audit": "run"}}
+    "audit": {"audit": "run"}, "report": {"report": "run"}}
 GPU_COMPONENTS = {"pretrain", "finetune", "sample_shard", "audit"}
 
 
@@ -106,6 +106,14 @@ def test_components_pass_typed_artifacts() -> None:
     assert io("audit") == (config | {"model": model, "dp_model": model, "synthetic": dataset,
                                      "private": dataset, "test": dataset},
                            {"results": "system.Artifact@0.0.1", "metrics": metrics, "roc": html})
+    # the report reads every stage's output but the private split; the page is an HTML
+    # artifact (shown by the KFP UI), the folder a plain one
+    artifact = "system.Artifact@0.0.1"
+    assert io("report") == (config | {"public": dataset, "test": dataset, "model": model,
+                                      "dp_model": model, "synthetic": dataset,
+                                      "fid": artifact, "classify": artifact, "rank": artifact,
+                                      "audit": artifact},
+                            {"results": artifact, "page": html})
 
 
 # --------------------------------------------------------------------------- the config

@@ -54,7 +54,7 @@ def test_every_task_ran_and_sampling_fanned_out(kfp_local_smoke_run: KfpLocalRun
     run = kfp_local_smoke_run
     tasks = {p.name for p in run.run_dir.iterdir()}
     assert tasks == {"resolve-config", "prepare", "pretrain", "finetune", "shard-indices",
-                     "merge-shards", "fid", "classify", "rank", "audit",
+                     "merge-shards", "fid", "classify", "rank", "audit", "report",
                      *(f"for-loop-1-iteration-{i}" for i in range(3))}
     for i in range(3):  # one shard per iteration
         shard = run.run_dir / f"for-loop-1-iteration-{i}" / "sample-shard" / "shard"
@@ -152,11 +152,37 @@ def test_mlflow_holds_one_parent_run_with_a_child_per_stage(
     parents = [r for r in runs if r.data.tags["dpsynth.stage"] == "pipeline"]
     children = {r.data.tags["dpsynth.stage"]: r for r in runs
                 if r not in parents and "/" not in r.data.tags["dpsynth.stage"]}
-    assert len(parents) == 1 and set(children) == set(STAGES)
+    assert len(parents) == 1 and set(children) == {*STAGES, "report"}
     for child in children.values():
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert child.info.status == "FINISHED"
     assert client.get_model_version_by_alias("dpsynth-generator", "champion")
+
+
+def test_the_report_states_what_dvc_repros_report_states(kfp_local_smoke_run: KfpLocalRun,
+                                                         repro: Path) -> None:
+    """Not byte for byte: the pipeline's report task is not given the private split,
+    so it states the ledger total the DP run recorded when it finished, where dvc
+    repro's reads the ledger (and counts its runs); and the provenance differs (the
+    pipeline's ledger_dir, the split folders' own params.json). The rest is equal."""
+    run = kfp_local_smoke_run
+    page = run.output("report", "page").read_text()
+    assert page == (run.output("report", "results") / "index.html").read_text()
+    dvc = (repro / "artifacts" / "report" / "index.html").read_text()
+
+    def budget_row(html: str) -> str:
+        return html.split("Dataset budget spent")[1].split("</tr>")[0]
+
+    def the_rest(html: str) -> tuple[str, str]:
+        head, tail = html.split("Dataset budget spent")
+        return head, tail.split("</tr>", 1)[1].split('<section id="provenance"')[0]
+
+    epsilon = json.loads((repro / "artifacts" / "finetune" / "privacy.json").read_text())[
+        "epsilon"]
+    assert f"ε = {epsilon:.2f} of 100 (1 run)" in budget_row(dvc)
+    assert f"ε = {epsilon:.2f} of 100<" in budget_row(page)
+    assert "when this model finished training" in budget_row(page)
+    assert the_rest(page) == the_rest(dvc)
 
 
 def test_durable_state_holds_the_ledger_and_no_leftover_work(

@@ -192,3 +192,17 @@ def test_pinned_numbers_from_a_tiny_deterministic_run(tiny_net: UNet2DModel) -> 
 PINNED_T = [441, 679, 520, 27]
 PINNED_Y = [3, 0, 0, 1]  # from [2, 0, 0, 1]: the first label was dropped
 PINNED_LOSS = [1.066775, 1.207447, 0.626871, 1.257762]
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_draws_are_made_on_the_cpu_and_moved_to_the_batch_device(device: str) -> None:
+    loss = DenoisingLoss.from_config(DiffusionConfig(label_dropout=0.5), NULL)
+    x, y = batch()
+    cpu = loss.draw(x, y, gen(4))
+    moved = loss.draw(x.to(device), y.to(device), gen(4))
+    for a, b in zip(cpu, moved):
+        assert b.device.type == device
+        assert torch.equal(a, b.cpu())

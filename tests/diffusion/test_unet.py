@@ -206,3 +206,20 @@ def test_weights_of_another_architecture_are_an_input_error(
     (tmp_path / CONFIG).write_text(json.dumps(raw))
     with pytest.raises(InputError, match="cannot load weights"):
         load_model(tmp_path)
+
+
+def test_with_classes_keeps_every_weight_but_the_class_embedding() -> None:
+    from dpsynth.diffusion.unet import with_classes
+
+    spec = UNetSpec(8, 1, 1000, ModelConfig(block_out_channels=(8, 16), norm_num_groups=4,
+                                             attention_levels=(1,)))
+    net = build_unet(spec)
+    new_spec, new = with_classes(spec, net, 10, seed=0)
+    assert new_spec.num_classes == 10 and new_spec.null_label == 10
+    old_state, new_state = net.state_dict(), new.state_dict()
+    assert new_state["class_embedding.weight"].shape[0] == 11  # 10 classes + null
+    for name, value in old_state.items():
+        if not name.startswith("class_embedding."):
+            assert torch.equal(new_state[name], value), name
+    again = with_classes(spec, net, 10, seed=0)[1].state_dict()["class_embedding.weight"]
+    assert torch.equal(again, new_state["class_embedding.weight"])  # seeded

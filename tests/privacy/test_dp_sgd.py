@@ -369,3 +369,41 @@ def test_draw_copies_is_reproducible(dp_loss: DenoisingLoss, private_split: Spli
     a = draw_copies(dp_loss, x[:3], y[:3], 2, "flip_crop", torch.Generator().manual_seed(4))
     b = draw_copies(dp_loss, x[:3], y[:3], 2, "flip_crop", torch.Generator().manual_seed(4))
     assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+# -- devices: the DP randomness is drawn on the CPU, the work runs on the net's device ----
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noisy_gradient_on_a_device_matches_the_cpu(device: str, net: UNet2DModel,
+                                                    dp_loss: DenoisingLoss,
+                                                    private_split: Split) -> None:
+    """The same generators give the same step on any device: the batch draws and the
+    noise come from the CPU generators (so, bit for bit, the same noise), and the
+    gradients are made and returned on the net's device. Data stays on the CPU."""
+    import copy
+
+    moved = copy.deepcopy(net).to(device)
+    step = DPStep(noise_multiplier=1.3, max_grad_norm=0.5, expected_batch_size=4.0,
+                  physical_batch_size=2, aug_multiplicity=3)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # compare float32 with float32
+        for indices in ([0, 3, 5, 7, 11], []):  # empty: noise only, on the device too
+            on_cpu = call(noisy_gradient, net, dp_loss, private_split, indices, step)
+            on_device = call(noisy_gradient, moved, dp_loss, private_split, indices, step)
+            assert on_device.device.type == device
+            torch.testing.assert_close(on_device.cpu(), on_cpu, atol=1e-5, rtol=1e-4)
+    noise_only = call(noisy_gradient, moved, dp_loss, private_split, [], step).cpu()
+    assert torch.equal(noise_only, call(noisy_gradient, net, dp_loss, private_split, [], step))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gaussian_noise_is_drawn_on_the_cpu_and_moved(device: str) -> None:
+    like = {"w": torch.zeros(30, 10, device=device), "b": torch.zeros(7, device=device)}
+    noise = gaussian_noise(like, 2.5, torch.Generator().manual_seed(0))
+    on_cpu = gaussian_noise({n: g.cpu() for n, g in like.items()}, 2.5,
+                            torch.Generator().manual_seed(0))
+    for n in like:
+        assert noise[n].device == like[n].device
+        assert torch.equal(noise[n].cpu(), on_cpu[n])

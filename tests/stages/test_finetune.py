@@ -354,3 +354,34 @@ def test_a_model_without_ema_weights_is_finetuned_from_its_raw_weights(
     run(dp_cfg("finetune.steps=2"), model, *inputs[1:], out)
     finetuned_from = json.loads((out / "config.json").read_text())["finetuned_from"]
     assert finetuned_from == sha256_file(model / "model.safetensors")
+
+
+def test_another_label_set_needs_reinit_class_embedding(dp_cfg: Callable[..., Config],
+                                                        inputs: tuple[Path, Path, Path],
+                                                        tmp_path: Path) -> None:
+    """Pre-trained on one label set, fine-tuned on another (ImageNet32 -> CIFAR-10):
+    refused by default; with finetune.reinit_class_embedding the class embedding
+    starts afresh for the private classes and the rest of the model is kept."""
+    from dpsynth.io.shards import read_dataset, write_dataset
+
+    model, private, public = inputs
+    images, labels, _ = read_dataset(private)
+    keep = labels < 3
+    relabelled = tmp_path / "private-abc"
+    write_dataset(relabelled, images[keep], labels[keep], ("a", "b", "c"), source="other labels",
+                  shard_size=200)
+    with pytest.raises(InputError, match="reinit_class_embedding"):
+        run(dp_cfg(), model, relabelled, public, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+    out = tmp_path / "finetune"
+    run(dp_cfg("finetune.reinit_class_embedding=true", "finetune.batch_size=16"), model,
+        relabelled, public, out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["classes"] == ["a", "b", "c"] and config["unet"]["num_classes"] == 3
+    tuned, base = load_file(out / "model.safetensors"), load_file(model / "model.safetensors")
+    assert tuned["class_embedding.weight"].shape[0] == 4  # 3 classes + the null label
+    assert tuned["conv_in.weight"].shape == base["conv_in.weight"].shape
+    # kept, then moved a little by a few DP steps: far closer than a fresh network
+    assert (tuned["conv_in.weight"] - base["conv_in.weight"]).abs().mean() < 0.1 * base[
+        "conv_in.weight"].abs().mean()

@@ -26,22 +26,22 @@ class Trainer:
     """The pre-training loop in miniature: UNet, AdamW, EMA, one generator for data
     indices and loss draws, exactly as `stages/pretrain.py` uses them."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         torch.manual_seed(0)
-        self.net = build_unet(SPEC).train()
+        self.net = build_unet(SPEC).train().to(device)
         self.ema = EMA(self.net, 0.9)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-2, weight_decay=0.01)
         self.gen = torch.Generator().manual_seed(1)
         self.loss = DenoisingLoss.from_config(DiffusionConfig(label_dropout=0.2),
                                               SPEC.null_label)
         g = torch.Generator().manual_seed(2)
-        self.x = torch.rand(16, 1, 8, 8, generator=g) * 2 - 1
-        self.y = torch.randint(0, 3, (16,), generator=g)
+        self.x = (torch.rand(16, 1, 8, 8, generator=g) * 2 - 1).to(device)
+        self.y = torch.randint(0, 3, (16,), generator=g).to(device)
         self.step = 0
 
     def train(self, n: int) -> None:
         for _ in range(n):
-            idx = torch.randint(0, len(self.x), (4,), generator=self.gen)
+            idx = torch.randint(0, len(self.x), (4,), generator=self.gen).to(self.x.device)
             loss = self.loss(self.net, self.x[idx], self.y[idx], self.gen).mean()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -101,6 +101,34 @@ def test_resume_is_bit_identical_to_continuing_in_memory(tmp_path: Path) -> None
     opt_a, opt_b = a.opt.state_dict(), b.opt.state_dict()
     for i in opt_a["state"]:
         assert_same_tensors(opt_b["state"][i], opt_a["state"][i])
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_checkpoint_of_a_device_run_holds_cpu_tensors_and_resumes_anywhere(
+        tmp_path: Path, device: str) -> None:
+    """Checkpoints are device-independent: CPU tensors on disk, whatever trained them,
+    restored exactly into a CPU run, which then continues."""
+    a = Trainer(device)
+    a.train(3)
+    save_checkpoint(tmp_path, a.state())
+    at_save = {k: v.cpu().clone() for k, v in a.net.state_dict().items()}
+    moments = {i: {k: v.cpu().clone() for k, v in s.items()}
+               for i, s in a.opt.state_dict()["state"].items()}
+    state = load_latest(tmp_path)
+    assert state is not None
+    tensors = [*state.net.values(), *state.ema.values(),
+               *(v for s in state.optimizer["state"].values() for v in s.values())]
+    assert all(t.device.type == "cpu" for t in tensors)
+    b = Trainer("cpu")
+    b.restore(state)
+    assert_same_tensors(b.net.state_dict(), at_save)
+    for i, s in b.opt.state_dict()["state"].items():
+        assert_same_tensors(s, moments[i])
+    b.train(2)
+    assert b.step == 5
 
 
 def test_resume_check_has_power(tmp_path: Path) -> None:

@@ -48,10 +48,12 @@ def plain_gradient(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y
     """The non-private control's gradient: `noisy_gradient` with C = ∞ and σ = 0,
     i.e. sum_i grad(mean_k loss(x_i, k)) / (qN), from the same draws."""
     total = {n: torch.zeros_like(p) for n, p in net.named_parameters() if p.requires_grad}
+    device = next(iter(total.values())).device
     step_seed = int(torch.randint(0, 2**62, (1,), generator=train_generator))
     for mb in micro_batches(indices, step.physical_batch_size):
-        x0, labels, t, noise = draw_for_examples(loss, x[mb], y[mb], mb, step.aug_multiplicity,
-                                                 step.augment, step_seed)
+        draws = draw_for_examples(loss, x[mb], y[mb], mb, step.aug_multiplicity, step.augment,
+                                  step_seed)  # on the CPU, as in `noisy_gradient`
+        x0, labels, t, noise = (d.to(device) for d in draws)
         b, k = labels.shape
         per_copy = loss.per_example(net, x0.flatten(0, 1), labels.flatten(), t.flatten(),
                                     noise.flatten(0, 1)).view(b, k)
@@ -71,7 +73,8 @@ def train(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y: torch.T
     """`steps` Adam steps on Poisson batches of (x, y), as `dpsynth finetune` takes them.
 
     Args:
-        x, y: the audit's training set ([N, C, H, W] in [-1, 1], [N]).
+        x, y: the audit's training set ([N, C, H, W] in [-1, 1], [N]), on the CPU
+            (draws are made there and moved to the net's device).
         private: DP-SGD (`noisy_gradient`) if True, the control's plain gradient if not.
     """
     net.train()
@@ -101,7 +104,10 @@ def denoising_losses(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor,
     The default range is where membership shows: at small t the model must
     recognise the exact image to predict the noise, at large t the noise
     drowns it (measured on digits: AUC 0.99 at t = 0.05-0.3 T, 0.6 at 0.9 T).
+    The grid is made on the CPU and each batch moved to the net's device; the
+    result is on the CPU.
     """
+    device = next(net.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     steps_total = loss.schedule.config.num_train_timesteps
     grid = torch.linspace(t_range[0] * (steps_total - 1), t_range[1] * (steps_total - 1),
@@ -114,7 +120,9 @@ def denoising_losses(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor,
                 noise[start:start + batch_size]
             b = len(xb)
             t = grid.repeat(b)
-            per = loss.per_example(net, xb.repeat_interleave(draws, 0), yb.repeat_interleave(draws),
-                                   t, nb.flatten(0, 1))
-            out[start:start + b] = per.view(b, draws).mean(1)
+            rows = (xb.repeat_interleave(draws, 0), yb.repeat_interleave(draws), t,
+                    nb.flatten(0, 1))
+            xr, yr, tr, nr = (r.to(device) for r in rows)
+            per = loss.per_example(net, xr, yr, tr, nr)
+            out[start:start + b] = per.view(b, draws).mean(1).cpu()
     return out

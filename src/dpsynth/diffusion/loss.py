@@ -44,11 +44,16 @@ class DenoisingLoss:
 
     def draw(self, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Draw (t, noise, labels after dropout) for a batch x0 of shape [B, C, H, W]."""
-        b = x0.shape[0]
-        t = self.timesteps.sample(b, generator)
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-        drop = torch.rand(b, generator=generator) < self.label_dropout
+        """Draw (t, noise, labels after dropout) for a batch x0 of shape [B, C, H, W].
+
+        `generator` is a CPU generator: the draws are made on the CPU and moved to
+        x0's device, so they are the same numbers on every device and a
+        checkpointed generator state stays valid wherever the run resumes.
+        """
+        b, device = x0.shape[0], x0.device
+        t = self.timesteps.sample(b, generator).to(device)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(device)
+        drop = (torch.rand(b, generator=generator) < self.label_dropout).to(device)
         return t, noise, torch.where(drop, torch.full_like(labels, self.null_label), labels)
 
     def per_example(self, net: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor,

@@ -52,20 +52,25 @@ def sample(net: torch.nn.Module, sampler: SchedulerMixin, labels: torch.Tensor,
     """Draw one image per label by running the reverse process.
 
     Args:
-        labels: [B] class indices.
+        labels: [B] class indices, on the device to sample on (the net's).
         shape: (C, H, W) of one image.
+        generator: a CPU generator. The initial noise (and DDPM/DDIM's step noise,
+            which diffusers draws on the generator's device) is drawn on the CPU and
+            moved to `labels.device`: the same numbers on every device.
         eta: DDIM's stochasticity (ignored by the other samplers).
 
     Returns:
-        [B, C, H, W] images in [-1, 1].
+        [B, C, H, W] images in [-1, 1], on `labels.device`.
     """
+    device = labels.device
     eps = guided_model(net, guidance_scale, null_label)
-    sampler.set_timesteps(num_inference_steps)
-    x = torch.randn((len(labels), *shape), generator=generator) * sampler.init_noise_sigma
+    sampler.set_timesteps(num_inference_steps)  # the schedule stays on the CPU (diffusers' way)
+    x = (torch.randn((len(labels), *shape), generator=generator)
+         * sampler.init_noise_sigma).to(device)
     extra = {"eta": eta} if isinstance(sampler, DDIMScheduler) else {}
     for t in sampler.timesteps:
         x_in = sampler.scale_model_input(x, t)
-        out = eps(x_in, t.expand(len(labels)), labels)
+        out = eps(x_in, t.expand(len(labels)).to(device), labels)
         x = sampler.step(out, t, x, generator=generator, **extra).prev_sample
     return x.clamp(-1, 1)
 

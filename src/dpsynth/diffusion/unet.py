@@ -8,7 +8,7 @@ classifier-free guidance (Ho & Salimans 2022).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -67,14 +67,35 @@ def build_unet(spec: UNetSpec) -> UNet2DModel:
         num_class_embeds=spec.num_classes + 1)  # +1: the null label for guidance
 
 
+def with_classes(spec: UNetSpec, net: UNet2DModel, num_classes: int, seed: int
+                 ) -> tuple[UNetSpec, UNet2DModel]:
+    """The same network for another label set: every weight kept but the class
+    embedding, which starts afresh (seeded), with `num_classes` + the null label.
+
+    For pre-training on one label set and fine-tuning on another (ImageNet32's
+    1000 classes, then CIFAR-10's 10): the embedding of a pre-training class says
+    nothing about a private one.
+    """
+    new_spec = replace(spec, num_classes=num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = build_unet(new_spec)
+    kept = {k: v for k, v in net.state_dict().items() if not k.startswith("class_embedding.")}
+    missing, unexpected = new.load_state_dict(kept, strict=False)
+    assert not unexpected and all(k.startswith("class_embedding.") for k in missing), missing
+    return new_spec, new.eval()
+
+
 def save_model(out_dir: str | Path, spec: UNetSpec, net: torch.nn.Module,
                ema: torch.nn.Module | None = None, extra: dict | None = None) -> None:
     """Write `config.json` + safetensors weights (never pickle)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out_dir / WEIGHTS)
+    # CPU tensors whatever the device trained on: `load_model` returns a CPU net
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+              out_dir / WEIGHTS)
     if ema is not None:
-        save_file({k: v.contiguous() for k, v in ema.state_dict().items()},
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
                   out_dir / EMA_WEIGHTS)
     (out_dir / CONFIG).write_text(json.dumps({"unet": spec.to_json(), **(extra or {})},
                                              indent=2) + "\n")
@@ -84,7 +105,8 @@ def load_model(model_dir: str | Path, use_ema: bool = True) -> tuple[UNetSpec, U
     """Load a model written by `save_model`; EMA weights when present and asked for.
 
     Returns:
-        (spec, network in eval mode, the whole config.json).
+        (spec, network in eval mode on the CPU, the whole config.json); the caller
+        moves it to its device.
     """
     model_dir = Path(model_dir)
     cfg_path = model_dir / CONFIG

@@ -35,7 +35,9 @@ class Workers:
         if world_size == 1:
             return Workers()
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            # gloo for the CPU tensors (the broadcast batch, the agreement flags:
+            # randomness stays on the CPU), NCCL for the gradients on GPUs
+            backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         return Workers(dist.get_rank(), dist.get_world_size())
 

@@ -37,7 +37,7 @@ from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.diffusion.samplers import from_uint8
 from dpsynth.diffusion.unet import load_model
 from dpsynth.errors import InputError
-from dpsynth.eval.classifier import read_labelled
+from dpsynth.eval.classifier import default_device, read_labelled
 from dpsynth.io.atomic import atomic_dir
 from dpsynth.plots import plot_audit_roc
 from dpsynth.privacy import accounting
@@ -99,14 +99,18 @@ def _score(scores: np.ndarray, included: np.ndarray, cfg: Config, delta: float
                            tpr_at_fpr(scores, included, 0.05), roc_curve(scores, included))
 
 
-def membership_audit(cfg: Config, model_dir: Path) -> tuple[float, MembershipAudit,
-                                                             MembershipAudit | None]:
+def membership_audit(cfg: Config, model_dir: Path, device: str | torch.device | None = None
+                     ) -> tuple[float, MembershipAudit, MembershipAudit | None]:
     """Train the DP twin (and the control) on canaries from `model_dir`; score them.
+
+    The twins run on `device` (default the GPU when there is one); the canaries,
+    their draws and the twin's noise stay on the CPU, as in `dpsynth finetune`.
 
     Returns:
         (the twin's accounted epsilon, its audit, the control's audit or None).
     """
     fc, ac = cfg.finetune, cfg.audit
+    device = torch.device(device) if device is not None else default_device()
     spec, _, _ = load_model(model_dir)
     rng = np.random.default_rng([cfg.seed, 0xA0D17])  # public randomness: seeded for DVC
     images, labels = canaries.make_canaries(ac.num_canaries,
@@ -129,6 +133,7 @@ def membership_audit(cfg: Config, model_dir: Path) -> tuple[float, MembershipAud
     def audit_one(private: bool) -> MembershipAudit:
         _, net, _ = load_model(model_dir)
         check_model(net)
+        net.to(device)
         use_vmap_friendly_attention(net)
         torch.manual_seed(cfg.seed)
         name = "DP twin" if private else "non-private control"
@@ -146,7 +151,8 @@ def membership_audit(cfg: Config, model_dir: Path) -> tuple[float, MembershipAud
 
 
 def run(cfg: Config, *, model_dir: Path, generator_dir: Path, synthetic_dir: Path,
-        private_dir: Path, heldout_dir: Path, out_dir: Path, tracker: Tracker) -> AuditResult:
+        private_dir: Path, heldout_dir: Path, out_dir: Path, tracker: Tracker,
+        device: str | torch.device | None = None) -> AuditResult:
     """Audit the fine-tuning mechanism and the generator; publish into `out_dir`.
 
     Args:
@@ -159,6 +165,7 @@ def run(cfg: Config, *, model_dir: Path, generator_dir: Path, synthetic_dir: Pat
         heldout_dir: real data not trained on (the test split), the baseline.
         out_dir: gets metrics.json, roc_dp.csv, roc_control.csv, roc.png,
             params.json, version.json -- published atomically.
+        device: where the twins train; default the GPU when there is one.
 
     Raises:
         InputError: no `privacy.json` in `generator_dir`, a mechanism that differs
@@ -184,7 +191,7 @@ def run(cfg: Config, *, model_dir: Path, generator_dir: Path, synthetic_dir: Pat
     tracker.log_params(cfg.section(*SECTIONS))
 
     t0 = time.perf_counter()
-    audit_epsilon, dp, control = membership_audit(cfg, Path(model_dir))
+    audit_epsilon, dp, control = membership_audit(cfg, Path(model_dir), device)
     pick = np.random.default_rng(cfg.seed).permutation(len(syn_x))[:ac.memorization_samples]
     mem = memorization(syn_x[pick], private_x, heldout_x, ratio=ac.memorization_ratio,
                        seed=cfg.seed)

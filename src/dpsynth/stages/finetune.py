@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import shutil
 import time
@@ -29,8 +30,9 @@ from dpsynth.config import Config
 from dpsynth.diffusion.ema import EMA
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.diffusion.samplers import from_uint8
-from dpsynth.diffusion.unet import load_model, save_model, weights_file
+from dpsynth.diffusion.unet import load_model, save_model, weights_file, with_classes
 from dpsynth.errors import InputError, TrainingDiverged
+from dpsynth.eval.classifier import default_device
 from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import read_dataset, sha256_file
 from dpsynth.plots import plot_loss
@@ -137,7 +139,8 @@ def _account_redone_steps(ledger: PrivacyLedger, work_dir: Path, run_id: str,
 
 def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, out_dir: Path,
         tracker: Tracker, resume: bool = True, work_dir: Path | None = None,
-        stop_after: int | None = None) -> FinetuneResult:
+        stop_after: int | None = None, device: str | torch.device | None = None
+        ) -> FinetuneResult:
     """Fine-tune `model_dir` on `private_dir` with DP-SGD; publish into `out_dir`.
 
     Args:
@@ -149,6 +152,11 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
         resume: continue the same run (same ledger entry, same accounting) from
             the latest checkpoint in `work_dir`.
         stop_after: stop after this many steps without publishing (tests).
+        device: where the net, its EMA, the optimizer and the per-example gradients
+            live; default the GPU when there is one (under torchrun, the worker's
+            LOCAL_RANK GPU). The private split, Poisson sampling, the training draws
+            and the Gaussian noise stay on the CPU, from CPU generators, and are
+            moved: a CPU run is unchanged and checkpoints resume on any device.
 
     Raises:
         InputError: bad model or data, delta >= 1/N, batch larger than the data,
@@ -162,10 +170,17 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     weights_sha = sha256_file(weights_file(model_dir))  # the file load_model read
     check_model(net)
     images, labels, manifest = read_dataset(private_dir)
-    if tuple(manifest.classes) != tuple(model_cfg["classes"]):
+    classes = list(model_cfg["classes"])
+    relabelled = list(manifest.classes) != classes
+    if relabelled and not fc.reinit_class_embedding:
+        shown = classes if len(classes) <= 20 else f"{len(classes)} classes"
         raise InputError(f"{private_dir}: classes {list(manifest.classes)} differ from the "
-                         f"model's {model_cfg['classes']}; pre-train on data with the same "
-                         "label set")
+                         f"model's {shown}; pre-train on data with the same label set, or "
+                         "set finetune.reinit_class_embedding=true to start the class "
+                         "embedding afresh for the private classes")
+    if relabelled:  # public settings only: the label set is the data's schema, not data
+        spec, net = with_classes(spec, net, len(manifest.classes), seed=cfg.seed)
+        classes = list(manifest.classes)
     expected_shape = (spec.image_size, spec.image_size, spec.channels)
     if tuple(manifest.shape) != expected_shape:
         raise InputError(f"{private_dir}: images are {list(manifest.shape)}, the model expects "
@@ -182,7 +197,7 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
                          f"shape {list(pub_manifest.shape)}, the model expects "
                          f"{list(expected_shape)}; pass the public split the model was "
                          "pre-trained on (e.g. artifacts/prepare/public)")
-    if len(pub_manifest.classes) > spec.num_classes:
+    if not relabelled and len(pub_manifest.classes) > spec.num_classes:
         raise InputError(f"{public_dir}: {len(pub_manifest.classes)} classes, the model has "
                          f"{spec.num_classes}; pass the public split the model was "
                          "pre-trained on (e.g. artifacts/prepare/public)")
@@ -221,10 +236,13 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     if not workers.agree(refusal is None):
         raise refusal or InputError("the privacy ledger refused this run (see rank 0's error)")
 
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and device.index is None and workers.world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU each
     torch.manual_seed(cfg.seed)
-    net.train()
+    net.train().to(device)
     use_vmap_friendly_attention(net)
-    ema = EMA(net, fc.ema_decay)
+    ema = EMA(net, fc.ema_decay)  # a copy of the net: on the same device
     opt = torch.optim.Adam(net.parameters(), lr=fc.lr)
     diffusion = cfg.diffusion
     # training draws t from the (biased) fine-tuning distribution; monitoring uses
@@ -237,8 +255,10 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     step_cfg = DPStep(noise_multiplier=sigma, max_grad_norm=fc.max_grad_norm,
                       expected_batch_size=q * n, physical_batch_size=fc.physical_batch_size,
                       aug_multiplicity=fc.aug_multiplicity, augment=fc.augment)
-    pub_x = from_uint8(torch.from_numpy(pub_images[:EVAL_BATCH]))
-    pub_y = torch.from_numpy(pub_labels[:EVAL_BATCH]).long()
+    pub_x = from_uint8(torch.from_numpy(pub_images[:EVAL_BATCH])).to(device)
+    pub_y = torch.from_numpy(pub_labels[:EVAL_BATCH]).long().to(device)
+    if relabelled:  # the public labels are of the pre-training set: score unconditionally
+        pub_y = torch.full_like(pub_y, spec.null_label)
     x_all, y_all = from_uint8(torch.from_numpy(images)), torch.from_numpy(labels).long()
     history: list[list[float]] = []
     start = 0
@@ -316,7 +336,7 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
                "resumed_from_step": start}
     with atomic_dir(out_dir) as tmp:
         save_model(tmp, spec, net, ema.shadow, extra={
-            "classes": model_cfg["classes"], "dp": {"epsilon": epsilon, "delta": fc.delta},
+            "classes": classes, "dp": {"epsilon": epsilon, "delta": fc.delta},
             "finetuned_from": weights_sha})
         atomic_write_json(tmp / "privacy.json", privacy)
         with open(tmp / "loss.csv", "w", newline="") as f:

@@ -28,6 +28,7 @@ from dpsynth.diffusion.loss import make_noise_schedule
 from dpsynth.diffusion.samplers import make_sampler, sample, to_uint8
 from dpsynth.diffusion.unet import WEIGHTS, EMA_WEIGHTS, load_model
 from dpsynth.errors import InputError
+from dpsynth.eval.classifier import default_device
 from dpsynth.io import storage
 from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import (Manifest, ShardInfo, read_dataset, sha256_file, shard_name,
@@ -87,8 +88,13 @@ def _is_complete(shard_dir: Path, index: int, run_id: str) -> bool:
 
 
 def make_shards(cfg: Config, *, model_dir: Path, shard_dir: Path,
-                indices: Iterable[int] | None = None) -> tuple[list[int], list[int]]:
+                indices: Iterable[int] | None = None,
+                device: str | torch.device | None = None) -> tuple[list[int], list[int]]:
     """Make the given shards (default: all) in `shard_dir`, skipping finished ones.
+
+    Args:
+        device: where the net runs; default the GPU when there is one. The noise is
+            drawn on the CPU from each shard's seeded generator (`samplers.sample`).
 
     Returns:
         (made, skipped) shard indices.
@@ -96,6 +102,8 @@ def make_shards(cfg: Config, *, model_dir: Path, shard_dir: Path,
     sc = cfg.sample
     model_dir, shard_dir = Path(model_dir), Path(shard_dir)
     spec, net, model_cfg = load_model(model_dir)
+    device = torch.device(device) if device is not None else default_device()
+    net.to(device)
     run_id = fingerprint(cfg.section(*SECTIONS), _model_hash(model_dir))
     indices = list(range(sc.num_shards)) if indices is None else list(indices)
     for i in indices:
@@ -117,12 +125,12 @@ def make_shards(cfg: Config, *, model_dir: Path, shard_dir: Path,
         chunks = []
         for lo in range(0, len(labels), sc.batch_size):
             y = labels[lo:lo + sc.batch_size]
-            x = sample(net, make_sampler(sc.sampler, schedule), y,
+            x = sample(net, make_sampler(sc.sampler, schedule), y.to(device),
                        (spec.channels, spec.image_size, spec.image_size),
                        num_inference_steps=sc.num_inference_steps,
                        guidance_scale=sc.guidance_scale, null_label=spec.null_label,
                        generator=gen, eta=sc.eta)
-            chunks.append(to_uint8(x))
+            chunks.append(to_uint8(x).cpu())
             bar.update(len(y))
         images = torch.cat(chunks).numpy()
         info = write_shard(shard_dir / shard_name(i), images, labels.numpy())
@@ -231,14 +239,16 @@ def publish(cfg: Config, *, shard_dirs: Sequence[Path], model_dir: Path, out_dir
 
 
 def run(cfg: Config, *, model_dir: Path, out_dir: Path, tracker: Tracker,
-        work_dir: Path | None = None) -> SampleResult:
+        work_dir: Path | None = None, device: str | torch.device | None = None
+        ) -> SampleResult:
     """Make every shard (resuming finished ones) and publish them with a manifest,
-    a per-class sample grid and metrics into `out_dir`, atomically."""
+    a per-class sample grid and metrics into `out_dir`, atomically. `device`: as
+    for `make_shards`."""
     model_dir = Path(model_dir)
     work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
     tracker.log_params(tracked_params(cfg, model_dir))
     t0 = time.perf_counter()
-    made, skipped = make_shards(cfg, model_dir=model_dir, shard_dir=work_dir)
+    made, skipped = make_shards(cfg, model_dir=model_dir, shard_dir=work_dir, device=device)
     result = publish(cfg, shard_dirs=[work_dir], model_dir=model_dir, out_dir=out_dir,
                      tracker=tracker, made=made, skipped=skipped,
                      seconds=time.perf_counter() - t0)

@@ -37,7 +37,10 @@ class TrainState:
     optimizer: dict[str, Any]
     generator: torch.Tensor  # torch.Generator.get_state()
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-able: history, fingerprint...
-    torch_rng: torch.Tensor | None = None  # torch.get_rng_state(): what dropout draws from
+    # torch.get_rng_state(): what dropout draws from on the CPU. On a GPU dropout
+    # draws from the CUDA generator, which is not saved: bit-identical resumes are a
+    # CPU property (cuDNN's convolution kernels are not deterministic either).
+    torch_rng: torch.Tensor | None = None
     # DP randomness (Poisson sampling, Gaussian noise). Only test-seeded runs keep
     # it: whoever holds it could subtract the noise (PRIVACY.md rule 7).
     secret_rng: torch.Tensor | None = None
@@ -59,7 +62,7 @@ def restore(state: TrainState, *, net: torch.nn.Module, ema: Any, optimizer: tor
 
 
 def _optimizer_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list]:
-    tensors = {f"{idx}.{name}": value.detach().clone().contiguous()
+    tensors = {f"{idx}.{name}": value.detach().cpu().clone().contiguous()
                for idx, per_param in state["state"].items()
                for name, value in per_param.items()}
     return tensors, state["param_groups"]
@@ -73,6 +76,10 @@ def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], groups: list) -> d
     return {"state": state, "param_groups": groups}
 
 
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
 def save_checkpoint(ckpt_dir: str | Path, state: TrainState, keep: int = 2) -> Path:
     """Write `ckpt_dir/ckpt-<step>` atomically, point `latest.json` at it, prune old ones."""
     ckpt_dir = Path(ckpt_dir)
@@ -81,8 +88,10 @@ def save_checkpoint(ckpt_dir: str | Path, state: TrainState, keep: int = 2) -> P
     tmp = ckpt_dir / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_file({k: v.contiguous() for k, v in state.net.items()}, tmp / "model.safetensors")
-        save_file({k: v.contiguous() for k, v in state.ema.items()}, tmp / "ema.safetensors")
+        # CPU tensors whatever the training device: a checkpoint resumes on any device
+        # (load_state_dict copies them to the parameters' device)
+        save_file(_cpu(state.net), tmp / "model.safetensors")
+        save_file(_cpu(state.ema), tmp / "ema.safetensors")
         opt_tensors, groups = _optimizer_to_tensors(state.optimizer)
         rng = {"__generator__": state.generator.contiguous()}
         if state.torch_rng is not None:

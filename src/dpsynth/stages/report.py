@@ -1,0 +1,192 @@
+"""`dpsynth report`: the last stage. One self-contained HTML page a data owner can
+hand on: the privacy guarantee in plain words and numbers, samples next to real
+test images, fidelity, downstream accuracy, the ranking check, training curves,
+the audit, and where everything came from.
+
+The page is made from the other stages' published outputs only. Of the private
+split it reads the manifest alone (its content hash keys the privacy ledger),
+never an image; and it never states the private split's size, nor σ or q,
+which give it away (`dpsynth.report.statement`). It holds no timestamp: the
+same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import dpsynth
+from dpsynth.config import Config
+from dpsynth.errors import InputError
+from dpsynth.io.atomic import atomic_dir
+from dpsynth.io.shards import Manifest, read_manifest
+from dpsynth.privacy.ledger import PrivacyLedger
+from dpsynth.provenance import write_run_info
+from dpsynth.report import page, sections
+from dpsynth.report.page import esc
+from dpsynth.report.sections import read_json
+from dpsynth.report.statement import Budget, epsilon_text, privacy_statement
+from dpsynth.tracking import Tracker
+
+log = logging.getLogger(__name__)
+SECTIONS = ("data", "privacy", "report")
+INDEX = "index.html"
+# What the report reads, by name, and where `dvc repro` puts it under artifacts/.
+LAYOUT = {"public": "prepare/public", "test": "prepare/test", "pretrain": "pretrain",
+          "finetune": "finetune", "sample": "sample", "fid": "fid", "classify": "classify",
+          "rank": "rank", "audit": "audit"}
+REQUIRED = ("finetune", "sample")  # the DP claim and the data it is about
+PRIVATE_MANIFEST = "prepare/private/manifest.json"
+# how `dpsynth prepare` names the private split it carves out of a pool
+_PRIVATE_SOURCE = " private (stratified"
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """What `run` wrote.
+
+    Attributes:
+        out_dir: the published folder.
+        index: the page, `out_dir / "index.html"`.
+        epsilon: the DP model's ε, as the page states it.
+        budget: the privacy ledger's account of the private dataset, if known.
+        not_run: the optional inputs that were missing (their sections say "not run").
+        images: the number of `<img>` elements on the page.
+    """
+
+    out_dir: Path
+    index: Path
+    epsilon: float
+    budget: Budget | None
+    not_run: tuple[str, ...]
+    images: int
+
+
+def _budget(cfg: Config, privacy: Mapping[str, Any], finetune_metrics: Mapping[str, Any],
+            private_manifest: Path | None) -> Budget | None:
+    """The ledger's total for the private dataset: read now when the private manifest
+    (its key) is given and the ledger has the dataset, else the total the fine-tuning
+    recorded when it finished."""
+    if private_manifest is not None:
+        dataset_hash = read_manifest(Path(private_manifest).parent).content_hash
+        ledger = PrivacyLedger(cfg.privacy.ledger_dir, dataset_hash)
+        entries = ledger.entries()
+        if entries:
+            return Budget(ledger.spent_epsilon(privacy["delta"], privacy["accountant"]),
+                          cfg.privacy.dataset_budget_epsilon, len(entries))
+        log.warning("the privacy ledger in %s has no runs on this private dataset; the "
+                    "report states the total recorded when the model was trained",
+                    cfg.privacy.ledger_dir)
+    spent = finetune_metrics.get("dataset_epsilon_spent")
+    return None if spent is None else Budget(float(spent), cfg.privacy.dataset_budget_epsilon,
+                                             None)
+
+
+def _check_inputs(dirs: Mapping[str, Path], privacy: Mapping[str, Any] | None,
+                  private_manifest: Path | None) -> tuple[Manifest, Manifest | None]:
+    if privacy is None:
+        raise InputError(f"{dirs['finetune']}: no privacy.json, so not a DP model; pass the "
+                         "output of `dpsynth finetune` (artifacts/finetune)")
+    synthetic = read_manifest(dirs["sample"])
+    if read_json(dirs["sample"], "privacy.json") != privacy:
+        raise InputError(f"{dirs['sample']}: its privacy.json differs from {dirs['finetune']}'s"
+                         ", so the synthetic set was not sampled from this DP model; pass the "
+                         "model that made it, or re-run sample")
+    test = read_manifest(dirs["test"]) if "test" in dirs else None
+    if test is not None:
+        private_hash = (read_manifest(Path(private_manifest).parent).content_hash
+                        if private_manifest is not None else None)
+        if _PRIVATE_SOURCE in test.source or test.content_hash == private_hash:
+            raise InputError(f"{dirs['test']}: this is the private split; the report shows "
+                             "real images of the test split only (artifacts/prepare/test)")
+        if test.classes != synthetic.classes or test.shape != synthetic.shape:
+            raise InputError(f"{dirs['test']}: classes {list(test.classes)} and shape "
+                             f"{test.shape} differ from the synthetic set's "
+                             f"({list(synthetic.classes)}, {synthetic.shape}); both must come "
+                             "from one data config")
+    return synthetic, test
+
+
+def run(cfg: Config, *, artifacts: Mapping[str, Path], out_dir: Path, tracker: Tracker,
+        private_manifest: Path | None = None) -> ReportResult:
+    """Build the report from the stages' outputs and publish it into `out_dir`.
+
+    Args:
+        cfg: resolved config (sections data, privacy, report).
+        artifacts: stage output folders by name (keys of `LAYOUT`): `finetune` (the DP
+            model with its privacy.json) and `sample` are required; `public`, `test`,
+            `pretrain`, `fid`, `classify`, `rank` and `audit` are optional, and a
+            missing one gets a "not run" section.
+        out_dir: gets `index.html` (self-contained: images embedded), `params.json`,
+            `version.json`; published atomically.
+        tracker: gets the report section of the config and `index.html`.
+        private_manifest: the private split's `manifest.json`, read only for its
+            content hash, the privacy ledger's key; without it the report states the
+            ledger total the fine-tuning recorded when it finished.
+
+    Raises:
+        InputError: a required input missing, a fine-tuning output without
+            privacy.json, a synthetic set from another model, a "test" folder that
+            is the private split. Nothing is written then.
+    """
+    unknown = sorted(set(artifacts) - set(LAYOUT))
+    if unknown:
+        raise ValueError(f"artifacts: unknown name(s) {unknown}; known: {sorted(LAYOUT)}")
+    dirs = {name: Path(artifacts[name]) for name in LAYOUT if artifacts.get(name) is not None}
+    for name in REQUIRED:
+        if name not in dirs or not dirs[name].is_dir():
+            raise InputError(f"report: the {name} output is required (e.g. artifacts/"
+                             f"{LAYOUT[name]}); run `dpsynth {name}` first")
+    missing = [name for name, d in dirs.items() if not d.is_dir()]
+    if missing:
+        raise InputError(f"report: {', '.join(str(dirs[n]) for n in missing)}: not a folder; "
+                         "pass the stages' output folders, or leave out those not run")
+    privacy = read_json(dirs["finetune"], "privacy.json")
+    synthetic, test = _check_inputs(dirs, privacy, private_manifest)
+    fine_params = read_json(dirs["finetune"], "params.json") or {}
+    budget = _budget(cfg, privacy, read_json(dirs["finetune"], "metrics.json") or {},
+                     private_manifest)
+    classify = read_json(dirs.get("classify"), "metrics.json") or {}
+    audit = read_json(dirs.get("audit"), "metrics.json") or {}
+    statement = privacy_statement(
+        privacy, expected_batch_size=fine_params.get("finetune", {}).get("batch_size"),
+        target_epsilon=fine_params.get("finetune", {}).get("epsilon"), budget=budget,
+        dataset=cfg.data.private.kind, disclose_private_size=cfg.report.disclose_private_size,
+        nonprivate_baseline="nonprivate_baseline_real_test_accuracy" in classify,
+        memorization="memorized_fraction" in audit)
+    tracker.log_params(cfg.section("report"))
+
+    body = [sections.privacy_section(statement),
+            sections.samples_section(cfg.report, dirs, synthetic, test),
+            sections.fidelity_section(dirs.get("fid")),
+            sections.utility_section(dirs.get("classify")),
+            sections.ranking_section(dirs.get("rank")),
+            sections.training_section(dirs.get("pretrain"), dirs["finetune"]),
+            sections.audit_section(dirs.get("audit")),
+            sections.provenance_section(cfg, dirs, synthetic, test, private_manifest is not None,
+                                        cfg.section(*SECTIONS))]
+    text = page.render(
+        title="Differentially private synthetic data: report", lede=statement.headline,
+        warnings=[w for w in (statement.warning, sections.audit_warning(dirs.get("audit")))
+                  if w],
+        glance=sections.glance(privacy, synthetic, dirs),
+        sections=body,
+        footer=f"Made by dpsynth {esc(dpsynth.__version__)} (<code>dpsynth report</code>) from "
+               "the published outputs of the stages above. Self-contained: every image is "
+               "embedded and nothing is fetched from the network.")
+    not_run = tuple(n for n in LAYOUT if n not in dirs)
+    with atomic_dir(out_dir) as tmp:
+        (tmp / INDEX).write_text(text, encoding="utf-8")
+        write_run_info(tmp, "report", cfg.section(*SECTIONS))
+    tracker.log_artifact(Path(out_dir) / INDEX)
+    log.info("report: %s (ε = %s; not run: %s)", Path(out_dir) / INDEX,
+             epsilon_text(privacy["epsilon"]), ", ".join(not_run) or "none")
+    return ReportResult(Path(out_dir), Path(out_dir) / INDEX, float(privacy["epsilon"]), budget,
+                        not_run, text.count("<img "))
+
+
+def artifact_paths(root: Path, names: Sequence[str] = tuple(LAYOUT)) -> dict[str, Path]:
+    """The folders of `names` that exist under a `dvc repro` artifacts root."""
+    return {n: root / LAYOUT[n] for n in names if (root / LAYOUT[n]).is_dir()}
