@@ -45,12 +45,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # runnable from a checkout without `pip install`
 
 from dpsynth.config import Config, ModelConfig, load  # noqa: E402
+from dpsynth.diffusion.cost import unet_cost  # noqa: E402
 from dpsynth.diffusion.loss import DenoisingLoss, make_noise_schedule  # noqa: E402
 from dpsynth.diffusion.samplers import make_sampler, sample  # noqa: E402
 from dpsynth.diffusion.unet import UNetSpec, build_unet  # noqa: E402
@@ -122,23 +122,6 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     out = fn()
     sync(device)
     return time.perf_counter() - t0, out
-
-
-def flops_per_row(net: torch.nn.Module, spec: UNetSpec,
-                  device: torch.device) -> tuple[float, float]:
-    """(forward, forward + backward) FLOPs of one image through the UNet
-    (torch's FlopCounterMode: matmuls and convolutions, 2 FLOPs per multiply-add)."""
-    b = 2
-    x = torch.randn(b, spec.channels, spec.image_size, spec.image_size, device=device)
-    t = torch.randint(0, 1000, (b,), device=device)
-    y = torch.randint(0, spec.num_classes, (b,), device=device)
-    with FlopCounterMode(display=False) as fwd:
-        with torch.no_grad():
-            net(x, t, class_labels=y)
-    with FlopCounterMode(display=False) as train:
-        net(x, t, class_labels=y).sample.pow(2).mean().backward()
-    net.zero_grad(set_to_none=True)
-    return fwd.get_total_flops() / b, train.get_total_flops() / b
 
 
 def dp_step(net: torch.nn.Module, loss: DenoisingLoss, plan: Plan, b: int, cfg: Config,
@@ -347,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  what if: attention heads of width {args.head_dim}")
     net.to(device).train()
     use_vmap_friendly_attention(net)  # as `dpsynth finetune` does
-    flops_fwd, flops_train = flops_per_row(net, plan.spec, device)
+    cost = unet_cost(plan.spec)  # the count `dpsynth plan` uses (meta device)
+    flops_fwd, flops_train = cost.forward_flops, cost.train_flops
     print(f"  model: {num_params:,} parameters; {flops_fwd / 1e9:.2f} GFLOP forward, "
           f"{flops_train / 1e9:.2f} GFLOP forward+backward per image "
           f"({plan.spec.image_size}x{plan.spec.image_size}x{plan.spec.channels})")

@@ -32,6 +32,7 @@ from dpsynth.io.atomic import atomic_dir, atomic_write_bytes, atomic_write_json
 from dpsynth.io.shards import MANIFEST, Manifest, read_dataset, read_manifest, verify_dataset
 from dpsynth.provenance import write_run_info
 from dpsynth.stages.common import fingerprint, work_dir_for, write_metrics
+from dpsynth.stages.prepare import is_carved_private
 from dpsynth.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,6 @@ EXTRACTOR_DIR = "extractor"  # the domain CNN, in out_dir
 ACCURACY = "domain_cnn_real_test_accuracy"
 _STATS_FORMAT = 1  # bump when the cached .npz layout or its meaning changes
 _REFERENCE, _SYNTHETIC = 0, 1  # independent subsample streams per side
-# how `dpsynth prepare` marks the private split it carves out of a pool
-_PRIVATE_MARK = " private (stratified"
 
 
 def _np_seed(seed: int) -> int:
@@ -84,7 +83,7 @@ def _check_inputs(cfg: Config, syn: Manifest, ref: Manifest, pub: Manifest | Non
             f"{syn.shape} but reference_dir={str(dirs['reference'])!r} holds {ref.shape}; "
             "compare samples with the test split of the same dataset (data.image_size, "
             "data.channels)")
-    if pub is not None and _PRIVATE_MARK in pub.source:
+    if pub is not None and is_carved_private(pub.source):
         raise InputError(
             f"public_dir={str(dirs['public'])!r} is the PRIVATE split (manifest source "
             f"{pub.source!r}); the domain CNN may only be trained on public data: pass "

@@ -101,9 +101,19 @@ def gather_splits(cfg: Config) -> dict[str, LabeledImages]:
                                seed=cfg.seed)
     splits = dict(supplied)
     for role in from_pool:
-        splits[role] = pool.take(indices[role],
-                                 source=f"{pool.source} {role} (stratified, seed {cfg.seed})")
+        splits[role] = pool.take(indices[role], source=carved_source(pool.source, role, cfg.seed))
     return splits
+
+
+def carved_source(pool_source: str, role: str, seed: int) -> str:
+    """The manifest `source` of a split carved out of a pool: it names the role, so
+    later stages can refuse the private split where only public data may go."""
+    return f"{pool_source} {role} (stratified, seed {seed})"
+
+
+def is_carved_private(source: str) -> bool:
+    """Whether a manifest's `source` says `prepare` carved it as the private split."""
+    return " private (stratified" in source
 
 
 def check_splits(splits: dict[str, LabeledImages]) -> None:

@@ -28,6 +28,7 @@ from dpsynth.report import page, sections
 from dpsynth.report.page import esc
 from dpsynth.report.sections import read_json
 from dpsynth.report.statement import Budget, epsilon_text, privacy_statement
+from dpsynth.stages.prepare import is_carved_private
 from dpsynth.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ LAYOUT = {"public": "prepare/public", "test": "prepare/test", "pretrain": "pretr
           "rank": "rank", "audit": "audit"}
 REQUIRED = ("finetune", "sample")  # the DP claim and the data it is about
 PRIVATE_MANIFEST = "prepare/private/manifest.json"
-# how `dpsynth prepare` names the private split it carves out of a pool
-_PRIVATE_SOURCE = " private (stratified"
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ def _check_inputs(dirs: Mapping[str, Path], privacy: Mapping[str, Any] | None,
     if test is not None:
         private_hash = (read_manifest(Path(private_manifest).parent).content_hash
                         if private_manifest is not None else None)
-        if _PRIVATE_SOURCE in test.source or test.content_hash == private_hash:
+        if is_carved_private(test.source) or test.content_hash == private_hash:
             raise InputError(f"{dirs['test']}: this is the private split; the report shows "
                              "real images of the test split only (artifacts/prepare/test)")
         if test.classes != synthetic.classes or test.shape != synthetic.shape:
