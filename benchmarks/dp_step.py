@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import resource
@@ -54,7 +55,8 @@ import torch
 from dpsynth.config import DiffusionConfig, ModelConfig
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.diffusion.unet import UNetSpec, build_unet
-from dpsynth.privacy.dp_sgd import DPStep, draw_copies, gaussian_noise, noisy_gradient
+from dpsynth.privacy.dp_sgd import DPStep, gaussian_noise, noisy_gradient
+from dpsynth.privacy.draws import draw_copies, record_keys
 from dpsynth.privacy.per_example import clipped_sum, per_example_grads, \
     use_vmap_friendly_attention
 
@@ -90,6 +92,11 @@ class Bench:
     @property
     def b(self) -> int:
         return len(self.x)
+
+    @functools.cached_property
+    def keys(self) -> torch.Tensor:
+        """The records' keys (the stage computes them once per run, not per step)."""
+        return record_keys(self.x, self.y)
 
 
 def patch_opacus_conv() -> None:
@@ -143,8 +150,9 @@ def step_ours(bn: Bench) -> None:
     """The real `noisy_gradient` (one micro-batch of B), then Adam, as in finetune."""
     step = DPStep(noise_multiplier=SIGMA, max_grad_norm=CLIP, expected_batch_size=float(bn.b),
                   physical_batch_size=bn.b, aug_multiplicity=bn.k)
+    draw_seed = int(torch.randint(0, 2**62, (1,), generator=bn.gen))
     grads = noisy_gradient(bn.net, bn.loss, bn.x, bn.y, torch.arange(bn.b), step,
-                           train_generator=bn.gen, noise_generator=bn.noise_gen)
+                           keys=bn.keys, draw_seed=draw_seed, noise_generator=bn.noise_gen)
     for name, p in bn.net.named_parameters():
         p.grad = grads[name]
     bn.opt.step()

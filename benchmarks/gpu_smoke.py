@@ -54,8 +54,8 @@ from dpsynth.diffusion.cost import unet_cost  # noqa: E402
 from dpsynth.diffusion.loss import DenoisingLoss, make_noise_schedule  # noqa: E402
 from dpsynth.diffusion.samplers import make_sampler, sample  # noqa: E402
 from dpsynth.diffusion.unet import UNetSpec, build_unet  # noqa: E402
-from dpsynth.privacy.dp_sgd import (DPStep, draw_for_examples, gaussian_noise,  # noqa: E402
-                                    noisy_gradient)
+from dpsynth.privacy.dp_sgd import DPStep, gaussian_noise, noisy_gradient  # noqa: E402
+from dpsynth.privacy.draws import draw_for_examples, record_keys  # noqa: E402
 from dpsynth.privacy.per_example import use_vmap_friendly_attention  # noqa: E402
 
 GIB = 2**30
@@ -132,12 +132,14 @@ def dp_step(net: torch.nn.Module, loss: DenoisingLoss, plan: Plan, b: int, cfg: 
     x = torch.rand(b, spec.channels, spec.image_size, spec.image_size, generator=g) * 2 - 1
     y = torch.randint(0, spec.num_classes, (b,), generator=g)
     indices = torch.arange(b)
+    keys = record_keys(x, y)
     step = DPStep(noise_multiplier=1.0, max_grad_norm=fc.max_grad_norm,
                   expected_batch_size=float(b), physical_batch_size=b,
                   aug_multiplicity=plan.k, augment=fc.augment)
 
     def once() -> dict[str, torch.Tensor]:
-        return noisy_gradient(net, loss, x, y, indices, step, train_generator=g,
+        return noisy_gradient(net, loss, x, y, indices, step, keys=keys,
+                              draw_seed=int(torch.randint(0, 2**62, (1,), generator=g)),
                               noise_generator=torch.Generator().manual_seed(1))
 
     once()  # warm-up: cuDNN algorithm choice, allocator
@@ -158,7 +160,7 @@ def dp_step(net: torch.nn.Module, loss: DenoisingLoss, plan: Plan, b: int, cfg: 
         hwm = _proc_status_kib("VmHWM")
         peak = (hwm - rss_before) * 1024 if hwm and rss_before else 0
     # the CPU-side parts, timed alone: the per-example draws and the noise
-    draw_s, _ = timed(lambda: draw_for_examples(loss, x, y, indices, plan.k, fc.augment, 7),
+    draw_s, _ = timed(lambda: draw_for_examples(loss, x, y, keys, plan.k, fc.augment, 7),
                       torch.device("cpu"))
     noise_s, _ = timed(lambda: gaussian_noise(grads, 1.0, torch.Generator().manual_seed(2)),
                        device)

@@ -13,7 +13,8 @@ def audit(config: Input[Artifact], model: Input[Model], dp_model: Input[Model],
           synthetic: Input[Dataset], private: Input[Dataset], test: Input[Dataset],
           results: Output[Artifact], metrics: Output[Metrics], roc: Output[HTML]):
     """`dpsynth audit`: a one-run canary membership audit of a twin of the fine-tuning
-    run (public canaries only: no private budget spent), with a non-private control,
+    run and of a check twin at `audit.check_epsilon` (public canaries only: no private
+    budget spent), with a non-private control,
     and memorization of `private` by the samples (aggregates only). `model` is the
     pre-trained model the twin starts from, `dp_model` carries the claim."""
     import os
@@ -28,5 +29,5 @@ def audit(config: Input[Artifact], model: Input[Model], dp_model: Input[Model],
                   synthetic_dir=Path(synthetic.path), private_dir=Path(private.path),
                   heldout_dir=Path(test.path), out_dir=Path(results.path), tracker=tracker)
     log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
-    figures_html(roc, "Canary membership audit: DP twin vs non-private control",
+    figures_html(roc, "Canary membership audit: DP twins vs non-private control",
                  [os.path.join(results.path, "roc.png")])

@@ -34,8 +34,9 @@ from sklearn.datasets import load_digits
 from dpsynth import cli
 from dpsynth.config import ModelConfig
 from dpsynth.diffusion.unet import EMA_WEIGHTS, WEIGHTS, UNetSpec, build_unet, save_model
-from dpsynth.io.shards import MANIFEST, encode_shard, read_manifest, write_dataset
-from dpsynth.privacy.ledger import PrivacyLedger
+from dpsynth.io.shards import MANIFEST, encode_shard, read_dataset, read_manifest, write_dataset
+from dpsynth.privacy.ledger import PrivacyLedger, dataset_key
+from dpsynth.stages.prepare import carved_source
 
 if str(Path(__file__).parent / "data") not in sys.path:  # tests/data/raw_formats.py
     sys.path.insert(0, str(Path(__file__).parent / "data"))
@@ -127,9 +128,10 @@ def valid_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     net = build_unet(spec)
     save_model(root / "model", spec, net, net, extra={"classes": list(CLASSES)})
-    ledger = PrivacyLedger(root / "ledger", read_manifest(root / "private").content_hash)
+    ledger = PrivacyLedger(root / "ledger", dataset_key(read_dataset(root / "private")[0]))
     ledger.reserve("earlier-run", [(0.8, 0.1, 100)], delta=1e-5, accountant="rdp",
-                   budget_epsilon=100.0)  # epsilon 12.36 spent
+                   target_epsilon=12.5, budget_epsilon=100.0,
+                   budget_delta=1e-5)  # epsilon 12.36 spent
     ledger.complete("earlier-run", 100)
     return root
 
@@ -301,9 +303,31 @@ def sample_argv(*args: str, model: str = "inputs/model",
     return lambda c: c.argv("sample", "--model", model, *args, sets=sets)
 
 
-def fid_argv(*sets: str, synthetic: str = "inputs/synthetic") -> Callable[[Ctx], list[str]]:
+def fid_argv(*sets: str, synthetic: str = "inputs/synthetic",
+             public: str = "inputs/public") -> Callable[[Ctx], list[str]]:
     return lambda c: c.argv("fid", "--synthetic", synthetic, "--reference", "inputs/test",
-                            "--public", "inputs/public", sets=sets)
+                            "--public", public, sets=sets)
+
+
+def marked_private(c: Ctx) -> None:
+    """Give inputs/private the manifest `source` that `prepare` gives the private split."""
+    path = c.inputs / "private" / MANIFEST
+    raw = json.loads(path.read_text())
+    raw["source"] = carved_source("sklearn-digits", "private", 0)
+    path.write_text(json.dumps(raw))
+
+
+def schema_1_ledger(c: Ctx) -> None:
+    """The ledger of an older dpsynth instead: keyed by the private manifest's hash."""
+    for ledger in (c.inputs / "ledger").glob("*.json"):
+        raw = json.loads(ledger.read_text())
+        ledger.unlink()
+    raw["schema"] = 1
+    raw["dataset"] = read_manifest(c.inputs / "private").content_hash
+    del raw["budget_delta"]
+    for entry in raw["entries"]:
+        del entry["target_epsilon"]
+    (c.inputs / "ledger" / f"{raw['dataset']}.json").write_text(json.dumps(raw))
 
 
 def classify_argv(*sets: str, synthetic: str = "inputs/synthetic") -> Callable[[Ctx], list[str]]:
@@ -542,8 +566,31 @@ ROWS = [
                  ["finetune.batch_size=5000", "larger than the private split",
                   "lower finetune.batch_size"], id="finetune-batch-larger-than-data"),
     pytest.param(nothing, finetune_argv("privacy.dataset_budget_epsilon=13"),
-                 ["budget", "privacy.dataset_budget_epsilon"],
+                 ["budget", "privacy.dataset_budget_epsilon", "(ε ≤ 13, δ = 1e-05)",
+                  "earlier-run (completed, 100/100 steps, target ε = 12.5)"],
                  id="finetune-over-dataset-budget"),
+    pytest.param(nothing, finetune_argv("finetune.delta=2e-5"),
+                 ["finetune.delta=2e-05", "privacy.dataset_budget_delta=1e-05",
+                  "Lower finetune.delta"], id="finetune-delta-above-budget-delta"),
+    pytest.param(nothing, finetune_argv("privacy.dataset_budget_delta=1e-4"),
+                 ["privacy.dataset_budget_delta=0.0001", "never changes",
+                  "Set privacy.dataset_budget_delta=1e-05"], id="finetune-budget-delta-changed"),
+    pytest.param(schema_1_ledger, finetune_argv(),
+                 ["inputs/ledger/", "a privacy ledger of schema 1", "still count",
+                  "Convert it by hand"], id="finetune-schema-1-ledger"),
+    # ---- --public: never the private split (pretrain, finetune, fid)
+    pytest.param(marked_private, pretrain_argv("inputs/private"),
+                 ["public_dir='inputs/private'", "is the PRIVATE split",
+                  "artifacts/prepare/public"], id="pretrain-private-split-as-public"),
+    pytest.param(marked_private, finetune_argv(public="inputs/private"),
+                 ["public_dir='inputs/private'", "is the PRIVATE split",
+                  "artifacts/prepare/public"], id="finetune-private-split-as-public"),
+    pytest.param(nothing, finetune_argv(public="inputs/private"),
+                 ["public_dir='inputs/private'", "holds the same images as private_dir",
+                  "artifacts/prepare/public"], id="finetune-private-images-as-public"),
+    pytest.param(marked_private, fid_argv(public="inputs/private"),
+                 ["public_dir='inputs/private'", "is the PRIVATE split",
+                  "artifacts/prepare/public"], id="fid-private-split-as-public"),
     # ---- finetune: model
     pytest.param(nothing, finetune_argv(model="inputs/no-model"),
                  ["inputs/no-model/config.json", "no model config", "dpsynth pretrain"],

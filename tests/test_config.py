@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -223,6 +224,8 @@ INVALID = [
     ("rank.grid=[{depth: 10}]", "rank.grid=1: a ranking needs at least 2"),
     ("rank.grid=[{depth: 10}, {depth: 11}]", "rank.grid[1].depth=11"),
     ("rank.val_fraction=1", "rank.val_fraction=1.0"),
+    ("audit.check_epsilon=0", "audit.check_epsilon=0.0: must be > 0"),
+    ("audit.check_epsilon=-1", "audit.check_epsilon=-1.0: must be > 0"),
 ]
 
 
@@ -354,3 +357,19 @@ def test_storage_section_takes_no_credentials() -> None:
                      ("storage.endpoint_url=minio:9000", r"must be an http\(s\)://host")):
         with pytest.raises(ConfigError, match=why):
             config.from_dict({}, [bad])
+
+
+@pytest.mark.parametrize("path", REPO_CONFIGS,
+                         ids=[str(p.relative_to(REPO)) for p in REPO_CONFIGS])
+def test_repo_configs_check_twin_is_at_an_epsilon_their_audit_can_refute(path: Path) -> None:
+    """The check twin is there because the claim is beyond what a one-run audit can
+    certify; at or above the best case (an exact half of the canaries included, a
+    perfect attack) it would be inconclusive too."""
+    from dpsynth.audit.one_run import max_certifiable_epsilon
+
+    cfg = config.load(path)
+    ac, m = cfg.audit, cfg.audit.num_canaries
+    assert "check_epsilon" in path.read_text()  # stated, not left to the default
+    best = max_certifiable_epsilon(np.arange(m) < m // 2, guess_fractions=ac.guess_fractions,
+                                   delta=cfg.finetune.delta, confidence=ac.confidence)
+    assert ac.check_epsilon < best

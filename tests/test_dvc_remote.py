@@ -57,7 +57,7 @@ def test_push_then_a_fresh_clone_pulls_and_is_up_to_date(repro: Path, repro_env:
     assert changes and all(path.startswith("artifacts/prepare/private")
                            for _, _, path in changes), changes
     # its readers: fine-tuning, the labelled baseline, the audit, and the report (which
-    # reads only the private manifest, for the ledger's key)
+    # depends on the private manifest only, and hashes the images for the ledger's key)
     assert {stage for stage, _, _ in changes} == {"prepare", "finetune", "classify", "audit",
                                                    "report"}
     assert not (clone / "artifacts" / "prepare" / "private").exists()

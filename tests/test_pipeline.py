@@ -45,7 +45,10 @@ def test_every_stage_publishes_verified_artifacts(repro: Path) -> None:
         params = json.loads((art / stage / "params.json").read_text())
         assert params["seed"] == 0
     audit = json.loads((art / "audit" / "metrics.json").read_text())
-    assert audit["claimed_epsilon"] == privacy["epsilon"] and audit["audit_passed"] is True
+    # the claim is the public target (the accounted epsilon gives N); 32 canaries
+    # cannot test epsilon = 10, the check twin at epsilon = 1 they can
+    assert audit["claimed_epsilon"] == 10.0 and audit["audit_status"] == "inconclusive"
+    assert audit["audit_passed"] is False and audit["check_status"] == "passed"
     assert audit["membership_epsilon_lower_bound"] <= audit["audit_epsilon"]
     assert 0 <= audit["memorized_fraction"] <= 1 and (art / "audit" / "roc.png").is_file()
     # nothing half-written left next to the outputs
@@ -111,7 +114,12 @@ def test_evaluation_stages_measure_the_synthetic_data(repro: Path) -> None:
     assert [int(r["num_synthetic"]) for r in curve] == [30, 60]
     assert float(curve[-1]["real_test_accuracy"]) == classify["real_test_accuracy"]
     rank = json.loads((art / "rank" / "metrics.json").read_text())
-    assert rank["num_configs"] == 3 and -1 <= rank["spearman_rho"] <= 1
+    # the smoke run's classifiers are barely trained: their synthetic validation
+    # scores may all tie, and the correlation is then undefined (JSON null)
+    rho = rank["spearman_rho"]
+    assert rank["num_configs"] == 3 and (rho is None or -1 <= rho <= 1)
+    with open(art / "rank" / "scores.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 3
     assert rank["regret"] == pytest.approx(
         rank["best_real_test_accuracy"] - rank["chosen_real_test_accuracy"])
     assert (art / "rank" / "scatter.png").stat().st_size > 0

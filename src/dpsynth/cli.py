@@ -151,8 +151,10 @@ def _finetune(args: argparse.Namespace, cfg: config.Config) -> None:
                               resume=args.resume)
     if not main:
         return
-    print(f"finetune: (epsilon={result.epsilon:.3f}, delta={cfg.finetune.delta:g})-DP model "
-          f"after {result.steps} steps in {result.out_dir} (details: privacy.json)")
+    # the public target, not the accounted epsilon: that one gives N (PRIVACY.md rule 8)
+    print(f"finetune: (epsilon <= {cfg.finetune.epsilon:g}, delta = {cfg.finetune.delta:g})-DP "
+          f"model after {result.steps} steps in {result.out_dir} (accounted values, private: "
+          "privacy.json)")
 
 
 def _sample(args: argparse.Namespace, cfg: config.Config) -> None:
@@ -220,10 +222,17 @@ def _audit(args: argparse.Namespace, cfg: config.Config) -> None:
                            heldout_dir=args.heldout, out_dir=args.out, tracker=tracker)
     control = (f"; non-private control {result.control.epsilon_lower_bound:.2f}"
                if result.control else "")
-    print(f"audit: epsilon lower bound {result.dp.epsilon_lower_bound:.2f} at "
-          f"{cfg.audit.confidence:.0%} confidence vs claimed {result.audit_epsilon:.2f}"
-          f"{control}; memorized fraction {result.metrics['memorized_fraction']:.4f} "
-          f"(metrics in {result.out_dir / 'metrics.json'})")
+    # the claim is the public target (the model's accounted epsilon gives N); the
+    # twins' own accounted epsilons follow the public canaries only
+    print(f"audit: {result.status} at the claim epsilon = {result.claimed_epsilon:g} (the DP "
+          f"twin's lower bound {result.dp.epsilon_lower_bound:.2f} at "
+          f"{cfg.audit.confidence:.0%} confidence vs its accounted "
+          f"{result.audit_epsilon:.2f}; these canaries certify at most "
+          f"{result.metrics['audit_max_certifiable_epsilon']:.2f}); check twin "
+          f"{result.check_status} ({result.check.epsilon_lower_bound:.2f} vs its accounted "
+          f"{result.metrics['check_epsilon']:.2f}){control}; memorized fraction "
+          f"{result.metrics['memorized_fraction']:.4f} (metrics in "
+          f"{result.out_dir / 'metrics.json'})")
 
 
 def _published(root: str, rel: str) -> bool:
@@ -237,6 +246,20 @@ def _published(root: str, rel: str) -> bool:
     return storage.read_versioned(top)[0] is not None
 
 
+def _copy_split(uri: str, folder: Path) -> None:
+    """Copy the manifest and shards of the split at `uri` into `folder` (the reader,
+    `read_dataset`, verifies each shard against the manifest)."""
+    from dpsynth.io import storage
+    from dpsynth.io.shards import MANIFEST, read_manifest
+
+    (folder / MANIFEST).write_bytes(storage.read_bytes(f"{uri}/{MANIFEST}"))
+    for shard in read_manifest(folder).shards:
+        if Path(shard.file).name != shard.file or shard.file in ("", ".", ".."):
+            raise InputError(f"{uri}/{MANIFEST}: shard file {shard.file!r} is not a plain "
+                             "file name; re-run the stage that wrote it")
+        (folder / shard.file).write_bytes(storage.read_bytes(f"{uri}/{shard.file}"))
+
+
 def _report(args: argparse.Namespace, cfg: config.Config) -> None:
     import tempfile
 
@@ -245,21 +268,21 @@ def _report(args: argparse.Namespace, cfg: config.Config) -> None:
 
     root = str(args.artifacts).rstrip("/")
     with contextlib.ExitStack() as stack:
-        # every stage output the root holds (s3: a verified local copy); of the private
-        # split only the manifest, the privacy ledger's key, never the shards
+        # every stage output the root holds (s3: a verified local copy); the private
+        # split only to key the privacy ledger by its images (s3: a temporary copy,
+        # removed on exit, never the shared cache)
         folders = {name: stack.enter_context(storage.local_input(f"{root}/{rel}"))
                    for name, rel in report.LAYOUT.items() if _published(root, rel)}
-        manifest: Path | None = Path(root) / report.PRIVATE_MANIFEST
+        private: Path | None = Path(root) / report.PRIVATE
         if storage.is_s3(root):
-            manifest = None
-            if _published(root, report.PRIVATE_MANIFEST.rsplit("/", 1)[0]):
-                manifest = (Path(stack.enter_context(tempfile.TemporaryDirectory()))
-                            / "manifest.json")
-                manifest.write_bytes(storage.read_bytes(f"{root}/{report.PRIVATE_MANIFEST}"))
-        elif not manifest.is_file():
-            manifest = None
+            private = None
+            if _published(root, report.PRIVATE):
+                private = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                _copy_split(f"{root}/{report.PRIVATE}", private)
+        elif not (Path(root) / report.PRIVATE_MANIFEST).is_file():
+            private = None
         with open_tracker(cfg.tracking, "report") as tracker:
-            result = report.run(cfg, artifacts=folders, private_manifest=manifest,
+            result = report.run(cfg, artifacts=folders, private_dir=private,
                                 out_dir=args.out, tracker=tracker)
     missing = f"; not run: {', '.join(result.not_run)}" if result.not_run else ""
     print(f"report: {result.index} (epsilon={result.epsilon:.2f}, {result.images} images"
@@ -484,13 +507,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real data not trained on (the test split from prepare)")
     p = add("report", "Write one self-contained HTML page about the run for the data owner "
             "(index.html, every image embedded): the privacy guarantee in plain words and "
-            "its numbers (epsilon, delta, accountant, sampling, C, K, steps, the dataset's "
-            "budget spent per the privacy ledger), synthetic samples per class next to real "
-            "test-split images (never private ones), fidelity, downstream accuracy, the "
+            "its numbers (epsilon, delta, accountant, sampling, C, K, steps, the runs the "
+            "privacy ledger records against the dataset's budget), synthetic samples per "
+            "class next to real test-split images (never private ones), fidelity, "
+            "downstream accuracy, the "
             "ranking check, training curves, the audit, and the data's provenance. Reads the "
             "stage outputs under --artifacts (a missing optional stage gets a 'not run' "
-            "section); of the private split only its manifest, for the ledger. Withholds the "
-            "private split's size and what reveals it (q, sigma) unless "
+            "section); the private split's images only to find its privacy ledger (a hash of "
+            "them keys it). Withholds the private split's size and what reveals it: the "
+            "ledger's composed epsilon, and q and sigma unless "
             "report.disclose_private_size.", _report)
     p.add_argument("--artifacts", type=_location, default=Path("artifacts"),
                    help="folder or s3:// prefix holding the stage outputs as `dvc repro` "

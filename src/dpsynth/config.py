@@ -246,14 +246,22 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Dataset-level privacy budget, enforced by the ledger across all runs."""
+    """Dataset-level privacy budget (ε, δ), enforced by the ledger across all runs.
+
+    Every run on a dataset is composed at `dataset_budget_delta`, which the
+    ledger records at its first reservation and which never changes after; a run
+    whose `finetune.delta` exceeds it is refused.
+    """
 
     dataset_budget_epsilon: float = 30.0
+    dataset_budget_delta: float = 1e-5
     ledger_dir: str = "artifacts/ledger"
 
     def __post_init__(self) -> None:
         _check(self.dataset_budget_epsilon > 0, "privacy.dataset_budget_epsilon",
                self.dataset_budget_epsilon, "must be > 0")
+        _check(0 < self.dataset_budget_delta < 1, "privacy.dataset_budget_delta",
+               self.dataset_budget_delta, "must be in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -431,6 +439,11 @@ class AuditConfig:
     guess_fractions: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0)  # k+ = k- = f * m / 2
     confidence: float = 0.95
     control: bool = True  # also train the non-private control (shows the audit's power)
+    # A second DP twin with sigma calibrated to this epsilon: small enough that the
+    # audit can refute it (256 canaries at 95% and delta = 1e-5 certify at most 4.05),
+    # so a broken mechanism can fail the audit even when the claim (10) is too large
+    # for any one-run audit to test.
+    check_epsilon: float = 1.0
     memorization_samples: int = 2000  # generated samples checked against the private split
     memorization_ratio: float = 1 / 3  # near-copy: d1 / d2 below this (Carlini et al. 2023)
 
@@ -442,6 +455,8 @@ class AuditConfig:
                self.batch_size, f"must be in [1, audit.num_canaries // 4 = "
                f"{self.num_canaries // 4}] (about half the canaries are in the training set)")
         _check(self.lr > 0, "audit.lr", self.lr, "must be > 0")
+        _check(self.check_epsilon > 0, "audit.check_epsilon", self.check_epsilon,
+               "must be > 0 (the check twin's target epsilon)")
         _check(self.score_draws >= 1, "audit.score_draws", self.score_draws, "must be >= 1")
         lo, hi = self.score_t_range
         _check(0 <= lo <= hi <= 1, "audit.score_t_range", list(self.score_t_range),

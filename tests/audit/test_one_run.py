@@ -11,8 +11,8 @@ import pytest
 from scipy import optimize, stats
 from sklearn.metrics import roc_auc_score, roc_curve as sk_roc_curve
 
-from dpsynth.audit.one_run import (audit_bound, auc, epsilon_lower_bound, p_value, roc_curve,
-                                   tpr_at_fpr)
+from dpsynth.audit.one_run import (audit_bound, auc, epsilon_lower_bound,
+                                   max_certifiable_epsilon, p_value, roc_curve, tpr_at_fpr)
 from dpsynth.errors import InputError
 
 
@@ -96,3 +96,36 @@ def test_roc_summaries_match_scikit_learn() -> None:
     for level in (0.01, 0.05, 0.2):
         expected = max(t for f, t in zip(sk_fpr, sk_tpr) if f <= level)
         assert tpr_at_fpr(scores, included, level) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("m", [64, 256, 1000])
+def test_a_perfect_attack_reaches_the_max_certifiable_epsilon_and_nothing_exceeds_it(
+        m: int) -> None:
+    fractions, delta, confidence = (0.1, 0.2, 0.5, 1.0), 1e-5, 0.95
+    rng = np.random.default_rng(m)
+    included = rng.random(m) < 0.5
+    top = max_certifiable_epsilon(included, guess_fractions=fractions, delta=delta,
+                                  confidence=confidence)
+    perfect = included.astype(float) + rng.random(m) * 0.1  # every "in" above every "out"
+    assert audit_bound(perfect, included, guess_fractions=fractions, delta=delta,
+                       confidence=confidence).epsilon_lower_bound == pytest.approx(top)
+    for seed in range(20):  # any other score vector proves no more
+        scores = perfect + np.random.default_rng(seed).normal(0, 0.5, m)
+        assert audit_bound(scores, included, guess_fractions=fractions, delta=delta,
+                           confidence=confidence).epsilon_lower_bound <= top + 1e-9
+    # an exact half split is the best case; at delta = 1e-5 no one-run audit, however
+    # many canaries, certifies the default claim 10
+    for size in (m, 100_000):
+        half = np.arange(size) < size // 2
+        best = max_certifiable_epsilon(half, guess_fractions=fractions, delta=delta,
+                                       confidence=confidence)
+        assert top <= best + 1e-9 if size == m else best < 10
+
+
+def test_docstring_examples_hold() -> None:
+    import doctest
+
+    from dpsynth.audit import one_run
+
+    result = doctest.testmod(one_run)
+    assert result.attempted > 0 and result.failed == 0

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from dpsynth.privacy.distributed import Workers
 from dpsynth.privacy.dp_sgd import DPStep, noisy_gradient
+from dpsynth.privacy.draws import record_keys
 from dist_cases import CASES, build  # type: ignore[import-not-found]
 
 
@@ -23,10 +24,12 @@ def main() -> None:
     for name, (indices, sigma, train_seed, noise_seed) in CASES.items():
         step = DPStep(noise_multiplier=sigma, max_grad_norm=0.5, expected_batch_size=4.0,
                       physical_batch_size=2, aug_multiplicity=2)
-        batch = workers.broadcast_batch(torch.tensor(indices, dtype=torch.int64)
-                                        if workers.is_main else None)
-        grads = noisy_gradient(net, loss, x, y, batch, step,
-                               train_generator=torch.Generator().manual_seed(train_seed),
+        # rank 0 alone knows the batch and the draw seed (the secret randomness)
+        batch, draw_seed = workers.broadcast_step(
+            torch.tensor(indices, dtype=torch.int64) if workers.is_main else None,
+            train_seed if workers.is_main else None)
+        grads = noisy_gradient(net, loss, x, y, batch, step, keys=record_keys(x, y),
+                               draw_seed=draw_seed,
                                noise_generator=torch.Generator().manual_seed(noise_seed),
                                workers=workers)
         out[name] = torch.cat([g.flatten() for g in grads.values()])

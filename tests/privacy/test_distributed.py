@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from dpsynth.privacy.dp_sgd import DPStep, noisy_gradient
+from dpsynth.privacy.draws import record_keys
 from dist_cases import CASES, build  # type: ignore[import-not-found]
 
 HERE = Path(__file__).parent
@@ -44,7 +45,7 @@ def one_process(name: str) -> torch.Tensor:
     step = DPStep(noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=QN,
                   physical_batch_size=2, aug_multiplicity=2)
     grads = noisy_gradient(net, loss, x, y, torch.tensor(indices, dtype=torch.int64), step,
-                           train_generator=torch.Generator().manual_seed(train_seed),
+                           keys=record_keys(x, y), draw_seed=train_seed,
                            noise_generator=torch.Generator().manual_seed(noise_seed))
     return torch.cat([g.flatten() for g in grads.values()])
 

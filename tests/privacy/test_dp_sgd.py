@@ -17,8 +17,9 @@ import torch
 from diffusers import UNet2DModel
 
 from dpsynth.diffusion.loss import DenoisingLoss
-from dpsynth.privacy.dp_sgd import (DPStep, draw_copies, draw_for_examples, gaussian_noise, noisy_gradient,
+from dpsynth.privacy.dp_sgd import (DPStep, SecretRandomness, gaussian_noise, noisy_gradient,
                                     secret_generator)
+from dpsynth.privacy.draws import draw_copies, draw_for_examples, record_keys
 from dpsynth.privacy.per_example import (Grads, clipped_sum, per_example_grads,
                                          per_example_norms, use_vmap_friendly_attention)
 from dpsynth.privacy.sampling import micro_batches
@@ -72,10 +73,11 @@ def n_params(net: torch.nn.Module) -> int:
 def call(fn: StepFn, net: torch.nn.Module, loss: DenoisingLoss, split: Split,
          indices: list[int] | torch.Tensor, step: DPStep, train_seed: int = 0,
          noise_seed: int = 1) -> torch.Tensor:
-    """One step's gradient as a flat vector, with fresh seeded generators."""
+    """One step's gradient as a flat vector: draws seeded by `train_seed` and the
+    records' keys, noise from a fresh generator seeded by `noise_seed`."""
     x, y = split
     out = fn(net, loss, x, y, torch.as_tensor(indices, dtype=torch.int64), step,
-             train_generator=torch.Generator().manual_seed(train_seed),
+             keys=record_keys(x, y), draw_seed=train_seed,
              noise_generator=torch.Generator().manual_seed(noise_seed))
     assert list(out) == [n for n, _ in net.named_parameters()]
     return flat(out)
@@ -92,15 +94,14 @@ def buggy(bug: str) -> StepFn:
     """`noisy_gradient` with one published bug put back in."""
 
     def step_fn(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y: torch.Tensor,
-                indices: torch.Tensor, step: DPStep, *, train_generator: torch.Generator,
+                indices: torch.Tensor, step: DPStep, *, keys: torch.Tensor, draw_seed: int,
                 noise_generator: torch.Generator) -> Grads:
         total = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
         std = step.noise_multiplier * step.max_grad_norm
-        step_seed = int(torch.randint(0, 2**62, (1,), generator=train_generator))
         for mb in micro_batches(indices, step.physical_batch_size):
-            x0, labels, t, noise = draw_for_examples(loss, x[mb], y[mb], mb,
+            x0, labels, t, noise = draw_for_examples(loss, x[mb], y[mb], keys[mb],
                                                      step.aug_multiplicity, step.augment,
-                                                     step_seed)
+                                                     draw_seed)
             if bug == "per_copy_clipping":  # each copy clipped on its own, then averaged
                 grads, _ = per_example_grads(net, loss, x0.flatten(0, 1).unsqueeze(1),
                                              labels.reshape(-1, 1), t.reshape(-1, 1),
@@ -139,11 +140,10 @@ def check_average_before_clipping(fn: StepFn, net: UNet2DModel, loss: DenoisingL
     b, k, expected_b = 3, 4, 2.5
     x, y = split
     idx = torch.arange(b)
+    keys = record_keys(x, y)
     for train_seed in range(50):  # the construction needs draws whose copies disagree
-        step_seed = int(torch.randint(0, 2**62, (1,),
-                                      generator=torch.Generator().manual_seed(train_seed)))
-        x0, labels, t, noise = draw_for_examples(loss, x[idx], y[idx], idx, k, "none",
-                                                 step_seed)  # = call()'s draws
+        x0, labels, t, noise = draw_for_examples(loss, x[idx], y[idx], keys[idx], k, "none",
+                                                 train_seed)  # = call()'s draws
         per_copy, _ = per_example_grads(net, loss, x0.flatten(0, 1).unsqueeze(1),
                                         labels.reshape(-1, 1), t.reshape(-1, 1),
                                         noise.flatten(0, 1).unsqueeze(1))
@@ -265,7 +265,7 @@ def test_result_does_not_depend_on_the_physical_batch_size(net: UNet2DModel,
     sigma = 0 gives the same gradient, and sigma > 0 with the same noise seed too
     (noise drawn once per logical batch, same shape)."""
     k = 2
-    # the real loss: draws are seeded per (step, example index), not per micro-batch
+    # the real loss: draws are seeded per (step, record key), not per micro-batch
     fixed = dp_loss
     indices = [1, 4, 6, 9, 10]
     step = DPStep(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4.0,
@@ -286,7 +286,7 @@ def test_noise_changes_every_step(net: UNet2DModel, dp_loss: DenoisingLoss,
                   physical_batch_size=4, aug_multiplicity=1)
     noise_gen = torch.Generator().manual_seed(3)
     first, second = (flat(noisy_gradient(net, dp_loss, x, y, torch.tensor([], dtype=torch.int64),
-                                         step, train_generator=torch.Generator(),
+                                         step, keys=record_keys(x, y), draw_seed=0,
                                          noise_generator=noise_gen)) for _ in range(2))
     assert_standard_normal_energy(first)
     assert_standard_normal_energy(second)

@@ -60,6 +60,12 @@ def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """`digits_uint8()`: all 1797 digits (uint8 NHWC) and their labels. Read-only."""
+    return digits_uint8()
+
+
+@pytest.fixture(scope="session")
 def digits_public_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A public split (two shards) of the first NUM_PUBLIC digits. Read-only for tests."""
     images, labels = digits_uint8()

@@ -109,12 +109,15 @@ def test_the_audit_twin_on_a_device(device: str, make_cfg: Callable[..., Config]
     cfg = make_cfg("finetune.physical_batch_size=16", "finetune.aug_multiplicity=2",
                    "finetune.accountant=rdp", "audit.num_canaries=32", "audit.steps=3",
                    "audit.batch_size=8", "audit.score_draws=2")
-    eps_cpu, dp_cpu, control_cpu = audit.membership_audit(cfg, pretrained_dir, "cpu")
-    eps, dp, control = audit.membership_audit(cfg, pretrained_dir, device)
-    assert eps == eps_cpu
+    on_cpu = audit.membership_audit(cfg, pretrained_dir, "cpu")
+    twins = audit.membership_audit(cfg, pretrained_dir, device)
+    assert (twins.audit_epsilon, twins.check_epsilon) == (on_cpu.audit_epsilon,
+                                                          on_cpu.check_epsilon)
+    control, control_cpu = twins.control, on_cpu.control
     if device == "cpu":
-        assert dp == dp_cpu and control == control_cpu
+        assert twins == on_cpu
     else:  # same canaries, draws and noise: the scores differ by float error only
-        assert dp.auc == pytest.approx(dp_cpu.auc, abs=0.1)
+        assert twins.dp.auc == pytest.approx(on_cpu.dp.auc, abs=0.1)
+        assert twins.check.auc == pytest.approx(on_cpu.check.auc, abs=0.1)
         assert control is not None and control_cpu is not None
         assert control.auc == pytest.approx(control_cpu.auc, abs=0.1)

@@ -99,9 +99,11 @@ def test_kill_and_resume_keeps_accounting_and_weights(dp_cfg: Callable[..., Conf
 
 
 def _dataset_hash(private: Path) -> str:
-    from dpsynth.io.shards import read_manifest
+    """The privacy ledger's key of a private split: its images, as a set."""
+    from dpsynth.io.shards import read_dataset
+    from dpsynth.privacy.ledger import dataset_key
 
-    return read_manifest(private).content_hash
+    return dataset_key(read_dataset(private)[0])
 
 
 def test_ledger_refuses_over_budget_and_writes_nothing(dp_cfg: Callable[..., Config],
@@ -135,6 +137,11 @@ def test_delta_must_be_below_one_over_n(dp_cfg: Callable[..., Config],
     with pytest.raises(InputError, match="finetune.delta") as info:
         run(dp_cfg("finetune.delta=0.01"), *inputs, out)
     assert str(NUM_PRIVATE) not in str(info.value)  # N is private
+    assert not out.exists() and not (tmp_path / "ledger").exists()
+    # the budget's delta, at which every run on the dataset is composed, too
+    with pytest.raises(InputError, match="privacy.dataset_budget_delta") as info:
+        run(dp_cfg("privacy.dataset_budget_delta=0.01"), *inputs, out)
+    assert str(NUM_PRIVATE) not in str(info.value)
     assert not out.exists() and not (tmp_path / "ledger").exists()
 
 
@@ -385,3 +392,89 @@ def test_another_label_set_needs_reinit_class_embedding(dp_cfg: Callable[..., Co
     # kept, then moved a little by a few DP steps: far closer than a fresh network
     assert (tuned["conv_in.weight"] - base["conv_in.weight"]).abs().mean() < 0.1 * base[
         "conv_in.weight"].abs().mean()
+
+
+def _reshard(private: Path, out: Path, shard_size: int) -> Path:
+    """The same private images in another order and sharding: what `prepare` with
+    another `data.shard_size` (or a re-run that orders them otherwise) writes."""
+    from dpsynth.io.shards import read_dataset, write_dataset
+
+    images, labels, manifest = read_dataset(private)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(3)).numpy()
+    write_dataset(out, images[order], labels[order], manifest.classes,
+                  source=f"{manifest.source} (re-prepared)", shard_size=shard_size)
+    return out
+
+
+def test_re_sharding_the_private_split_keeps_its_ledger(dp_cfg: Callable[..., Config],
+                                                       inputs: tuple[Path, Path, Path],
+                                                       tmp_path: Path) -> None:
+    """Re-preparing the same private images (another shard size and order) does not
+    reset the dataset's budget: the ledger is keyed by the images, not the manifest."""
+    from dpsynth.io.shards import read_manifest
+
+    model, private, public = inputs
+    cfg = dp_cfg("finetune.epsilon=6", "privacy.dataset_budget_epsilon=6.5", "finetune.steps=2")
+    run(cfg, model, private, public, tmp_path / "first")
+    assert json.loads((tmp_path / "first" / "metrics.json").read_text())["dataset_runs"] == 1
+    resharded = _reshard(private, tmp_path / "private-again", shard_size=70)
+    assert read_manifest(resharded).content_hash != read_manifest(private).content_hash
+    ledger_file = tmp_path / "ledger" / f"{_dataset_hash(private)}.json"
+    before = ledger_file.read_bytes()
+    out = tmp_path / "second"
+    with pytest.raises(InputError, match="budget exceeded") as info:
+        run(cfg, model, resharded, public, out)
+    assert "1 run(s) on record" in str(info.value)
+    assert not out.exists() and not work_dir_for(out).exists()
+    assert ledger_file.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "ledger").glob("*.json")) == [ledger_file.name]
+
+
+def test_the_dataset_budget_delta_binds_every_run(dp_cfg: Callable[..., Config],
+                                                 inputs: tuple[Path, Path, Path],
+                                                 tmp_path: Path) -> None:
+    """finetune.delta above privacy.dataset_budget_delta is refused before training;
+    a ledger opened at one budget delta refuses a run configured with another."""
+    out = tmp_path / "above"
+    with pytest.raises(InputError) as info:
+        run(dp_cfg("finetune.delta=2e-5", "finetune.steps=2"), *inputs, out)
+    message = str(info.value)
+    assert "finetune.delta=2e-05" in message and "privacy.dataset_budget_delta=1e-05" in message
+    assert "Lower finetune.delta" in message
+    assert not out.exists() and not work_dir_for(out).exists()
+    assert not (tmp_path / "ledger").exists()
+
+    # the data owner's budget delta is 1e-4: the same run fits, and opens the ledger at it
+    wide = dp_cfg("finetune.delta=2e-5", "finetune.steps=2", "privacy.dataset_budget_delta=1e-4")
+    run(wide, *inputs, tmp_path / "wide")
+    ledger = PrivacyLedger(tmp_path / "ledger", _dataset_hash(inputs[1]))
+    assert ledger.budget_delta() == 1e-4 and [e.delta for e in ledger.entries()] == [2e-5]
+    out = tmp_path / "changed"
+    with pytest.raises(InputError, match="never changes") as info:
+        run(dp_cfg("finetune.steps=2"), *inputs, out)  # budget delta back to the default
+    assert "Set privacy.dataset_budget_delta=0.0001" in str(info.value)
+    assert not out.exists() and len(ledger.entries()) == 1
+
+
+def test_the_private_split_is_refused_as_public(dp_cfg: Callable[..., Config],
+                                               make_cfg: Callable[..., Config],
+                                               inputs: tuple[Path, Path, Path],
+                                               tmp_path: Path) -> None:
+    """The monitoring loss is published: `--public` may not be the split `prepare`
+    marked private, nor any folder holding the private images. Nothing is written."""
+    from dpsynth.stages import prepare
+
+    model, private, public = inputs
+    prepare.run(make_cfg(), out_dir=tmp_path / "prepare", tracker=NullTracker())
+    cases = {"marked": (tmp_path / "prepare" / "private", "is the PRIVATE split"),
+             "same folder": (private, "holds the same images as private_dir"),
+             "same images": (_reshard(private, tmp_path / "copy", shard_size=64),
+                             "holds the same images as private_dir")}
+    for name, (bad, match) in cases.items():
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        with pytest.raises(InputError, match=match) as info:
+            run(dp_cfg(), model, private, bad, out)
+        assert "artifacts/prepare/public" in str(info.value), name
+        assert not out.exists() and not work_dir_for(out).exists(), name
+    assert not (tmp_path / "ledger").exists()  # refused before any reservation
+

@@ -46,7 +46,7 @@ from dpsynth.diffusion.unet import EMA_WEIGHTS, WEIGHTS
 from dpsynth.errors import InputError
 from dpsynth.io import storage
 from dpsynth.io.shards import MANIFEST, read_dataset, read_manifest, sha256_file, shard_name
-from dpsynth.privacy.ledger import PrivacyLedger
+from dpsynth.privacy.ledger import PrivacyLedger, dataset_key
 from dpsynth.stages import finetune
 from dpsynth.stages.common import work_dir_for
 from dpsynth.tracking import NullTracker
@@ -558,7 +558,7 @@ def test_finetune_killed_three_times_keeps_weights_epsilon_and_ledger(
     cfg = dp_cfg()  # noise_seed set: the secret generator is checkpointed (test runs only)
     fc = cfg.finetune
     ledger_dir = Path(cfg.privacy.ledger_dir)
-    dataset = read_manifest(private_dir).content_hash
+    dataset = dataset_key(read_dataset(private_dir)[0])  # the ledger's key
     straight = tmp_path / "straight"
     finetune.run(dp_cfg(f"privacy.ledger_dir={tmp_path / 'straight-ledger'}"),
                  model_dir=pretrained_dir, private_dir=private_dir,

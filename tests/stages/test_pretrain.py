@@ -468,3 +468,42 @@ def test_divergence_before_the_first_checkpoint_says_a_rerun_starts_over(
         run(tiny_cfg, digits_public_dir, out)
     assert "no checkpoint was saved before it (the first is due at step 4" in str(info.value)
     assert not out.exists() and load_latest(work_dir_for(out)) is None
+
+
+def _npz_source(path: Path, n: int = 40) -> str:
+    """A `data.<role>=...` override value: an npz source of `n` 8x8 digits-classed images."""
+    import numpy as np
+
+    rng = np.random.default_rng(len(str(path)))
+    np.savez(path, images=rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8),
+             labels=np.arange(n) % 10, classes=np.array([str(d) for d in range(10)]))
+    return f"{{kind: npz, path: {path}}}"
+
+
+@pytest.mark.parametrize("layout", ["carved", "own-public-and-test"])
+def test_the_private_split_is_refused_as_public(tmp_path: Path, make_cfg: Callable[..., Config],
+                                                layout: str) -> None:
+    """Pre-training is not private: `--public` may not be the split `prepare` marked
+    private, whether the other roles were carved from the pool too or came from
+    their own sources (then the private split is the whole pool). Nothing is written."""
+    from dpsynth.errors import InputError
+    from dpsynth.io.shards import read_manifest
+    from dpsynth.stages import prepare
+
+    overrides = [] if layout == "carved" else [
+        f"data.public={_npz_source(tmp_path / 'public.npz')}",
+        f"data.test={_npz_source(tmp_path / 'test.npz')}"]
+    prepared = prepare.run(make_cfg(*overrides), out_dir=tmp_path / "prepare",
+                           tracker=NullTracker())
+    if layout != "carved":
+        assert prepared.private.count == 1797  # the whole pool
+    out = tmp_path / "pretrain"
+    with pytest.raises(InputError, match=r"public_dir=.*prepare/private.*is the PRIVATE split"
+                                         r".*pre-training is not private.*"
+                                         r"artifacts/prepare/public"):
+        pretrain.run(make_cfg(), public_dir=tmp_path / "prepare" / "private", out_dir=out,
+                     tracker=NullTracker())
+    assert not out.exists() and not work_dir_for(out).exists()
+    # the public split of the same prepare is not taken for the private one
+    prepare.refuse_private_split("public_dir", tmp_path / "prepare" / "public",
+                                 read_manifest(tmp_path / "prepare" / "public").source, "")

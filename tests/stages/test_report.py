@@ -28,7 +28,7 @@ from dpsynth.errors import InputError
 from dpsynth.io.shards import read_dataset, read_manifest
 from dpsynth.plots import plot_accuracy_curve, plot_audit_roc, plot_loss, plot_rank_scatter
 from dpsynth.privacy import accounting
-from dpsynth.privacy.ledger import PrivacyLedger
+from dpsynth.privacy.ledger import PrivacyLedger, dataset_key
 from dpsynth.report import page, statement
 from dpsynth.stages import report
 from dpsynth.summary import summarize
@@ -70,10 +70,9 @@ def layout(tmp_path_factory: pytest.TempPathFactory, digits_eval_dirs: dict[str,
     privacy = {"epsilon": eps, "delta": DELTA, "noise_multiplier": SIGMA, "sample_rate": q,
                "steps": STEPS, "aug_multiplicity": 2, "max_grad_norm": 1.0,
                "accountant": "rdp", "sampler": "poisson", "seeded_for_test": False}
-    ledger = PrivacyLedger(root / "ledger", read_manifest(art / "prepare" / "private")
-                           .content_hash)
+    ledger = PrivacyLedger(root / "ledger", _private_key(art))
     ledger.reserve("run-1", [(SIGMA, q, STEPS)], delta=DELTA, accountant="rdp",
-                   budget_epsilon=30)
+                   target_epsilon=10.0, budget_epsilon=30, budget_delta=DELTA)
     ledger.complete("run-1", STEPS)
 
     pre = art / "pretrain"
@@ -81,9 +80,10 @@ def layout(tmp_path_factory: pytest.TempPathFactory, digits_eval_dirs: dict[str,
     plot_loss([[5, 1.0], [10, 0.7], [20, 0.43]], pre / "loss.png", "Pre-training loss")
     fine = art / "finetune"
     _stage_files(fine, "finetune", {"finetune": {"epsilon": 10.0, "batch_size": BATCH},
-                                    "privacy": {"dataset_budget_epsilon": 30.0}},
-                 {"epsilon": eps, "delta": DELTA, "steps": STEPS, "final_public_loss": 0.4,
-                  "dataset_epsilon_spent": eps})
+                                    "privacy": {"dataset_budget_epsilon": 30.0,
+                                                "dataset_budget_delta": DELTA}},
+                 {"epsilon": 10.0, "delta": DELTA, "steps": STEPS, "final_public_loss": 0.4,
+                  "dataset_runs": 1})
     _write_json(fine / "privacy.json", privacy)
     plot_loss([[2, 0.5], [4, 0.45], [6, 0.4]], fine / "loss.png", "DP fine-tuning")
     sample = art / "sample"
@@ -113,10 +113,18 @@ def layout(tmp_path_factory: pytest.TempPathFactory, digits_eval_dirs: dict[str,
     plot_rank_scatter([0.7, 0.9, 0.6], [0.8123, 0.8, 0.7], 1, rank / "scatter.png", "rank")
     audit = art / "audit"
     _stage_files(audit, "audit", {}, {
-        "claimed_epsilon": eps, "audit_epsilon": eps, "num_canaries": 32, "confidence": 0.95,
+        # the claim is the public target; the twin's own accounted epsilon is public too
+        "claimed_epsilon": 10.0, "delta": DELTA, "audit_epsilon": 9.871, "num_canaries": 32,
+        "confidence": 0.95,
         "membership_epsilon_lower_bound": 0.0321, "membership_auc": 0.51,
         "membership_tpr_at_1pct_fpr": 0.0, "membership_tpr_at_5pct_fpr": 0.05,
-        "audit_passed": True, "control_epsilon_lower_bound": 2.3456, "control_auc": 0.99,
+        # 32 canaries certify at most 2.2 < 10: inconclusive at the claim; the check
+        # twin at epsilon 1 passed
+        "audit_max_certifiable_epsilon": 2.2, "audit_status": "inconclusive",
+        "audit_status_reason": "inconclusive at epsilon = 9.87", "audit_passed": False,
+        "check_epsilon": 0.987, "check_epsilon_lower_bound": 0.1234, "check_auc": 0.55,
+        "check_tpr_at_1pct_fpr": 0.0, "check_tpr_at_5pct_fpr": 0.06, "check_status": "passed",
+        "control_epsilon_lower_bound": 2.3456, "control_auc": 0.99,
         "control_tpr_at_1pct_fpr": 0.6, "control_tpr_at_5pct_fpr": 0.8, "audit_has_power": True,
         "memorized_fraction": 0.0, "heldout_memorized_fraction": 0.0,
         "nn_distance_private_median": 2.9, "nn_distance_heldout_median": 2.95,
@@ -124,6 +132,11 @@ def layout(tmp_path_factory: pytest.TempPathFactory, digits_eval_dirs: dict[str,
     plot_audit_roc([("DP twin", [0, 0.5, 1], [0, 0.5, 1])], audit / "roc.png", "audit")
     return {"root": root, "art": art, "privacy": privacy, "n_private": n_private,
             "ledger_dir": root / "ledger"}
+
+
+def _private_key(art: Path) -> str:
+    """The privacy ledger's key of the layout's private split (its images)."""
+    return dataset_key(read_dataset(art / "prepare" / "private")[0])
 
 
 @pytest.fixture
@@ -137,12 +150,12 @@ def cfg(make_cfg: Callable[..., Config], layout: dict[str, Any]) -> Callable[...
 
 
 def _report(cfg: Config, layout: dict[str, Any], out: Path, *, names: tuple[str, ...] = (),
-            private_manifest: bool = True, tracker: NullTracker | None = None
+            private: bool = True, tracker: NullTracker | None = None
             ) -> tuple[report.ReportResult, str]:
     art = layout["art"]
     result = report.run(
         cfg, artifacts=report.artifact_paths(art, names or tuple(report.LAYOUT)),
-        private_manifest=art / report.PRIVATE_MANIFEST if private_manifest else None,
+        private_dir=art / report.PRIVATE if private else None,
         out_dir=out, tracker=tracker or NullTracker())
     return result, result.index.read_text()
 
@@ -162,44 +175,90 @@ def _embedded(html: str) -> list[np.ndarray]:
 def test_privacy_statement_states_the_numbers_and_the_ledger(cfg, layout, tmp_path) -> None:
     tracker = NullTracker()
     result, html = _report(cfg(), layout, tmp_path / "report", tracker=tracker)
-    text, eps = _text(html), layout["privacy"]["epsilon"]
+    # the guarantee stated is the configured target (10), which the accounted
+    # epsilon (privacy.json, a function of N) never exceeds; the latter is not stated
+    text, eps, accounted = _text(html), 10.0, layout["privacy"]["epsilon"]
     assert f"(ε = {eps:.2f}, δ = 1e-5)-differentially private" in text
-    for expected in (f"Privacy guarantee (ε, δ) ({eps:.2f}, 1e-5)", "target ε = 10",
+    assert f"{accounted:.2f}" not in text and f"{accounted:.3g}" not in text
+    for expected in (f"Privacy guarantee (ε, δ) ({eps:.2f}, 1e-5)",
+                     "the exact accounted ε is not stated",
                      "RDP: Rényi differential privacy",
                      "Poisson sampling, expected batch size B = 24",
                      "Clipping norm C 1 ", "Augmentation multiplicity K 2 ", "Steps 6 ",
-                     f"ε = {eps:.2f} of 30 (1 run)", "operating system's entropy source",
+                     "1 run on record, composed within the budget (ε ≤ 30, δ = 1e-5); "
+                     "crashed runs count in full", "operating system's entropy source",
                      "eε ≈ " + statement.odds_factor_text(eps)):
         assert expected in text, expected
     assert "Test run" not in text and result.epsilon == eps
-    assert result.budget == statement.Budget(pytest.approx(eps), 30.0, 1)
+    assert result.budget == statement.Budget(1, 30.0, DELTA, within=True, read_now=True)
     # what is protected, and what is not, in words
     assert "Each image of the private dataset (digits)" in text
     assert "The real test split" in text and "non-private baseline accuracy" in text
     assert tracker.artifacts == [result.index] and tracker.params["report.examples_per_class"] == 3
 
 
-def test_a_second_run_on_the_dataset_raises_the_ledger_total(cfg, layout, tmp_path) -> None:
+def _budget_row(html: str) -> str:
+    text = _text(html)
+    return text[text.index("Dataset budget (privacy ledger)"):text.index("Noise seeded for a test")]
+
+
+def test_a_second_run_on_the_dataset_is_counted(cfg, layout, tmp_path) -> None:
     ledger_dir = tmp_path / "ledger"
     shutil.copytree(layout["ledger_dir"], ledger_dir)
     q = BATCH / layout["n_private"]
-    PrivacyLedger(ledger_dir, read_manifest(layout["art"] / "prepare" / "private").content_hash
-                  ).reserve("run-2", [(SIGMA, q, STEPS)], delta=DELTA, accountant="rdp",
-                            budget_epsilon=30)  # a crashed run: counts in full
+    PrivacyLedger(ledger_dir, _private_key(layout["art"])).reserve(
+        "run-2", [(SIGMA, q, STEPS)], delta=DELTA, accountant="rdp", target_epsilon=10.0,
+        budget_epsilon=30, budget_delta=DELTA)  # a crashed run: counts in full
     result, html = _report(cfg(f"privacy.ledger_dir={ledger_dir}"), layout, tmp_path / "r")
-    both = accounting.epsilon([(SIGMA, q, STEPS)] * 2, DELTA, "rdp")
-    assert result.budget == statement.Budget(pytest.approx(both), 30.0, 2)
-    assert f"ε = {both:.2f} of 30 (2 runs)" in _text(html)
+    assert result.budget == statement.Budget(2, 30.0, DELTA, within=True, read_now=True)
+    assert ("2 runs on record, composed within the budget (ε ≤ 30, δ = 1e-5); crashed runs "
+            "count in full") in _budget_row(html)
 
 
-def test_without_the_private_manifest_the_recorded_total_is_stated(cfg, layout,
+def test_the_budget_row_states_no_n_dependent_number(cfg, layout, tmp_path) -> None:
+    """PRIVACY.md rule 8: the composed ε follows N through the calibration, so the
+    budget row states the public budget and the run count, never a composed ε.
+    Checked on a ledger of two runs (the composed ε differs from the model's)."""
+    ledger_dir = tmp_path / "ledger"
+    shutil.copytree(layout["ledger_dir"], ledger_dir)
+    q = BATCH / layout["n_private"]
+    second = [(2 * SIGMA, q, 3 * STEPS)]
+    PrivacyLedger(ledger_dir, _private_key(layout["art"])).reserve(
+        "run-2", second, delta=1e-6, accountant="rdp", target_epsilon=10.0, budget_epsilon=30,
+        budget_delta=DELTA)
+    spent = []
+    for delta in (DELTA, 1e-6):
+        for accountant in ("rdp", "prv"):
+            both = accounting.epsilon([(SIGMA, q, STEPS)] + second, delta, accountant)
+            alone = accounting.epsilon(second, delta, accountant)
+            spent += [both, alone, 30 - both]
+    for budget_eps in (30, 2):  # within, and past a budget lowered after the runs
+        _, html = _report(cfg(f"privacy.ledger_dir={ledger_dir}",
+                              f"privacy.dataset_budget_epsilon={budget_eps}"),
+                          layout, tmp_path / f"r{budget_eps}")
+        row = _budget_row(html)
+        assert f"2 runs on record, composed {'within' if budget_eps == 30 else 'past'}" in row
+        for value in spent:
+            for digits in range(2, 7):
+                assert f"{value:.{digits}f}" not in _text(html), (value, digits)
+        assert f"{q:.4g}" not in row and str(layout["n_private"]) not in row
+
+
+def test_without_the_private_split_the_recorded_count_is_stated(cfg, layout, tmp_path) -> None:
+    result, html = _report(cfg(), layout, tmp_path / "r", private=False)
+    assert result.budget == statement.Budget(1, 30.0, DELTA, within=True, read_now=False)
+    row = _budget_row(html)
+    assert "1 run on record, composed within the budget (ε ≤ 30, δ = 1e-5)" in row
+    assert "as the ledger stood when this model finished training" in row
+
+
+def test_the_older_private_manifest_argument_still_finds_the_ledger(cfg, layout,
                                                                    tmp_path) -> None:
-    result, html = _report(cfg(), layout, tmp_path / "r", private_manifest=False)
-    eps = layout["privacy"]["epsilon"]
-    assert result.budget == statement.Budget(eps, 30.0, None)
-    text = _text(html)
-    assert f"ε = {eps:.2f} of 30 " in text and "when this model finished training" in text
-    assert "(1 run)" not in text
+    art = layout["art"]
+    result = report.run(cfg(), artifacts=report.artifact_paths(art),
+                        private_manifest=art / report.PRIVATE_MANIFEST, out_dir=tmp_path / "r",
+                        tracker=NullTracker())
+    assert result.budget == statement.Budget(1, 30.0, DELTA, within=True, read_now=True)
 
 
 def test_the_page_shows_every_stage_and_real_beside_synthetic(cfg, layout, tmp_path) -> None:
@@ -237,19 +296,22 @@ def test_no_private_image_size_sample_rate_or_sigma_in_the_page(cfg, layout,
     numbers = set(re.findall(r"\d[\d,.]*\d|\d", re.sub(r"[0-9a-f]{12,}", "", text)))
     assert str(layout["n_private"]) not in numbers  # 213: distinctive
     privacy = layout["privacy"]
-    for value in (f"{privacy['sample_rate']:.4g}", f"{SIGMA:.4g}", f"{SIGMA:.3g}"):
-        assert value not in text, value
+    for value in (f"{privacy['sample_rate']:.4g}", f"{SIGMA:.4g}", f"{SIGMA:.3g}",
+                  f"{privacy['epsilon']:.2f}", f"{privacy['epsilon']:.3g}"):
+        assert value not in text, value  # q, sigma, the accounted epsilon: they give N
     assert read_manifest(layout["art"] / "prepare" / "private").content_hash not in html
+    assert _private_key(layout["art"]) not in html  # the ledger's key: of the images too
     assert "withheld" in text
 
     # the same check has power: the data owner may disclose sigma and q
     _, shown = _report(cfg("report.disclose_private_size=true"), layout, tmp_path / "d")
     assert f"{SIGMA:.4g}" in _text(shown) and f"{privacy['sample_rate']:.4g}" in _text(shown)
+    assert f"the accounted ε is {privacy['epsilon']:.2f}" in _text(shown)
 
 
 def test_missing_optional_stages_get_not_run_sections(cfg, layout, tmp_path) -> None:
     result, html = _report(cfg(), layout, tmp_path / "r", names=("finetune", "sample"),
-                           private_manifest=False)
+                           private=False)
     text = _text(html)
     assert set(result.not_run) == {"public", "test", "pretrain", "fid", "classify", "rank",
                                    "audit"}
@@ -270,6 +332,7 @@ def test_a_failed_audit_is_a_banner_at_the_top(cfg, layout, tmp_path) -> None:
     shutil.copytree(layout["art"] / "audit", audit)
     metrics = json.loads((audit / "metrics.json").read_text())
     _write_json(audit / "metrics.json", metrics | {"audit_passed": False,
+                                                   "audit_status": "failed",
                                                    "membership_epsilon_lower_bound": 12.5})
     result = report.run(cfg(), artifacts=report.artifact_paths(layout["art"]) | {"audit": audit},
                         out_dir=tmp_path / "r", tracker=NullTracker())
@@ -278,6 +341,36 @@ def test_a_failed_audit_is_a_banner_at_the_top(cfg, layout, tmp_path) -> None:
     assert 'role="alert"' in head
     _, passed = _report(cfg(), layout, tmp_path / "p")
     assert "FAILED" not in passed
+    # a failed check twin is a banner too, though the claim's audit is inconclusive
+    _write_json(audit / "metrics.json", metrics | {"check_status": "failed",
+                                                   "check_epsilon_lower_bound": 1.9})
+    result = report.run(cfg(), artifacts=report.artifact_paths(layout["art"]) | {"audit": audit},
+                        out_dir=tmp_path / "c", tracker=NullTracker())
+    head = result.index.read_text().split("<nav")[0]
+    assert "an attack proved ε ≥ 1.90 for the check twin accounted at ε = 0.99" in _text(head)
+
+
+def test_an_audit_that_cannot_test_the_claim_says_inconclusive(cfg, layout, tmp_path) -> None:
+    _, html = _report(cfg(), layout, tmp_path / "r")
+    text = _text(html)
+    assert "Privacy audit inconclusive at ε = 10.00" in text  # the glance row
+    assert "passed" not in text.split("Privacy audit")[1][:40]
+    assert ("proven ε ≥ 0.03: 32 canaries at 95% and δ = 1e-5 certify at most ε = 2.20; "
+            "check twin passed at ε = 0.99") in text
+    assert ("32 canaries at 95% confidence and δ = 1e-5 can certify at most ε = 2.20, so no "
+            "attack could refute this claim") in text
+    assert "check twin (ε = 0.99) 0.12" in text and "gives 0.12: passed" in text
+    # "passed" only where the canaries could have refuted the claim
+    audit = tmp_path / "audit"
+    shutil.copytree(layout["art"] / "audit", audit)
+    metrics = json.loads((audit / "metrics.json").read_text())
+    _write_json(audit / "metrics.json", metrics | {
+        "audit_status": "passed", "audit_passed": True, "audit_max_certifiable_epsilon": 12.0})
+    result = report.run(cfg(), artifacts=report.artifact_paths(layout["art"]) | {"audit": audit},
+                        out_dir=tmp_path / "p", tracker=NullTracker())
+    text = _text(result.index.read_text())
+    assert "Privacy audit passed proven ε ≥ 0.03; check twin passed" in text
+    assert "inconclusive" not in text
 
 
 def test_a_constant_ranking_has_no_correlation(cfg, layout, tmp_path) -> None:
@@ -330,7 +423,8 @@ def test_cli_builds_the_report_from_an_artifacts_folder(cfg, layout, tmp_path,
                          "--out", str(out), "-q"]) == 0
         assert f"report: {out / 'index.html'} (epsilon=" in capsys.readouterr().out
         assert {p.name for p in out.iterdir()} == {"index.html", "params.json", "version.json"}
-        assert "(1 run)" in _text((out / "index.html").read_text())  # found the ledger
+        text = _text((out / "index.html").read_text())  # the ledger, read now
+        assert "1 run on record" in text and "as the ledger stood" not in text
         assert json.loads((out / "version.json").read_text())["stage"] == "report"
         assert f"report:  {out / 'index.html'}" in summarize(layout["art"])
     finally:
@@ -340,8 +434,8 @@ def test_cli_builds_the_report_from_an_artifacts_folder(cfg, layout, tmp_path,
 
 def test_cli_reads_the_stage_outputs_from_s3(cfg, layout, tmp_path, s3) -> None:
     """`--artifacts s3://...`: each published stage output is read through its verified
-    local copy, of the private split only the manifest; a stage never published is
-    "not run"; --out publishes the report."""
+    local copy, the private split only into a temporary folder to key the ledger (never
+    the shared cache); a stage never published is "not run"; --out publishes the report."""
     from dpsynth.io import storage
 
     for stage in ("prepare", "finetune", "sample", "classify"):
@@ -352,7 +446,8 @@ def test_cli_reads_the_stage_outputs_from_s3(cfg, layout, tmp_path, s3) -> None:
                      "--out", s3.uri("run/report"), "-q"]) == 0
     local = storage.download_published(s3.uri("run/report"))
     text = _text((local / "index.html").read_text())
-    assert "(1 run)" in text  # the ledger, found by the private manifest's hash
+    # read now (found by the images' key), not the count the fine-tuning recorded
+    assert "1 run on record" in text and "as the ledger stood" not in text
     assert "81.2%" in text and "Not run: no output of the fid stage" in text
     copies = {p.parent.name.split("-")[0] for p in storage.cache_root().rglob("*.npz")}
     assert copies == {"public", "test", "sample"}  # never the private shards

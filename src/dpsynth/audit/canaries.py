@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from dpsynth.diffusion.loss import DenoisingLoss
-from dpsynth.privacy.dp_sgd import DPStep, draw_for_examples, noisy_gradient
+from dpsynth.privacy.dp_sgd import DPStep, noisy_gradient
+from dpsynth.privacy.draws import disable_dropout, draw_for_examples, record_keys
 from dpsynth.privacy.sampling import micro_batches, poisson_batch
 
 
@@ -43,16 +44,15 @@ def include_half(m: int, generator: np.random.Generator) -> np.ndarray:
 
 
 def plain_gradient(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y: torch.Tensor,
-                   indices: torch.Tensor, step: DPStep, *, train_generator: torch.Generator
+                   indices: torch.Tensor, step: DPStep, *, keys: torch.Tensor, draw_seed: int
                    ) -> dict[str, torch.Tensor]:
     """The non-private control's gradient: `noisy_gradient` with C = ∞ and σ = 0,
-    i.e. sum_i grad(mean_k loss(x_i, k)) / (qN), from the same draws."""
+    i.e. sum_i grad(mean_k loss(x_i, k)) / (qN), from the same (keyed) draws."""
     total = {n: torch.zeros_like(p) for n, p in net.named_parameters() if p.requires_grad}
     device = next(iter(total.values())).device
-    step_seed = int(torch.randint(0, 2**62, (1,), generator=train_generator))
     for mb in micro_batches(indices, step.physical_batch_size):
-        draws = draw_for_examples(loss, x[mb], y[mb], mb, step.aug_multiplicity, step.augment,
-                                  step_seed)  # on the CPU, as in `noisy_gradient`
+        draws = draw_for_examples(loss, x[mb], y[mb], keys[mb], step.aug_multiplicity,
+                                  step.augment, draw_seed)  # on the CPU, as `noisy_gradient`
         x0, labels, t, noise = (d.to(device) for d in draws)
         b, k = labels.shape
         per_copy = loss.per_example(net, x0.flatten(0, 1), labels.flatten(), t.flatten(),
@@ -76,16 +76,22 @@ def train(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y: torch.T
         x, y: the audit's training set ([N, C, H, W] in [-1, 1], [N]), on the CPU
             (draws are made there and moved to the net's device).
         private: DP-SGD (`noisy_gradient`) if True, the control's plain gradient if not.
+        train_generator: each step's seed for the keyed training draws. The canaries
+            are public, so the twin's randomness is seeded (reproducible audits).
+        noise_generator: Poisson sampling and the Gaussian noise.
     """
     net.train()
+    disable_dropout(net)  # as `dpsynth finetune` trains
+    keys = record_keys(x.numpy(), y.numpy())
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     for i in range(steps):
         batch = poisson_batch(len(x), sample_rate, noise_generator)
+        draw_seed = int(torch.randint(0, 2**62, (1,), generator=train_generator))
         if private:
-            grads = noisy_gradient(net, loss, x, y, batch, step, train_generator=train_generator,
+            grads = noisy_gradient(net, loss, x, y, batch, step, keys=keys, draw_seed=draw_seed,
                                    noise_generator=noise_generator)
         else:
-            grads = plain_gradient(net, loss, x, y, batch, step, train_generator=train_generator)
+            grads = plain_gradient(net, loss, x, y, batch, step, keys=keys, draw_seed=draw_seed)
         for name, p in net.named_parameters():
             p.grad = grads[name]
         opt.step()

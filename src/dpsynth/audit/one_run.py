@@ -105,6 +105,33 @@ def audit_bound(scores: np.ndarray, included: np.ndarray, *, guess_fractions: Se
     return best
 
 
+def max_certifiable_epsilon(included: np.ndarray, *, guess_fractions: Sequence[float],
+                            delta: float, confidence: float) -> float:
+    """The largest ε `audit_bound` can return for these canaries, whatever the
+    scores: that of a perfect attack (every member ranked above every
+    non-member), which gets the most correct guesses possible at every planned
+    guess count, at the same Bonferroni level.
+
+    A claim at or above it cannot be refuted by this audit: the audit is then
+    inconclusive, not passed. It depends on how many canaries were included (a
+    perfect attack guessing k "in" is wrong when fewer than k are), grows with
+    their number m, and the δ term caps it: at δ = 1e-5 and 95%, 256 canaries
+    split exactly in half certify at most 4.05 (the default's seeded draw: 3.34),
+    1,000 at most 5.4, 10,000 at most 6.8, and more canaries no more.
+
+    Args:
+        included: [m] bool, whether each canary was in the training set.
+
+    >>> half = np.arange(256) < 128
+    >>> round(max_certifiable_epsilon(half, guess_fractions=(0.1, 0.2, 0.5, 1.0),
+    ...                               delta=1e-5, confidence=0.95), 2)
+    4.05
+    """
+    included = np.asarray(included, bool)
+    return audit_bound(included.astype(float), included, guess_fractions=guess_fractions,
+                       delta=delta, confidence=confidence).epsilon_lower_bound
+
+
 def tpr_at_fpr(scores: np.ndarray, included: np.ndarray, fpr: float) -> float:
     """The largest true-positive rate of a threshold on `scores` whose
     false-positive rate is at most `fpr` (members are the positives)."""

@@ -179,15 +179,16 @@ def normalize_history(history: Sequence[Sequence[float]]) -> tuple[Step, ...]:
     return tuple(_check_step(i, step) for i, step in enumerate(history))
 
 
-def check_delta(delta: float, dataset_size: int) -> None:
+def check_delta(delta: float, dataset_size: int, name: str = "finetune.delta") -> None:
     """Refuse a δ that is not below 1/N for a private split of N examples.
 
     δ >= 1/N allows a mechanism that publishes one example outright. N itself
     is private (PRIVACY.md rule 6), so no message names it.
 
     Args:
-        delta: ``finetune.delta``.
+        delta: ``finetune.delta`` (or the dataset's budget δ).
         dataset_size: N, the private split's size (a call-time value).
+        name: the config field `delta` comes from, for the message.
 
     Raises:
         InputError: ``delta`` is not in (0, 1/N).
@@ -195,10 +196,10 @@ def check_delta(delta: float, dataset_size: int) -> None:
     if not _is_count(dataset_size):
         raise InputError("the private split must hold at least one example")
     if not (_is_real(delta) and 0 < delta < 1):
-        raise InputError(f"finetune.delta={delta!r} must be in (0, 1)")
+        raise InputError(f"{name}={delta!r} must be in (0, 1)")
     if delta * dataset_size >= 1:
-        raise InputError(f"finetune.delta={delta} must be well below 1/N, N being the size of "
-                         "the private split (not shown: it is private); lower finetune.delta")
+        raise InputError(f"{name}={delta} must be well below 1/N, N being the size of "
+                         f"the private split (not shown: it is private); lower {name}")
 
 
 def _prv_epsilon(history: list[Step], delta: float) -> float:

@@ -3,8 +3,9 @@
 Every worker computes the clipped per-example gradient sum of its share of the
 logical batch; the shares are summed across workers and the Gaussian noise is
 added exactly once, by rank 0, with the same sigma as one process would use
-(not once per worker, and not sigma/sqrt(workers)). Poisson sampling and the
-noise both come from rank 0's secret generator; the batch is broadcast.
+(not once per worker, and not sigma/sqrt(workers)). Poisson sampling, the
+noise and each step's draw seed come from rank 0's secret randomness; the batch
+and the draw seed are broadcast.
 """
 
 from __future__ import annotations
@@ -41,17 +42,23 @@ class Workers:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         return Workers(dist.get_rank(), dist.get_world_size())
 
-    def broadcast_batch(self, batch: torch.Tensor | None) -> torch.Tensor:
-        """Rank 0's logical batch (variable size), on every worker."""
+    def broadcast_step(self, batch: torch.Tensor | None, draw_seed: int | None
+                       ) -> tuple[torch.Tensor, int]:
+        """Rank 0's logical batch (variable size) and draw seed, on every worker.
+
+        Both come from rank 0's secret randomness; the other workers pass None.
+        """
         if self.world_size == 1:
-            assert batch is not None
-            return batch
-        size = torch.tensor([len(batch) if self.is_main and batch is not None else 0])
-        dist.broadcast(size, src=0)
-        out = batch if self.is_main else torch.empty(int(size), dtype=torch.int64)
-        if int(size):
+            assert batch is not None and draw_seed is not None
+            return batch, draw_seed
+        header = torch.tensor([len(batch), draw_seed] if self.is_main and batch is not None
+                              and draw_seed is not None else [0, 0], dtype=torch.int64)
+        dist.broadcast(header, src=0)
+        size, seed = int(header[0]), int(header[1])
+        out = batch if self.is_main else torch.empty(size, dtype=torch.int64)
+        if size:
             dist.broadcast(out, src=0)
-        return out
+        return out, seed
 
     def share(self, batch: torch.Tensor) -> torch.Tensor:
         """This worker's examples of the logical batch (strided split)."""

@@ -10,14 +10,16 @@ and the sum is divided by the *expected* batch size qN, not the realised one
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass
 
 import torch
 
-from dpsynth.diffusion.augment import AugmentKind, augment
+from dpsynth.diffusion.augment import AugmentKind
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.privacy.distributed import Workers
+from dpsynth.privacy.draws import draw_copies, draw_for_examples  # noqa: F401 (re-exported)
 from dpsynth.privacy.per_example import Grads, clipped_sum, per_example_grads
 from dpsynth.privacy.sampling import micro_batches
 
@@ -36,7 +38,7 @@ class DPStep:
 
 
 def secret_generator(seed: int | None) -> tuple[torch.Generator, bool]:
-    """The generator for DP randomness (Poisson sampling, Gaussian noise).
+    """One generator for DP randomness.
 
     Release runs (`seed=None`) seed it with 63 bits from the OS entropy source
     (`secrets`), and its state is never written anywhere. A fixed seed is for
@@ -50,39 +52,52 @@ def secret_generator(seed: int | None) -> tuple[torch.Generator, bool]:
     return torch.Generator().manual_seed(seed), True
 
 
-def draw_copies(loss: DenoisingLoss, x: torch.Tensor, y: torch.Tensor, k: int,
-                kind: AugmentKind, generator: torch.Generator
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """K draws of (augmentation, t, noise, label dropout) for each example.
+STREAMS = ("batches", "noise", "draws")
 
-    Args:
-        x: [b, C, H, W]; y: [b].
 
-    Returns:
-        x0 [b, K, C, H, W], labels [b, K], t [b, K], noise [b, K, C, H, W].
+@dataclass
+class SecretRandomness:
+    """The DP mechanism's secret randomness, one independent stream per use.
+
+    - `batches`: Poisson sampling of the logical batches;
+    - `noise`: the Gaussian mechanism;
+    - `draws`: each step's seed for the per-example training draws (t, noise,
+      augmentation, label dropout; `draws.draw_for_examples`).
+
+    Separate streams keep each use independent of the others: how many
+    uniforms Poisson sampling consumes (one per record, so N) never shifts the
+    noise or the draws. Release runs seed every stream from OS entropy and never
+    save their state; a test seed derives the three seeds from it and is
+    flagged `seeded_for_test` (PRIVACY.md rule 7).
     """
-    b, shape = len(x), x.shape[1:]
-    xk = augment(x.repeat_interleave(k, 0), kind, generator)
-    t, noise, labels = loss.draw(xk, y.repeat_interleave(k, 0), generator)
-    return (xk.view(b, k, *shape), labels.view(b, k), t.view(b, k),
-            noise.view(b, k, *shape))
 
+    batches: torch.Generator
+    noise: torch.Generator
+    draws: torch.Generator
+    seeded_for_test: bool
 
-_GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads example indices over seeds
+    @classmethod
+    def create(cls, seed: int | None) -> "SecretRandomness":
+        """Fresh OS-entropy streams (`seed=None`), or test streams derived from `seed`."""
+        if seed is None:
+            gens = [secret_generator(None)[0] for _ in STREAMS]
+        else:
+            gens = [torch.Generator().manual_seed(
+                int.from_bytes(hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8
+                                               ).digest(), "little") >> 1) for name in STREAMS]
+        return cls(*gens, seeded_for_test=seed is not None)
 
+    def draw_seed(self) -> int:
+        """The next step's seed for the per-example training draws."""
+        return int(torch.randint(0, 2**62, (1,), generator=self.draws))
 
-def draw_for_examples(loss: DenoisingLoss, x: torch.Tensor, y: torch.Tensor,
-                      indices: torch.Tensor, k: int, kind: AugmentKind, step_seed: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`draw_copies` with one generator per example, seeded by (step, example index).
+    def get_state(self) -> torch.Tensor:
+        """[3, S] the streams' states, for a test-seeded checkpoint only."""
+        return torch.stack([getattr(self, name).get_state() for name in STREAMS])
 
-    The draws of example i at a step do not depend on which micro-batch or
-    worker handles it, so micro-batching is memory-only and data-parallel
-    workers reproduce one process's update exactly.
-    """
-    parts = [draw_copies(loss, x[j:j + 1], y[j:j + 1], k, kind, torch.Generator().manual_seed(
-        (step_seed ^ (int(i) * _GOLDEN)) & (2**63 - 1))) for j, i in enumerate(indices)]
-    return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
+    def set_state(self, state: torch.Tensor) -> None:
+        for name, row in zip(STREAMS, state):
+            getattr(self, name).set_state(row.clone())  # its own storage, offset 0
 
 
 def gaussian_noise(like: Grads, std: float, generator: torch.Generator) -> Grads:
@@ -98,7 +113,7 @@ def gaussian_noise(like: Grads, std: float, generator: torch.Generator) -> Grads
 
 
 def noisy_gradient(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y: torch.Tensor,
-                   indices: torch.Tensor, step: DPStep, *, train_generator: torch.Generator,
+                   indices: torch.Tensor, step: DPStep, *, keys: torch.Tensor, draw_seed: int,
                    noise_generator: torch.Generator, workers: Workers = Workers()) -> Grads:
     """The privatised mean gradient of one logical batch.
 
@@ -106,7 +121,11 @@ def noisy_gradient(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y
         x, y: the whole private split ([N, C, H, W] in [-1, 1], [N]), on the CPU;
             each micro-batch is moved to the net's device after its draws.
         indices: the Poisson-sampled logical batch (may be empty).
-        train_generator: draws t, diffusion noise, augmentations, label dropout.
+        keys: [N] the records' `draws.record_keys`: each example's training draws
+            are seeded by its key and `draw_seed`, never by its index.
+        draw_seed: this step's seed for the training draws (t, diffusion noise,
+            augmentations, label dropout), from the secret randomness; the same
+            on every worker.
         noise_generator: the secret generator for the Gaussian mechanism (used
             on rank 0 only).
         workers: data-parallel workers; each handles its share of `indices`
@@ -117,14 +136,13 @@ def noisy_gradient(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y
     """
     total = {n: torch.zeros_like(p) for n, p in net.named_parameters() if p.requires_grad}
     device = next(iter(total.values())).device  # the net's: where the gradients are made
-    step_seed = int(torch.randint(0, 2**62, (1,), generator=train_generator))
     for mb in micro_batches(workers.share(indices), step.physical_batch_size):
         # the draws (augmentation, t, noise, label dropout) are made on the CPU from
         # CPU generators, then moved: the same numbers on every device. Measured for
         # the paper model on an H200: 0.006-0.09 s per micro-batch of 8 x K=32,
         # against 0.44-0.52 s of GPU work (docs/scale.md): not worth a GPU generator.
-        draws = draw_for_examples(loss, x[mb], y[mb], mb, step.aug_multiplicity, step.augment,
-                                  step_seed)
+        draws = draw_for_examples(loss, x[mb], y[mb], keys[mb], step.aug_multiplicity,
+                                  step.augment, draw_seed)
         x0, labels, t, noise = (d.to(device) for d in draws)
         grads, _ = per_example_grads(net, loss, x0, labels, t, noise)
         summed, _ = clipped_sum(grads, step.max_grad_norm)

@@ -1,19 +1,43 @@
 """The privacy ledger: every DP-SGD step ever planned on one private dataset,
-across attempts and runs (PRIVACY.md rule 5).
+across attempts and runs, against the dataset's fixed budget (ε, δ)
+(PRIVACY.md rules 5 and 8).
 
-One JSON file per dataset, ``<ledger_dir>/<dataset_hash>.json``, keyed by the
-content hash of the dataset's manifest. A run reserves its whole plan *before*
-training; the reservation is refused if the composed ε of all runs so far plus
-this one would exceed the dataset's budget. A reserved run that never completes
-still counts in full: a crashed attempt may have spent any part of its plan.
+One JSON file per dataset, ``<ledger_dir>/<key>.json``, keyed by the private
+images themselves (`dataset_key`): sha256 over the sorted sha256 digests of the
+images' raw bytes. Sharding, shard order, image order and labels do not enter,
+so re-preparing the same images (another ``data.shard_size``, another order,
+relabelled) finds the same ledger and the same budget. The budget is
+``(privacy.dataset_budget_epsilon, privacy.dataset_budget_delta)``; the ledger
+records its δ at the first reservation and composes every run at that δ (never
+at a run's own δ, which would let a run at a larger δ spend less ε). A run
+reserves its whole plan *before* training; the reservation is refused if the
+composition of all runs so far plus this one would exceed the budget. A
+reserved run that never completes still counts in full: a crashed attempt may
+have spent any part of its plan.
 
-The file holds run ids, statuses, step counts and the planned accountant
-history, never data. The history's sample rate q = B/N reveals the private
-split's size N, so the ledger stays with the private data (not published).
+Overlapping splits. The key names one set of images. A private split carved
+again with another seed or other fractions is another set, so it gets another
+ledger with a full budget. A record in both sets is protected by both ledgers
+composed (roughly the sum of their ε), which neither ledger can see: keep the
+private set fixed (same source, seed and fractions) for as long as its ledger
+matters, and carve new runs from it rather than from a re-split pool. The
+ledger cannot detect overlaps, and it must not try: storing a hash per image,
+to match records across splits, would itself be a membership oracle (anyone
+holding a candidate image could test whether it is in the private data).
+
+What the file holds: run ids, statuses, step counts, each run's public target
+ε and its planned accountant history, never data. The history's sample rate
+q = B/N reveals the private split's size N, and the composed ε follows N
+through the calibration, so the ledger stays with the private data and the
+composed ε (`spent_epsilon`) is for use inside that boundary: what leaves it
+(the refusal message, the stage's metrics, the report) states the budget, the
+runs on record and their public targets only. The key itself is a function of
+every private image; it names the file and is not published either.
+
 Writes are atomic and serialised by an exclusive ``flock`` on a sidecar
-``<dataset_hash>.lock``, so two processes cannot both reserve past the budget.
-On object storage (``privacy.ledger_dir: s3://...``) there is no lock: each
-change is a compare-and-swap, a conditional PUT (``IfMatch`` the ETag read, or
+``<key>.lock``, so two processes cannot both reserve past the budget. On object
+storage (``privacy.ledger_dir: s3://...``) there is no lock: each change is a
+compare-and-swap, a conditional PUT (``IfMatch`` the ETag read, or
 ``IfNoneMatch='*'`` for a new ledger) retried on conflict, so concurrent runs
 on different machines never lose an entry nor both take the last budget.
 """
@@ -23,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import hashlib
 import json
 import math
 import os
@@ -35,22 +60,59 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import numpy as np
+
 from dpsynth.errors import DpsynthError, InputError
 from dpsynth.io import storage
 from dpsynth.io.atomic import atomic_write_bytes
 from dpsynth.privacy.accounting import AccountantKind, Step, epsilon, normalize_history
 
-SCHEMA = 1
+SCHEMA = 2  # 1: keyed by the manifest's content hash, each run composed at its own δ
 LedgerStatus = Literal["reserved", "completed"]
 _HASH = re.compile(r"[0-9a-f]{8,128}")
-_ENTRY_FIELDS = ("run_id", "status", "accountant", "delta", "history", "steps_done",
-                 "started", "updated")
+_ENTRY_FIELDS = ("run_id", "status", "accountant", "delta", "target_epsilon", "history",
+                 "steps_done", "started", "updated")
+_KEY_DOMAIN = b"dpsynth dataset key v1\n"  # versions the key's definition
 CAS_ATTEMPTS = 50  # conditional-write retries on S3 before giving up (heavy contention)
 T = TypeVar("T")
 
 
 class LedgerExceeded(InputError):
     """A run would take the dataset past its privacy budget."""
+
+
+def dataset_key(images: np.ndarray) -> str:
+    """The privacy ledger's key of a private dataset: its images, as a set.
+
+    sha256 over the image shape ``(H, W, C)`` and the sorted sha256 digests of
+    each image's raw uint8 bytes. Independent of sharding, shard order and image
+    order; labels do not enter (the same images relabelled are the same people).
+    The key is a deterministic function of every private image: keep it inside
+    the private boundary (it names the ledger file, nothing publishes it).
+
+    Args:
+        images: the private split, uint8, shape (N, H, W, C).
+
+    Returns:
+        64 lowercase hex digits.
+
+    Raises:
+        InputError: not a uint8 array of shape (N, H, W, C).
+
+    >>> a = np.arange(3 * 2 * 2 * 1, dtype=np.uint8).reshape(3, 2, 2, 1)
+    >>> dataset_key(a) == dataset_key(a[::-1].copy()) != dataset_key(a[:2])
+    True
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise InputError(f"images: dtype {images.dtype}, shape {images.shape}; the ledger's "
+                         "key is computed over uint8 images of shape (N, H, W, C)")
+    digests = sorted(hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest()
+                     for image in images)
+    key = hashlib.sha256(_KEY_DOMAIN + json.dumps(list(images.shape[1:])).encode() + b"\n")
+    for digest in digests:
+        key.update(digest)
+    return key.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -61,7 +123,10 @@ class LedgerEntry:
         run_id: the run (a resumed run keeps its id, so it is counted once).
         status: "reserved" before and during training, "completed" after.
         accountant: the accountant the run was calibrated with.
-        delta: the run's δ.
+        delta: the run's own δ (``finetune.delta``); the ledger composes at the
+            budget's δ, never at this one.
+        target_epsilon: the run's public target ε (``finetune.epsilon``), what
+            messages and reports may state about it.
         history: the planned ``(noise_multiplier, sample_rate, num_steps)`` of the run.
         steps_done: the most steps the run is known to have taken (informational:
             the whole plan counts whatever its value).
@@ -73,6 +138,7 @@ class LedgerEntry:
     status: LedgerStatus
     accountant: str
     delta: float
+    target_epsilon: float
     history: tuple[Step, ...]
     steps_done: int
     started: str
@@ -88,37 +154,69 @@ class LedgerEntry:
         return d
 
 
+@dataclass(frozen=True)
+class _Book:
+    """The ledger file's content: the budget δ (None until the first reservation)
+    and the entries, oldest first."""
+
+    budget_delta: float | None
+    entries: tuple[LedgerEntry, ...]
+
+
 class PrivacyLedger:
     """The privacy ledger of one private dataset.
 
     Args:
         ledger_dir: folder of the ledgers (``privacy.ledger_dir``), local or ``s3://``.
-        dataset_hash: the dataset manifest's content hash (lowercase hex).
+        dataset: the dataset's key, ``dataset_key(images)`` (lowercase hex).
+        legacy_key: the private split's manifest content hash, the key of a
+            schema-1 ledger (older dpsynth). When this dataset has no ledger yet
+            but that one exists, every call refuses with how to convert it:
+            its runs still count.
     """
 
-    def __init__(self, ledger_dir: str | Path, dataset_hash: str) -> None:
-        if not (isinstance(dataset_hash, str) and _HASH.fullmatch(dataset_hash)):
-            raise InputError(f"{dataset_hash=} must be a lowercase hex content hash")
-        self.dataset_hash = dataset_hash
+    def __init__(self, ledger_dir: str | Path, dataset: str, *,
+                 legacy_key: str | None = None) -> None:
+        for name, value in (("dataset", dataset), ("legacy_key", legacy_key)):
+            if value is not None and not (isinstance(value, str) and _HASH.fullmatch(value)):
+                raise InputError(f"{name}={value!r} must be a lowercase hex content hash")
+        self.dataset = dataset
+        self.ledger_dir = ledger_dir
         self.s3 = storage.is_s3(ledger_dir)
+        self.legacy_path: Path | str | None = None
         if self.s3:
-            self.path: Path | str = str(storage.S3Uri.parse(str(ledger_dir)).child(
-                f"{dataset_hash}.json"))
+            root = storage.S3Uri.parse(str(ledger_dir))
+            self.path: Path | str = str(root.child(f"{dataset}.json"))
+            if legacy_key is not None:
+                self.legacy_path = str(root.child(f"{legacy_key}.json"))
         else:
-            self.path = Path(ledger_dir) / f"{dataset_hash}.json"
-            self.lock_path = Path(ledger_dir) / f"{dataset_hash}.lock"
+            self.path = Path(ledger_dir) / f"{dataset}.json"
+            self.lock_path = Path(ledger_dir) / f"{dataset}.lock"
+            if legacy_key is not None:
+                self.legacy_path = Path(ledger_dir) / f"{legacy_key}.json"
 
     def entries(self) -> list[LedgerEntry]:
         """All runs recorded on this dataset, oldest first."""
-        return self._read()
+        return list(self._read().entries)
+
+    def budget_delta(self) -> float | None:
+        """The budget δ the ledger was opened with (at its first reservation);
+        None while it has none."""
+        return self._read().budget_delta
 
     def spent_epsilon(self, delta: float, accountant: AccountantKind,
                       extra: Sequence[Step] = ()) -> float:
-        """The composed ε of every recorded plan (reserved ones in full) plus `extra`."""
-        return _composed(self._read(), delta, accountant, extra)
+        """The composed ε of every recorded plan (reserved ones in full) plus `extra`,
+        at `delta` (the budget's δ: `budget_delta()`).
+
+        For use inside the private boundary only: the value is a function of the
+        private split's size N through the calibration (PRIVACY.md rule 8).
+        """
+        return _composed(self._read().entries, delta, accountant, extra)
 
     def reserve(self, run_id: str, history: Sequence[Step], *, delta: float,
-                accountant: AccountantKind, budget_epsilon: float) -> LedgerEntry:
+                accountant: AccountantKind, target_epsilon: float, budget_epsilon: float,
+                budget_delta: float) -> LedgerEntry:
         """Record a run's plan before it trains, or refuse it.
 
         A run id already in the ledger is a resume of that run: its entry is
@@ -127,27 +225,53 @@ class PrivacyLedger:
         Args:
             run_id: the run; the same id on resume.
             history: the run's planned ``(noise_multiplier, sample_rate, num_steps)``.
-            delta: δ at which the dataset's ε is composed (``finetune.delta``).
-            accountant: ``finetune.accountant``.
-            budget_epsilon: the dataset's budget (``privacy.dataset_budget_epsilon``).
+            delta: the run's own δ (``finetune.delta``); at most `budget_delta`.
+            accountant: ``finetune.accountant``; the composition uses it too.
+            target_epsilon: the run's public target ε (``finetune.epsilon``).
+            budget_epsilon: the dataset's budget ε (``privacy.dataset_budget_epsilon``).
+            budget_delta: the dataset's budget δ (``privacy.dataset_budget_delta``):
+                recorded at the first reservation, and every later call must pass
+                the same value. All runs are composed at it.
 
         Returns:
             The run's entry.
 
         Raises:
-            LedgerExceeded: all plans so far plus this one would exceed the budget.
-            InputError: a resume with a different plan, bad arguments, or a corrupt ledger.
+            LedgerExceeded: all plans so far plus this one, composed at the budget
+                δ, would exceed the budget ε.
+            InputError: `delta` above the budget δ, a budget δ other than the
+                ledger's, a resume with a different plan, bad arguments, or a
+                corrupt ledger.
         """
         if not (isinstance(run_id, str) and run_id):
             raise InputError(f"{run_id=} must be a non-empty string")
         if not (isinstance(budget_epsilon, (int, float)) and budget_epsilon > 0):
             raise InputError(f"privacy.dataset_budget_epsilon={budget_epsilon!r} must be > 0")
+        if not (isinstance(budget_delta, (int, float)) and 0 < budget_delta < 1):
+            raise InputError(f"privacy.dataset_budget_delta={budget_delta!r} must be in (0, 1)")
+        if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0):
+            raise InputError(f"finetune.epsilon={target_epsilon!r} must be > 0")
+        if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+            raise InputError(f"finetune.delta={delta!r} must be in (0, 1)")
+        if delta > budget_delta:
+            raise InputError(
+                f"finetune.delta={delta!r} exceeds the dataset's budget "
+                f"privacy.dataset_budget_delta={budget_delta!r}: every run on a dataset is "
+                "composed at the budget's delta, so a run's own guarantee may not hold at a "
+                f"larger one. Lower finetune.delta to at most {budget_delta!r}")
         plan = normalize_history(history)
         if not plan:
             raise InputError(f"run {run_id}: the planned history is empty")
 
-        def change(entries: list[LedgerEntry]) -> tuple[list[LedgerEntry] | None, LedgerEntry]:
-            for entry in entries:
+        def change(book: _Book) -> tuple[_Book | None, LedgerEntry]:
+            if book.budget_delta is not None and not _close(book.budget_delta, budget_delta):
+                raise InputError(
+                    f"privacy.dataset_budget_delta={budget_delta!r}, but this private "
+                    f"dataset's privacy ledger (in {self.ledger_dir}) was opened with budget "
+                    f"delta {book.budget_delta!r}: the budget delta of a dataset never "
+                    "changes, since every run on it is composed at that delta. Set "
+                    f"privacy.dataset_budget_delta={book.budget_delta!r}")
+            for entry in book.entries:
                 if entry.run_id == run_id:
                     if not _same_plan(entry, plan, delta, accountant):
                         raise InputError(
@@ -155,13 +279,13 @@ class PrivacyLedger:
                             "plan (noise multiplier, sample rate, steps, delta or accountant); "
                             "a resumed run must keep its settings: start a new run instead")
                     return None, entry
-            total = _composed(entries, delta, accountant, plan)
-            if total > budget_epsilon:
-                raise LedgerExceeded(self._refusal(entries, plan, total, delta, accountant,
-                                                   budget_epsilon))
+            if _composed(book.entries, budget_delta, accountant, plan) > budget_epsilon:
+                raise LedgerExceeded(self._refusal(book.entries, plan, target_epsilon,
+                                                   accountant, budget_epsilon, budget_delta))
             now = _now()
-            entry = LedgerEntry(run_id, "reserved", accountant, float(delta), plan, 0, now, now)
-            return entries + [entry], entry
+            entry = LedgerEntry(run_id, "reserved", accountant, float(delta),
+                                float(target_epsilon), plan, 0, now, now)
+            return _Book(float(budget_delta), book.entries + (entry,)), entry
 
         return self._transact(change)
 
@@ -174,8 +298,8 @@ class PrivacyLedger:
         self._update(run_id, steps_done, "completed")
 
     def _update(self, run_id: str, steps_done: int, status: LedgerStatus | None) -> None:
-        def change(entries: list[LedgerEntry]) -> tuple[list[LedgerEntry], None]:
-            for i, entry in enumerate(entries):
+        def change(book: _Book) -> tuple[_Book, None]:
+            for i, entry in enumerate(book.entries):
                 if entry.run_id == run_id:
                     break
             else:
@@ -186,31 +310,37 @@ class PrivacyLedger:
                 raise InputError(f"{steps_done=} must be in [0, {entry.planned_steps}], the "
                                  f"steps planned for run {run_id}")
             # a resume from an earlier checkpoint does not undo steps already taken
+            entries = list(book.entries)
             entries[i] = replace(entry, steps_done=max(entry.steps_done, steps_done),
                                  status=status or entry.status, updated=_now())
-            return entries, None
+            return replace(book, entries=tuple(entries)), None
 
         self._transact(change)
 
-    def _refusal(self, entries: list[LedgerEntry], plan: tuple[Step, ...], total: float,
-                 delta: float, accountant: AccountantKind, budget: float) -> str:
-        spent = _composed(entries, delta, accountant, ())
-        alone = epsilon(plan, delta, accountant)
-        runs = ", ".join(f"{e.run_id} ({e.status}, {e.steps_done}/{e.planned_steps} steps)"
-                         for e in entries) or "none"
-        return (f"privacy budget exceeded for dataset {self.dataset_hash[:12]}: "
-                f"privacy.dataset_budget_epsilon={budget} at delta={delta} "
-                f"({accountant.upper()} accountant). Already spent: epsilon={spent:.4f} by "
-                f"{len(entries)} run(s): {runs}. This run (epsilon={alone:.4f} on its own) "
-                f"would add {total - spent:.4f}, for a total of {total:.4f}. To proceed: "
-                "raise privacy.dataset_budget_epsilon only if the data owner agrees, lower "
-                "finetune.epsilon, or fine-tune on new data. Ledger: "
-                f"{self.path}")
+    def _refusal(self, entries: Sequence[LedgerEntry], plan: tuple[Step, ...],
+                 target_epsilon: float, accountant: AccountantKind, budget_epsilon: float,
+                 budget_delta: float) -> str:
+        # Public settings only (PRIVACY.md rule 8): the budget, the runs with their
+        # steps and public targets. No composed, per-run or remaining ε, no σ, no q:
+        # each is a function of N through the calibration.
+        runs = "; ".join(f"{e.run_id} ({e.status}, {e.steps_done}/{e.planned_steps} steps, "
+                         f"target ε = {e.target_epsilon:g})" for e in entries) or "none"
+        steps = sum(n for _, _, n in plan)
+        return (f"privacy budget exceeded for this private dataset: its budget is "
+                f"(ε ≤ {budget_epsilon:g}, δ = {budget_delta:g}) "
+                "(privacy.dataset_budget_epsilon, privacy.dataset_budget_delta), and every "
+                f"run on record counts in full, composed at that δ ({accountant.upper()} "
+                f"accountant). {len(entries)} run(s) on record: {runs}. This run (target "
+                f"ε = {target_epsilon:g}, {steps} steps) would take the composition past the "
+                "budget. To proceed: lower finetune.epsilon, raise "
+                "privacy.dataset_budget_epsilon only if the data owner agrees, or fine-tune "
+                "on new data. The composed ε is not stated: it depends on the private "
+                f"dataset's size; the ledger in {self.ledger_dir} records the plans it is "
+                "computed from")
 
-    def _transact(self, change: Callable[[list[LedgerEntry]],
-                                         tuple[list[LedgerEntry] | None, T]]) -> T:
-        """Read the entries, apply `change` (new entries or None for no write, and
-        a result), write: under the file lock locally, as a compare-and-swap on S3."""
+    def _transact(self, change: Callable[[_Book], tuple[_Book | None, T]]) -> T:
+        """Read the book, apply `change` (a new book or None for no write, and a
+        result), write: under the file lock locally, as a compare-and-swap on S3."""
         if not self.s3:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             with self._locked():
@@ -242,41 +372,80 @@ class PrivacyLedger:
         finally:
             os.close(fd)  # releases the lock
 
-    def _read(self) -> list[LedgerEntry]:
+    def _read(self) -> _Book:
+        return self._parse(self._read_bytes(self.path))
+
+    def _read_bytes(self, path: Path | str) -> bytes | None:
         if self.s3:
-            return self._parse(storage.read_versioned(str(self.path))[0])
-        path = Path(self.path)
+            return storage.read_versioned(str(path))[0]
+        path = Path(path)
         try:
-            data = path.read_bytes() if path.exists() else None
+            return path.read_bytes() if path.exists() else None
         except OSError as exc:
             raise InputError(f"{path}: the privacy ledger is unreadable ({exc})") from exc
-        return self._parse(data)
 
-    def _parse(self, data: bytes | None) -> list[LedgerEntry]:
+    def _parse(self, data: bytes | None) -> _Book:
         if data is None:
-            return []
+            self._check_no_legacy_ledger()
+            return _Book(None, ())
         try:
             raw = json.loads(data)
+            if isinstance(raw, dict) and raw.get("schema") == 1:
+                raise InputError(self._schema1(self.path))
             if not (isinstance(raw, dict) and raw.get("schema") == SCHEMA
-                    and raw.get("dataset") == self.dataset_hash
-                    and isinstance(raw.get("entries"), list)):
-                raise ValueError(f"expected schema {SCHEMA}, dataset {self.dataset_hash} "
-                                 "and a list of entries")
-            return [_entry_from_json(e) for e in raw["entries"]]
+                    and raw.get("dataset") == self.dataset
+                    and set(raw) == {"schema", "dataset", "budget_delta", "entries"}
+                    and isinstance(raw["entries"], list)):
+                raise ValueError(f"expected schema {SCHEMA}, dataset {self.dataset}, a budget "
+                                 "delta and a list of entries")
+            budget_delta = raw["budget_delta"]
+            if not (isinstance(budget_delta, float) and 0 < budget_delta < 1):
+                raise ValueError(f"budget_delta={budget_delta!r} must be in (0, 1)")
+            return _Book(budget_delta, tuple(_entry_from_json(e) for e in raw["entries"]))
+        except InputError:
+            raise
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise InputError(
                 f"{self.path}: the privacy ledger is unreadable or corrupt ({exc}). It records "
                 "the privacy already spent on this dataset, so it is never reset "
                 "automatically: restore it from a backup or repair it by hand") from exc
 
-    def _encode(self, entries: list[LedgerEntry]) -> bytes:
-        return (json.dumps({"schema": SCHEMA, "dataset": self.dataset_hash,
-                            "entries": [e.to_json() for e in entries]}, indent=2) + "\n").encode()
+    def _check_no_legacy_ledger(self) -> None:
+        """Refuse to start a fresh ledger while an older dpsynth's one (schema 1,
+        keyed by the manifest) records runs on this split: they still count."""
+        if self.legacy_path is None:
+            return
+        data = self._read_bytes(self.legacy_path)
+        if data is None:
+            return
+        try:
+            schema = json.loads(data).get("schema")
+        except (ValueError, AttributeError):
+            schema = None  # not a ledger of ours: leave it alone
+        if schema == 1:
+            raise InputError(self._schema1(self.legacy_path))
 
-    def _write(self, entries: list[LedgerEntry]) -> None:
+    def _schema1(self, path: Path | str) -> str:
+        return (f"{path}: a privacy ledger of schema 1, from an older dpsynth that keyed "
+                "ledgers by the private split's manifest (so re-preparing the same images "
+                "started a fresh one) and composed each run at its own delta. Its runs were "
+                "spent on this data and still count, so it is neither ignored nor converted "
+                f"silently. Convert it by hand into {self.path} (docs/privacy.md, \"Ledgers "
+                "of schema 1\"): schema 2, dataset set to that file's name, budget_delta "
+                "set to privacy.dataset_budget_delta (at least every entry's delta), and "
+                "each entry given its run's target_epsilon (finetune.epsilon); the old file "
+                "is then no longer read")
+
+    def _encode(self, book: _Book) -> bytes:
+        return (json.dumps({"schema": SCHEMA, "dataset": self.dataset,
+                            "budget_delta": book.budget_delta,
+                            "entries": [e.to_json() for e in book.entries]}, indent=2)
+                + "\n").encode()
+
+    def _write(self, book: _Book) -> None:
         """Replace the ledger file (local; the caller holds the lock)."""
         path = Path(self.path)
-        atomic_write_bytes(path, self._encode(entries))
+        atomic_write_bytes(path, self._encode(book))
         # Every writer holds the lock while it writes, so a temporary file of the
         # ledger seen now is a killed writer's (a SIGKILL runs no cleanup).
         for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
@@ -289,16 +458,17 @@ def _composed(entries: Sequence[LedgerEntry], delta: float, accountant: Accounta
     return epsilon(history, delta, accountant)
 
 
-def _same_plan(entry: LedgerEntry, plan: tuple[Step, ...], delta: float,
-               accountant: str) -> bool:
+def _close(a: float, b: float) -> bool:
     # relative tolerance: σ is recomputed by calibration on resume, possibly on
     # another machine whose floating point differs in the last bits
-    def close(a: float, b: float) -> bool:
-        return math.isclose(a, b, rel_tol=1e-9)
+    return math.isclose(a, b, rel_tol=1e-9)
 
-    return (entry.accountant == accountant and close(entry.delta, delta)
+
+def _same_plan(entry: LedgerEntry, plan: tuple[Step, ...], delta: float,
+               accountant: str) -> bool:
+    return (entry.accountant == accountant and _close(entry.delta, delta)
             and len(entry.history) == len(plan)
-            and all(close(s1, s2) and close(q1, q2) and n1 == n2
+            and all(_close(s1, s2) and _close(q1, q2) and n1 == n2
                     for (s1, q1, n1), (s2, q2, n2) in zip(entry.history, plan)))
 
 
@@ -314,8 +484,9 @@ def _entry_from_json(d: Any) -> LedgerEntry:
     if not (isinstance(d["steps_done"], int) and isinstance(d["run_id"], str) and history):
         raise ValueError(f"bad run_id, steps_done or history in run {d['run_id']!r}")
     return LedgerEntry(run_id=d["run_id"], status=d["status"], accountant=str(d["accountant"]),
-                       delta=float(d["delta"]), history=history, steps_done=d["steps_done"],
-                       started=str(d["started"]), updated=str(d["updated"]))
+                       delta=float(d["delta"]), target_epsilon=float(d["target_epsilon"]),
+                       history=history, steps_done=d["steps_done"], started=str(d["started"]),
+                       updated=str(d["updated"]))
 
 
 def _now() -> str:

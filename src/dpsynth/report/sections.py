@@ -250,15 +250,35 @@ def training_section(pretrain_dir: Path | None, finetune_dir: Path) -> Section:
     return Section("training", "Training", body)
 
 
+def audit_verdict(m: Mapping[str, Any]) -> tuple[str, str]:
+    """The audit's verdict on the claim, as the page words it: (verdict, reason)."""
+    status = m.get("audit_status", "passed" if m["audit_passed"] else "failed")
+    if status == "inconclusive":
+        return f"inconclusive at ε = {epsilon_text(m['claimed_epsilon'])}", (
+            f"{m['num_canaries']} canaries at {m['confidence']:.0%} confidence and δ = "
+            f"{delta_text(m['delta'])} can certify at most ε = "
+            f"{m['audit_max_certifiable_epsilon']:.2f}, so no attack could refute this claim")
+    return ("passed" if status == "passed" else "FAILED"), ""
+
+
 def audit_warning(audit_dir: Path | None) -> str | None:
-    """A banner when the audit proved more than the accounted ε: the DP code may be broken."""
+    """A banner when an audit twin's attack proved more than its accounted ε: the DP
+    code may be broken."""
     m = read_json(audit_dir, "metrics.json")
-    if m is None or m["audit_passed"]:
+    if m is None:
         return None
-    return (f"The privacy audit FAILED: an attack proved ε ≥ "
-            f"{m['membership_epsilon_lower_bound']:.2f} for a twin of the fine-tuning run "
-            f"accounted at ε = {epsilon_text(m['audit_epsilon'])}. The DP implementation may "
-            "be broken: do not release this model or its samples before finding out why.")
+    failed = [(name, m[f"{key}_epsilon_lower_bound"], m[eps])
+              for name, key, eps, status in (
+                  ("a twin of the fine-tuning run", "membership", "audit_epsilon",
+                   m.get("audit_status", "passed" if m["audit_passed"] else "failed")),
+                  ("the check twin", "check", "check_epsilon", m.get("check_status")))
+              if status == "failed"]
+    if not failed:
+        return None
+    name, bound, eps = failed[0]
+    return (f"The privacy audit FAILED: an attack proved ε ≥ {bound:.2f} for {name} "
+            f"accounted at ε = {epsilon_text(eps)}. The DP implementation may be broken: do "
+            "not release this model or its samples before finding out why.")
 
 
 def audit_section(audit_dir: Path | None) -> Section:
@@ -266,15 +286,30 @@ def audit_section(audit_dir: Path | None) -> Section:
     if m is None:
         return Section("audit", "Empirical privacy audit",
                        page.not_run("audit", "empirical privacy check"))
-    verdict = "passed" if m["audit_passed"] else "FAILED"
+    verdict, why = audit_verdict(m)
     body = [f"<p>A twin of the fine-tuning run (same start, same DP-SGD code, same (ε, δ) "
             f"target) was trained on {m['num_canaries']} public noise images, each included "
             "at random with probability ½; a membership attack then guessed which were "
             f"included (Steinke, Nasr & Jagielski 2023). The ε it proves at "
             f"{m['confidence']:.0%} confidence is {m['membership_epsilon_lower_bound']:.2f}, "
             f"against the twin's accounted ε = {epsilon_text(m['audit_epsilon'])}: "
-            f"<strong>{verdict}</strong> (the proven ε must not exceed the accounted one). "
-            "The twin reads public data only: it spent none of the private budget.</p>"]
+            f"<strong>{esc(verdict)}</strong>"
+            + (f" ({esc(why)})." if why else " (the proven ε must not exceed the accounted "
+               "one).")
+            + " The twins read public data only: they spent none of the private budget.</p>"]
+    if "check_epsilon_lower_bound" in m:
+        check = {"passed": "passed", "failed": "FAILED"}.get(m["check_status"],
+                                                              m["check_status"])
+        can = ("an ε this audit can refute" if m["check_status"] != "inconclusive" else
+               f"which this audit cannot refute either (it certifies at most ε = "
+               f"{m['audit_max_certifiable_epsilon']:.2f}: lower audit.check_epsilon or add "
+               "canaries)")
+        body.append(
+            f"<p>A check twin, the same run with σ calibrated to ε = "
+            f"{epsilon_text(m['check_epsilon'])} instead, {esc(can)}, gives "
+            f"{m['check_epsilon_lower_bound']:.2f}: <strong>{esc(check)}</strong>. It runs "
+            "the released code path, so a broken mechanism (noise missing, clipping "
+            "wrong) would show here even where the claim itself is too large to test.</p>")
     if "control_epsilon_lower_bound" in m:
         power = ("so the attack does detect membership when nothing protects it"
                  if m["audit_has_power"] else
@@ -287,6 +322,10 @@ def audit_section(audit_dir: Path | None) -> Section:
     rows = [("DP twin", f"{m['membership_epsilon_lower_bound']:.2f}",
              f"{m['membership_auc']:.2f}", pct(m["membership_tpr_at_1pct_fpr"]),
              pct(m["membership_tpr_at_5pct_fpr"]))]
+    if "check_epsilon_lower_bound" in m:
+        rows.append((f"check twin (ε = {epsilon_text(m['check_epsilon'])})",
+                     f"{m['check_epsilon_lower_bound']:.2f}", f"{m['check_auc']:.2f}",
+                     pct(m["check_tpr_at_1pct_fpr"]), pct(m["check_tpr_at_5pct_fpr"])))
     if "control_epsilon_lower_bound" in m:
         rows.append(("non-private control", f"{m['control_epsilon_lower_bound']:.2f}",
                      f"{m['control_auc']:.2f}", pct(m["control_tpr_at_1pct_fpr"]),
@@ -296,7 +335,7 @@ def audit_section(audit_dir: Path | None) -> Section:
     png = read_png(audit_dir, "roc.png")
     if png is not None:
         body.append(figure(png, "ROC curves of the membership attack on log-log axes, DP "
-                                "twin and non-private control, with the chance diagonal",
+                                "twins and non-private control, with the chance diagonal",
                            "The attack's ROC curves; chance is the dotted diagonal."))
     if "memorized_fraction" in m:
         body.append(
@@ -379,10 +418,11 @@ def provenance_section(cfg: Config, dirs: Mapping[str, Path], synthetic: Manifes
     return Section("provenance", "Data provenance", "".join(body))
 
 
-def glance(privacy: Mapping[str, Any], synthetic: Manifest, dirs: Mapping[str, Path]
-           ) -> list[tuple[str, str, str]]:
-    """The key numbers shown first: (label, value, note)."""
-    out = [("Privacy", f"ε = {epsilon_text(privacy['epsilon'])}",
+def glance(privacy: Mapping[str, Any], target_epsilon: float, synthetic: Manifest,
+           dirs: Mapping[str, Path]) -> list[tuple[str, str, str]]:
+    """The key numbers shown first: (label, value, note). The privacy figure is the
+    configured target `target_epsilon`, not the accounted ε (it gives N)."""
+    out = [("Privacy", f"ε = {epsilon_text(target_epsilon)}",
             f"δ = {delta_text(privacy['delta'])}, DP-SGD, "
             f"{str(privacy['accountant']).upper()} accountant"),
            ("Synthetic images", f"{synthetic.count:,}",
@@ -403,8 +443,21 @@ def glance(privacy: Mapping[str, Any], synthetic: Manifest, dirs: Mapping[str, P
                 else ""))
     a = read_json(dirs.get("audit"), "metrics.json")
     weak = a is not None and a.get("audit_has_power") is False
-    out.append(("Privacy audit", ("passed" if a["audit_passed"] else "FAILED") if a
-                else "not run", (f"proven ε ≥ {a['membership_epsilon_lower_bound']:.2f}"
-                                 + ("; a weak audit (see below)" if weak else "")) if a
-                else ""))
+    out.append(("Privacy audit", audit_verdict(a)[0] if a else "not run",
+                audit_glance_note(a, weak) if a else ""))
     return out
+
+
+def audit_glance_note(m: Mapping[str, Any], weak: bool) -> str:
+    """The glance row's note: the proven ε, why an inconclusive audit is one, and the
+    check twin's verdict."""
+    verdict, why = audit_verdict(m)
+    note = f"proven ε ≥ {m['membership_epsilon_lower_bound']:.2f}"
+    if verdict.startswith("inconclusive"):
+        note += (f": {m['num_canaries']} canaries at {m['confidence']:.0%} and δ = "
+                 f"{delta_text(m['delta'])} certify at most ε = "
+                 f"{m['audit_max_certifiable_epsilon']:.2f}")
+    if "check_status" in m:
+        check = {"failed": "FAILED"}.get(m["check_status"], m["check_status"])
+        note += f"; check twin {check} at ε = {epsilon_text(m['check_epsilon'])}"
+    return note + ("; a weak audit (see below)" if weak else "")

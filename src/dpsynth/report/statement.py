@@ -44,19 +44,28 @@ def odds_factor_text(epsilon: float) -> str:
 
 @dataclass(frozen=True)
 class Budget:
-    """What the privacy ledger says about the private dataset.
+    """What the privacy ledger says about the private dataset, in public terms.
+
+    The composed ε is not here: it is a function of the private split's size N
+    through the calibration (PRIVACY.md rule 8), so it stays in the ledger.
 
     Attributes:
-        spent_epsilon: ε of every run ever recorded on the dataset, composed at
-            the model's δ with its accountant (reserved runs count in full).
-        budget_epsilon: the dataset's budget (`privacy.dataset_budget_epsilon`).
-        runs: how many runs the ledger records, when it was read now; None when
-            only the value the fine-tuning recorded when it finished is known.
+        runs: how many runs the ledger records on the dataset (crashed and
+            reserved ones included: they count in full).
+        budget_epsilon: the dataset's budget ε (`privacy.dataset_budget_epsilon`).
+        budget_delta: the budget's δ (`privacy.dataset_budget_delta`), at which
+            every run is composed.
+        within: whether all runs composed stay within the budget; False only when
+            the budget was lowered after runs were admitted.
+        read_now: the ledger was read for this report; False when `runs` is the
+            count the fine-tuning recorded when it finished.
     """
 
-    spent_epsilon: float
+    runs: int
     budget_epsilon: float
-    runs: int | None
+    budget_delta: float
+    within: bool
+    read_now: bool
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,7 @@ class Statement:
 
 
 def privacy_statement(privacy: Mapping[str, Any], *, expected_batch_size: int | None,
-                      target_epsilon: float | None, budget: Budget | None, dataset: str,
+                      target_epsilon: float, budget: Budget | None, dataset: str,
                       disclose_private_size: bool, nonprivate_baseline: bool,
                       memorization: bool) -> Statement:
     """The statement for the DP model described by `privacy` (its `privacy.json`).
@@ -91,14 +100,18 @@ def privacy_statement(privacy: Mapping[str, Any], *, expected_batch_size: int | 
             "aug_multiplicity", "max_grad_norm", "accountant", "sampler",
             "seeded_for_test"}`.
         expected_batch_size: B, the fine-tuning's `finetune.batch_size` (public).
-        target_epsilon: `finetune.epsilon`, the target σ was calibrated to.
+        target_epsilon: `finetune.epsilon`, the target σ was calibrated to: the
+            guarantee stated. The accounted ε (at most the target) is a function
+            of N through the calibration, so it is stated only with
+            `disclose_private_size` (PRIVACY.md rule 8).
         budget: the ledger's account of the dataset, if known.
         dataset: how to name the private dataset (its source kind).
         disclose_private_size: also print σ and q (they give N).
         nonprivate_baseline: the report shows the non-private baseline accuracy.
         memorization: the report shows the audit's memorization aggregates.
     """
-    eps, delta = float(privacy["epsilon"]), float(privacy["delta"])
+    # the public target: the run is (target, δ)-DP since its accounted ε is at most it
+    eps, delta = float(target_epsilon), float(privacy["delta"])
     eps_s, delta_s = epsilon_text(eps), delta_text(delta)
     headline = (f"The synthetic data carries an (ε = {eps_s}, δ = {delta_s}) "
                 "differential-privacy guarantee for every image of the private dataset.")
@@ -156,9 +169,11 @@ def privacy_statement(privacy: Mapping[str, Any], *, expected_batch_size: int | 
     accountant = str(privacy["accountant"])
     numbers = [
         Row("Privacy guarantee (ε, δ)", f"({eps_s}, {delta_s})",
-            "the accounted ε after all steps, at this δ"
-            + (f"; σ was calibrated to the target ε = {target_epsilon:g}"
-               if target_epsilon is not None else "")),
+            "the configured target: σ was calibrated so that the accountant's ε after all "
+            "steps is at most this, at this δ"
+            + (f"; the accounted ε is {epsilon_text(float(privacy['epsilon']))}"
+               if disclose_private_size else "; the exact accounted ε is not stated: "
+               "through the calibration it depends on the private dataset's size N")),
         Row("Accountant", ACCOUNTANTS.get(accountant, accountant),
             "how ε is computed from σ, q and the number of steps"),
         Row("Sampling", sampling_value, sampling_meaning),
@@ -188,15 +203,20 @@ def privacy_statement(privacy: Mapping[str, Any], *, expected_batch_size: int | 
 
 
 def _budget_row(budget: Budget | None, delta_s: str, accountant: str) -> Row:
-    name = "Dataset budget spent (privacy ledger)"
+    """The ledger's row: the runs on record against the budget (ε, δ). `delta_s`
+    is the model's δ; the budget has its own (`Budget.budget_delta`)."""
+    name = "Dataset budget (privacy ledger)"
     if budget is None:
-        return Row(name, "unknown", "the fine-tuning recorded no ledger total")
-    value = f"ε = {epsilon_text(budget.spent_epsilon)} of {budget.budget_epsilon:g}"
-    if budget.runs is None:
-        return Row(name, value, f"every DP run on this private dataset, composed at δ = "
-                   f"{delta_s} ({accountant.upper()}), as the ledger stood when this model "
-                   "finished training")
-    runs = f"{budget.runs} run{'s' if budget.runs != 1 else ''}"
-    return Row(name, f"{value} ({runs})", f"every DP run recorded on this private dataset so "
-               f"far, composed at δ = {delta_s} ({accountant.upper()}); crashed runs count "
-               "in full")
+        return Row(name, "unknown", "the fine-tuning recorded no ledger count")
+    # public settings and a run count only: no composed or remaining ε (PRIVACY.md rule 8)
+    runs = f"{budget.runs} run{'s' if budget.runs != 1 else ''} on record"
+    limit = f"(ε ≤ {budget.budget_epsilon:g}, δ = {delta_text(budget.budget_delta)})"
+    where = ("composed within the budget" if budget.within else
+             "composed past the budget now configured (it was lowered after they ran; no "
+             "further run is admitted)")
+    value = f"{runs}, {where} {limit}; crashed runs count in full"
+    when = ("so far" if budget.read_now else
+            "as the ledger stood when this model finished training")
+    return Row(name, value, f"every DP run on this private dataset {when}, composed at the "
+               f"budget's δ ({accountant.upper()} accountant); the composed ε is not stated, "
+               "since it depends on the private dataset's size")

@@ -32,7 +32,7 @@ from dpsynth.io.atomic import atomic_dir, atomic_write_bytes, atomic_write_json
 from dpsynth.io.shards import MANIFEST, Manifest, read_dataset, read_manifest, verify_dataset
 from dpsynth.provenance import write_run_info
 from dpsynth.stages.common import fingerprint, work_dir_for, write_metrics
-from dpsynth.stages.prepare import is_carved_private
+from dpsynth.stages.prepare import refuse_private_split
 from dpsynth.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,9 @@ def _check_inputs(cfg: Config, syn: Manifest, ref: Manifest, pub: Manifest | Non
             f"{syn.shape} but reference_dir={str(dirs['reference'])!r} holds {ref.shape}; "
             "compare samples with the test split of the same dataset (data.image_size, "
             "data.channels)")
-    if pub is not None and is_carved_private(pub.source):
-        raise InputError(
-            f"public_dir={str(dirs['public'])!r} is the PRIVATE split (manifest source "
-            f"{pub.source!r}); the domain CNN may only be trained on public data: pass "
-            "artifacts/prepare/public")
+    if pub is not None:
+        refuse_private_split("public_dir", dirs["public"], pub.source,
+                             "the domain CNN may only be trained on public data")
     if pub is not None and pub.shape != ref.shape:
         raise InputError(
             f"public_dir={str(dirs['public'])!r} holds images of shape {pub.shape}, the "

@@ -18,7 +18,6 @@ import logging
 import os
 import secrets
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,26 +30,34 @@ from dpsynth.diffusion.ema import EMA
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.diffusion.samplers import from_uint8
 from dpsynth.diffusion.unet import load_model, save_model, weights_file, with_classes
-from dpsynth.errors import InputError, TrainingDiverged
+from dpsynth.errors import DpsynthError, InputError, TrainingDiverged
 from dpsynth.eval.classifier import default_device
 from dpsynth.io.atomic import atomic_dir, atomic_write_json
-from dpsynth.io.shards import read_dataset, sha256_file
+from dpsynth.io.shards import read_dataset, read_manifest, sha256_file
 from dpsynth.plots import plot_loss
 from dpsynth.privacy import accounting
 from dpsynth.privacy.distributed import Workers
-from dpsynth.privacy.dp_sgd import DPStep, noisy_gradient, secret_generator
-from dpsynth.privacy.ledger import PrivacyLedger
+from dpsynth.privacy.dp_sgd import DPStep, SecretRandomness, noisy_gradient
+from dpsynth.privacy.draws import disable_dropout, record_keys
+from dpsynth.privacy.ledger import PrivacyLedger, dataset_key
 from dpsynth.privacy.per_example import use_vmap_friendly_attention
 from dpsynth.privacy.sampling import poisson_batch, sample_rate
 from dpsynth.provenance import write_run_info
 from dpsynth.stages.common import (all_finite, fingerprint, kept_checkpoint, work_dir_for,
                                    write_metrics)
+from dpsynth.stages.prepare import refuse_private_split
 from dpsynth.tracking import Tracker
 from dpsynth.training.checkpoint import TrainState, load_latest, restore, save_checkpoint
 
 log = logging.getLogger(__name__)
 SECTIONS = ("seed", "diffusion", "finetune", "privacy")
 EVAL_BATCH = 256  # fixed public examples x draws for the monitoring loss
+# In the checkpoint fingerprint: checkpoints of an older mechanism (index-keyed
+# draws, one secret stream) never resume into this one.
+MECHANISM = "keyed-draws-3-streams"
+# The progress bar shows steps only: its rate and times follow the realised
+# Poisson batch sizes, which are private (PRIVACY.md rule 8).
+PROGRESS_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps{postfix}"
 DIVERGED = "diverged.json"  # in the work folder: where the run diverged, for a resume
 
 
@@ -132,7 +139,9 @@ def _account_redone_steps(ledger: PrivacyLedger, work_dir: Path, run_id: str,
         fc = cfg.finetune
         redo_id = f"{run_id}-redo-{resumed_from}-{info['step']}"
         ledger.reserve(redo_id, [(sigma, q, redone)], delta=fc.delta, accountant=fc.accountant,
-                       budget_epsilon=cfg.privacy.dataset_budget_epsilon)
+                       target_epsilon=fc.epsilon,
+                       budget_epsilon=cfg.privacy.dataset_budget_epsilon,
+                       budget_delta=cfg.privacy.dataset_budget_delta)
         ledger.complete(redo_id, redone)
     marker.unlink()
 
@@ -191,7 +200,17 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
                          "private split of `dpsynth prepare` (e.g. artifacts/prepare/private)")
     # Read the public split (for the monitoring loss) before the ledger: a bad
     # public input must stop the run before it reserves any privacy budget.
+    # The monitoring loss is published, so never on the private split: neither
+    # the one `prepare` marked private nor any folder of the private images.
+    refuse_private_split("public_dir", public_dir, read_manifest(public_dir).source,
+                         "the monitoring loss is published, so it is computed on public data")
     pub_images, pub_labels, pub_manifest = read_dataset(public_dir)
+    private_key = dataset_key(images)  # the privacy ledger's key: the images, as a set
+    if dataset_key(pub_images) == private_key:
+        raise InputError(f"public_dir={str(public_dir)!r} holds the same images as "
+                         f"private_dir={str(private_dir)!r}; the monitoring loss is published, "
+                         "so it is computed on public data: pass the public split, "
+                         "artifacts/prepare/public")
     if tuple(pub_manifest.shape) != expected_shape or len(pub_images) == 0:
         raise InputError(f"{public_dir}: the public split holds {len(pub_images)} images of "
                          f"shape {list(pub_manifest.shape)}, the model expects "
@@ -203,12 +222,14 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
                          "pre-trained on (e.g. artifacts/prepare/public)")
     n = len(images)  # private: a call-time value, never logged (PRIVACY.md rule 6)
     accounting.check_delta(fc.delta, n)
+    # every run on the dataset is composed at the budget's delta: it must be below 1/N too
+    accounting.check_delta(cfg.privacy.dataset_budget_delta, n, "privacy.dataset_budget_delta")
     q = sample_rate(fc.batch_size, n)
     sigma = accounting.calibrate_noise_multiplier(
         target_epsilon=fc.epsilon, delta=fc.delta, sample_rate=q, steps=fc.steps,
         accountant=fc.accountant)
     plan = [(sigma, q, fc.steps)]
-    config_id = fingerprint(cfg.section(*SECTIONS), weights_sha, manifest.content_hash)
+    config_id = fingerprint(cfg.section(*SECTIONS), weights_sha, manifest.content_hash, MECHANISM)
 
     workers = Workers.from_env()
     state = load_latest(work_dir) if resume else None
@@ -219,8 +240,11 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     # A run id per attempt that starts from scratch; a resume keeps its id, so the
     # ledger counts a resumed run once and two separate runs twice. Rank 0 alone
     # cleans up, talks to the ledger, checkpoints and publishes.
-    run_id = state.meta["run_id"] if state else f"{config_id}-{secrets.token_hex(4)}"
-    ledger = PrivacyLedger(cfg.privacy.ledger_dir, manifest.content_hash)  # local or s3://
+    # random, not derived from config_id: that hashes the private manifest, and run
+    # ids appear in ledger refusals (outside the private boundary)
+    run_id = state.meta["run_id"] if state else f"run-{secrets.token_hex(8)}"
+    ledger = PrivacyLedger(cfg.privacy.ledger_dir, private_key,  # local or s3://
+                           legacy_key=manifest.content_hash)
     refusal: InputError | None = None
     workers.agree(True)  # every worker has read the checkpoint before rank 0 cleans up
     if workers.is_main:
@@ -228,7 +252,9 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
             shutil.rmtree(work_dir)
         try:
             ledger.reserve(run_id, plan, delta=fc.delta, accountant=fc.accountant,
-                           budget_epsilon=cfg.privacy.dataset_budget_epsilon)
+                           target_epsilon=fc.epsilon,
+                           budget_epsilon=cfg.privacy.dataset_budget_epsilon,
+                           budget_delta=cfg.privacy.dataset_budget_delta)
             if state is not None:
                 _account_redone_steps(ledger, work_dir, run_id, state.step, sigma, q, cfg)
         except InputError as err:
@@ -241,6 +267,9 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU each
     torch.manual_seed(cfg.seed)
     net.train().to(device)
+    if disable_dropout(net):  # position-keyed masks under vmap (privacy/draws.py)
+        log.info("dropout is off during DP fine-tuning: its masks would depend on the "
+                 "other examples of the micro-batch")
     use_vmap_friendly_attention(net)
     ema = EMA(net, fc.ema_decay)  # a copy of the net: on the same device
     opt = torch.optim.Adam(net.parameters(), lr=fc.lr)
@@ -250,8 +279,12 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     loss = DenoisingLoss.from_config(dataclasses.replace(diffusion, timesteps=fc.timesteps),
                                      spec.null_label)
     eval_loss = DenoisingLoss.from_config(diffusion, spec.null_label)
-    train_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    dp_gen, seeded_for_test = secret_generator(fc.noise_seed)
+    # every random choice of the mechanism -- batches, noise, the training draws --
+    # comes from the secret randomness (PRIVACY.md rule 7); the draws are keyed by
+    # each record's content, never by its index (rule 2, privacy/draws.py)
+    rng = SecretRandomness.create(fc.noise_seed)
+    seeded_for_test = rng.seeded_for_test
+    keys = record_keys(images, labels)
     step_cfg = DPStep(noise_multiplier=sigma, max_grad_norm=fc.max_grad_norm,
                       expected_batch_size=q * n, physical_batch_size=fc.physical_batch_size,
                       aug_multiplicity=fc.aug_multiplicity, augment=fc.augment)
@@ -264,22 +297,23 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     start = 0
     last_saved: int | None = None  # the step of the newest checkpoint, for messages
     if state is not None:
-        restore(state, net=net, ema=ema, optimizer=opt, generator=train_gen)
+        restore(state, net=net, ema=ema, optimizer=opt, generator=None)
         if seeded_for_test and state.secret_rng is not None:
-            dp_gen.set_state(state.secret_rng)  # release runs never persist it
+            rng.set_state(state.secret_rng)  # release runs never persist it
         history, start = state.meta["history"], state.step
         last_saved = start
         log.info("resuming DP fine-tuning from step %d", start)
 
     tracker.log_params(cfg.section(*SECTIONS) | {"finetune.workers": workers.world_size})
-    t0 = time.perf_counter()
     end = fc.steps if stop_after is None else min(fc.steps, stop_after)
     bar = tqdm(range(start, end), initial=start, total=fc.steps, desc="finetune (DP)",
-               disable=None)
+               disable=None, bar_format=PROGRESS_FORMAT)
     for step in bar:
-        batch = workers.broadcast_batch(poisson_batch(n, q, dp_gen) if workers.is_main else None)
-        grads = noisy_gradient(net, loss, x_all, y_all, batch, step_cfg,
-                               train_generator=train_gen, noise_generator=dp_gen,
+        batch, draw_seed = workers.broadcast_step(
+            poisson_batch(n, q, rng.batches) if workers.is_main else None,
+            rng.draw_seed() if workers.is_main else None)
+        grads = noisy_gradient(net, loss, x_all, y_all, batch, step_cfg, keys=keys,
+                               draw_seed=draw_seed, noise_generator=rng.noise,
                                workers=workers)
         for name, p in net.named_parameters():
             p.grad = grads[name]
@@ -306,8 +340,8 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
         if log_now or (step + 1) % fc.checkpoint_every == 0 or step + 1 == end:
             save_checkpoint(work_dir, TrainState(
                 step=step + 1, net=net.state_dict(), ema=ema.shadow.state_dict(),
-                optimizer=opt.state_dict(), generator=train_gen.get_state(),
-                torch_rng=torch.get_rng_state(), secret_rng=dp_gen.get_state() if seeded_for_test else None,
+                optimizer=opt.state_dict(), generator=None, torch_rng=torch.get_rng_state(),
+                secret_rng=rng.get_state() if seeded_for_test else None,
                 meta={"config_id": config_id, "run_id": run_id, "history": history,
                       "ema_num_updates": ema.num_updates,
                       "accountant_history": [[sigma, q, step + 1]]}))
@@ -329,14 +363,22 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
         "max_grad_norm": fc.max_grad_norm, "accountant": fc.accountant,
         "sampler": fc.batch_sampler, "seeded_for_test": seeded_for_test,
     }
-    # sigma and q stay in privacy.json only: with the public settings they give N
-    metrics = {"epsilon": epsilon, "delta": fc.delta, "steps": fc.steps, "final_public_loss": history[-1][1],
-               "dataset_epsilon_spent": ledger.spent_epsilon(fc.delta, fc.accountant),
-               "train_seconds": round(time.perf_counter() - t0, 2),
+    if epsilon > fc.epsilon:  # calibration never overshoots (tested); published is "<= target"
+        raise DpsynthError("DP fine-tuning: the accounted epsilon exceeds finetune.epsilon "
+                           "although sigma was calibrated to it; nothing was published. This "
+                           "is a bug: please report it")
+    # What leaves the private boundary states the guarantee as the public target
+    # (epsilon <= finetune.epsilon, delta): the accounted epsilon, sigma and q are
+    # functions of N through the calibration, so they stay in privacy.json
+    # (PRIVACY.md rule 8, docs/privacy.md "Publishing epsilon without N"). No
+    # wall time either: it follows the realised batch sizes.
+    metrics = {"epsilon": fc.epsilon, "delta": fc.delta, "steps": fc.steps,
+               "final_public_loss": history[-1][1],
+               "dataset_runs": len(ledger.entries()),  # public: how often it was run
                "resumed_from_step": start}
     with atomic_dir(out_dir) as tmp:
         save_model(tmp, spec, net, ema.shadow, extra={
-            "classes": classes, "dp": {"epsilon": epsilon, "delta": fc.delta},
+            "classes": classes, "dp": {"epsilon": fc.epsilon, "delta": fc.delta},
             "finetuned_from": weights_sha})
         atomic_write_json(tmp / "privacy.json", privacy)
         with open(tmp / "loss.csv", "w", newline="") as f:
@@ -350,8 +392,8 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     # from the private split's size, which never goes to MLflow (PRIVACY.md rule 6)
     tracker.log_artifact(out_dir / "loss.png")
     shutil.rmtree(work_dir, ignore_errors=True)
-    log.info("DP fine-tuning done: epsilon=%.3f at delta=%g (%s accountant), %d steps",
-             epsilon, fc.delta, fc.accountant, fc.steps)
+    log.info("DP fine-tuning done: (epsilon <= %g, delta = %g)-DP (%s accountant), %d steps",
+             fc.epsilon, fc.delta, fc.accountant, fc.steps)
     return FinetuneResult(out_dir, epsilon, sigma, fc.steps, start)
 
 

@@ -27,11 +27,12 @@ from dpsynth.diffusion.unet import UNetSpec, build_unet, save_model
 from dpsynth.errors import InputError, TrainingDiverged
 from dpsynth.eval.classifier import default_device
 from dpsynth.io.atomic import atomic_dir
-from dpsynth.io.shards import read_dataset
+from dpsynth.io.shards import read_dataset, read_manifest
 from dpsynth.plots import plot_loss
 from dpsynth.provenance import write_run_info
 from dpsynth.stages.common import (all_finite, fingerprint, kept_checkpoint, work_dir_for,
                                    write_metrics)
+from dpsynth.stages.prepare import refuse_private_split
 from dpsynth.tracking import Tracker
 from dpsynth.training.checkpoint import TrainState, load_latest, restore, save_checkpoint
 
@@ -77,12 +78,16 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
             generator), so a CPU run is unchanged and a checkpoint resumes on either.
 
     Raises:
-        InputError: the public split is missing, bad or empty.
+        InputError: the public split is missing, bad or empty, or is the split
+            `prepare` marked private.
         TrainingDiverged: the loss or the parameters became non-finite; the last
             good checkpoint stays in `work_dir`, nothing is published.
     """
     pc = cfg.pretrain
     work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
+    # before reading any image: pre-training is not private, so never on the private split
+    refuse_private_split("public_dir", public_dir, read_manifest(public_dir).source,
+                         "pre-training is not private: it may only see public data")
     images, labels, manifest = read_dataset(public_dir)
     if len(images) == 0:
         raise InputError(f"{public_dir}: the public split holds no images; pass the public "

@@ -3,11 +3,12 @@ hand on: the privacy guarantee in plain words and numbers, samples next to real
 test images, fidelity, downstream accuracy, the ranking check, training curves,
 the audit, and where everything came from.
 
-The page is made from the other stages' published outputs only. Of the private
-split it reads the manifest alone (its content hash keys the privacy ledger),
-never an image; and it never states the private split's size, nor σ or q,
-which give it away (`dpsynth.report.statement`). It holds no timestamp: the
-same inputs give the same bytes.
+The page is made from the other stages' published outputs only. The private
+split, when given, is read for one thing: the hash of its images keys the
+privacy ledger (`privacy.ledger.dataset_key`), whose run count the page states;
+nothing of it reaches the page. The page never states the private split's size,
+nor σ, q or a composed ε, which give it away (`dpsynth.report.statement`). It
+holds no timestamp: the same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import dpsynth
 from dpsynth.config import Config
 from dpsynth.errors import InputError
 from dpsynth.io.atomic import atomic_dir
-from dpsynth.io.shards import Manifest, read_manifest
-from dpsynth.privacy.ledger import PrivacyLedger
+from dpsynth.io.shards import Manifest, read_dataset, read_manifest
+from dpsynth.privacy.ledger import PrivacyLedger, dataset_key
 from dpsynth.provenance import write_run_info
 from dpsynth.report import page, sections
 from dpsynth.report.page import esc
@@ -39,7 +40,8 @@ LAYOUT = {"public": "prepare/public", "test": "prepare/test", "pretrain": "pretr
           "finetune": "finetune", "sample": "sample", "fid": "fid", "classify": "classify",
           "rank": "rank", "audit": "audit"}
 REQUIRED = ("finetune", "sample")  # the DP claim and the data it is about
-PRIVATE_MANIFEST = "prepare/private/manifest.json"
+PRIVATE = "prepare/private"  # the private split: read only to key the ledger
+PRIVATE_MANIFEST = f"{PRIVATE}/manifest.json"  # what DVC depends on (it pins the shards)
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class ReportResult:
     Attributes:
         out_dir: the published folder.
         index: the page, `out_dir / "index.html"`.
-        epsilon: the DP model's ε, as the page states it.
+        epsilon: the ε the page states: the configured target `finetune.epsilon`.
         budget: the privacy ledger's account of the private dataset, if known.
         not_run: the optional inputs that were missing (their sections say "not run").
         images: the number of `<img>` elements on the page.
@@ -64,27 +66,38 @@ class ReportResult:
 
 
 def _budget(cfg: Config, privacy: Mapping[str, Any], finetune_metrics: Mapping[str, Any],
-            private_manifest: Path | None) -> Budget | None:
-    """The ledger's total for the private dataset: read now when the private manifest
-    (its key) is given and the ledger has the dataset, else the total the fine-tuning
-    recorded when it finished."""
-    if private_manifest is not None:
-        dataset_hash = read_manifest(Path(private_manifest).parent).content_hash
-        ledger = PrivacyLedger(cfg.privacy.ledger_dir, dataset_hash)
-        entries = ledger.entries()
-        if entries:
-            return Budget(ledger.spent_epsilon(privacy["delta"], privacy["accountant"]),
-                          cfg.privacy.dataset_budget_epsilon, len(entries))
+            finetune_params: Mapping[str, Any], private_dir: Path | None) -> Budget | None:
+    """The ledger's account of the private dataset, in public terms (runs on record,
+    the budget): read now when the private split (its images key the ledger) is
+    given and the ledger has the dataset, else the run count the fine-tuning
+    recorded when it finished, against the budget it ran under."""
+    if private_dir is not None:
+        images, _, manifest = read_dataset(private_dir)  # hash-verified; only hashed here
+        ledger = PrivacyLedger(cfg.privacy.ledger_dir, dataset_key(images),
+                               legacy_key=manifest.content_hash)
+        entries, budget_delta = ledger.entries(), ledger.budget_delta()
+        if entries and budget_delta is not None:
+            # the composed ε is a function of N: only whether it is within the budget
+            # leaves (the ledger enforced it at every reservation)
+            spent = ledger.spent_epsilon(budget_delta, privacy["accountant"])
+            return Budget(len(entries), cfg.privacy.dataset_budget_epsilon, budget_delta,
+                          within=spent <= cfg.privacy.dataset_budget_epsilon, read_now=True)
         log.warning("the privacy ledger in %s has no runs on this private dataset; the "
-                    "report states the total recorded when the model was trained",
+                    "report states the count recorded when the model was trained",
                     cfg.privacy.ledger_dir)
-    spent = finetune_metrics.get("dataset_epsilon_spent")
-    return None if spent is None else Budget(float(spent), cfg.privacy.dataset_budget_epsilon,
-                                             None)
+    runs = finetune_metrics.get("dataset_runs")
+    if runs is None:
+        return None
+    ran_under = finetune_params.get("privacy", {})  # the budget the run was admitted under
+    return Budget(int(runs),
+                  float(ran_under.get("dataset_budget_epsilon",
+                                      cfg.privacy.dataset_budget_epsilon)),
+                  float(ran_under.get("dataset_budget_delta", cfg.privacy.dataset_budget_delta)),
+                  within=True, read_now=False)
 
 
 def _check_inputs(dirs: Mapping[str, Path], privacy: Mapping[str, Any] | None,
-                  private_manifest: Path | None) -> tuple[Manifest, Manifest | None]:
+                  private_dir: Path | None) -> tuple[Manifest, Manifest | None]:
     if privacy is None:
         raise InputError(f"{dirs['finetune']}: no privacy.json, so not a DP model; pass the "
                          "output of `dpsynth finetune` (artifacts/finetune)")
@@ -95,8 +108,8 @@ def _check_inputs(dirs: Mapping[str, Path], privacy: Mapping[str, Any] | None,
                          "model that made it, or re-run sample")
     test = read_manifest(dirs["test"]) if "test" in dirs else None
     if test is not None:
-        private_hash = (read_manifest(Path(private_manifest).parent).content_hash
-                        if private_manifest is not None else None)
+        private_hash = (read_manifest(private_dir).content_hash
+                        if private_dir is not None else None)
         if is_carved_private(test.source) or test.content_hash == private_hash:
             raise InputError(f"{dirs['test']}: this is the private split; the report shows "
                              "real images of the test split only (artifacts/prepare/test)")
@@ -109,7 +122,8 @@ def _check_inputs(dirs: Mapping[str, Path], privacy: Mapping[str, Any] | None,
 
 
 def run(cfg: Config, *, artifacts: Mapping[str, Path], out_dir: Path, tracker: Tracker,
-        private_manifest: Path | None = None) -> ReportResult:
+        private_dir: Path | None = None, private_manifest: Path | None = None
+        ) -> ReportResult:
     """Build the report from the stages' outputs and publish it into `out_dir`.
 
     Args:
@@ -121,9 +135,11 @@ def run(cfg: Config, *, artifacts: Mapping[str, Path], out_dir: Path, tracker: T
         out_dir: gets `index.html` (self-contained: images embedded), `params.json`,
             `version.json`; published atomically.
         tracker: gets the report section of the config and `index.html`.
-        private_manifest: the private split's `manifest.json`, read only for its
-            content hash, the privacy ledger's key; without it the report states the
-            ledger total the fine-tuning recorded when it finished.
+        private_dir: the private split (`prepare` output), read only to compute the
+            privacy ledger's key from its images (`dataset_key`); without it the
+            report states the run count the fine-tuning recorded when it finished.
+        private_manifest: the private split's `manifest.json`, the older way to
+            name it: its folder is `private_dir`.
 
     Raises:
         InputError: a required input missing, a fine-tuning output without
@@ -142,16 +158,24 @@ def run(cfg: Config, *, artifacts: Mapping[str, Path], out_dir: Path, tracker: T
     if missing:
         raise InputError(f"report: {', '.join(str(dirs[n]) for n in missing)}: not a folder; "
                          "pass the stages' output folders, or leave out those not run")
+    if private_dir is None and private_manifest is not None:
+        private_dir = Path(private_manifest).parent
+    private_dir = Path(private_dir) if private_dir is not None else None
     privacy = read_json(dirs["finetune"], "privacy.json")
-    synthetic, test = _check_inputs(dirs, privacy, private_manifest)
+    synthetic, test = _check_inputs(dirs, privacy, private_dir)
     fine_params = read_json(dirs["finetune"], "params.json") or {}
+    target = fine_params.get("finetune", {}).get("epsilon")
+    if target is None:
+        raise InputError(f"{dirs['finetune']}: no params.json with finetune.epsilon, the "
+                         "guarantee the report states; pass the folder `dpsynth finetune` "
+                         "wrote (artifacts/finetune), or re-run finetune")
     budget = _budget(cfg, privacy, read_json(dirs["finetune"], "metrics.json") or {},
-                     private_manifest)
+                     fine_params, private_dir)
     classify = read_json(dirs.get("classify"), "metrics.json") or {}
     audit = read_json(dirs.get("audit"), "metrics.json") or {}
     statement = privacy_statement(
         privacy, expected_batch_size=fine_params.get("finetune", {}).get("batch_size"),
-        target_epsilon=fine_params.get("finetune", {}).get("epsilon"), budget=budget,
+        target_epsilon=target, budget=budget,
         dataset=cfg.data.private.kind, disclose_private_size=cfg.report.disclose_private_size,
         nonprivate_baseline="nonprivate_baseline_real_test_accuracy" in classify,
         memorization="memorized_fraction" in audit)
@@ -164,13 +188,13 @@ def run(cfg: Config, *, artifacts: Mapping[str, Path], out_dir: Path, tracker: T
             sections.ranking_section(dirs.get("rank")),
             sections.training_section(dirs.get("pretrain"), dirs["finetune"]),
             sections.audit_section(dirs.get("audit")),
-            sections.provenance_section(cfg, dirs, synthetic, test, private_manifest is not None,
+            sections.provenance_section(cfg, dirs, synthetic, test, private_dir is not None,
                                         cfg.section(*SECTIONS))]
     text = page.render(
         title="Differentially private synthetic data: report", lede=statement.headline,
         warnings=[w for w in (statement.warning, sections.audit_warning(dirs.get("audit")))
                   if w],
-        glance=sections.glance(privacy, synthetic, dirs),
+        glance=sections.glance(privacy, target, synthetic, dirs),
         sections=body,
         footer=f"Made by dpsynth {esc(dpsynth.__version__)} (<code>dpsynth report</code>) from "
                "the published outputs of the stages above. Self-contained: every image is "
@@ -181,8 +205,8 @@ def run(cfg: Config, *, artifacts: Mapping[str, Path], out_dir: Path, tracker: T
         write_run_info(tmp, "report", cfg.section(*SECTIONS))
     tracker.log_artifact(Path(out_dir) / INDEX)
     log.info("report: %s (ε = %s; not run: %s)", Path(out_dir) / INDEX,
-             epsilon_text(privacy["epsilon"]), ", ".join(not_run) or "none")
-    return ReportResult(Path(out_dir), Path(out_dir) / INDEX, float(privacy["epsilon"]), budget,
+             epsilon_text(target), ", ".join(not_run) or "none")
+    return ReportResult(Path(out_dir), Path(out_dir) / INDEX, float(target), budget,
                         not_run, text.count("<img "))
 
 

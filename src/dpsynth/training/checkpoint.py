@@ -35,19 +35,20 @@ class TrainState:
     net: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
-    generator: torch.Tensor  # torch.Generator.get_state()
+    generator: torch.Tensor | None  # the training generator's get_state(); None: none public
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-able: history, fingerprint...
     # torch.get_rng_state(): what dropout draws from on the CPU. On a GPU dropout
     # draws from the CUDA generator, which is not saved: bit-identical resumes are a
     # CPU property (cuDNN's convolution kernels are not deterministic either).
     torch_rng: torch.Tensor | None = None
-    # DP randomness (Poisson sampling, Gaussian noise). Only test-seeded runs keep
+    # DP randomness (Poisson sampling, Gaussian noise, the draws' step seeds:
+    # `SecretRandomness.get_state()`). Only test-seeded runs keep
     # it: whoever holds it could subtract the noise (PRIVACY.md rule 7).
     secret_rng: torch.Tensor | None = None
 
 
 def restore(state: TrainState, *, net: torch.nn.Module, ema: Any, optimizer: torch.optim.Optimizer,
-            generator: torch.Generator) -> None:
+            generator: torch.Generator | None) -> None:
     """Put a training loop back where `state` was: weights, EMA (with its update
     count in `meta["ema_num_updates"]`), optimizer moments, the training
     generator and torch's global generator (dropout). The secret DP generator
@@ -56,7 +57,8 @@ def restore(state: TrainState, *, net: torch.nn.Module, ema: Any, optimizer: tor
     ema.shadow.load_state_dict(state.ema)
     ema.num_updates = state.meta["ema_num_updates"]
     optimizer.load_state_dict(state.optimizer)
-    generator.set_state(state.generator)
+    if generator is not None and state.generator is not None:
+        generator.set_state(state.generator)
     if state.torch_rng is not None:
         torch.set_rng_state(state.torch_rng)
 
@@ -93,7 +95,7 @@ def save_checkpoint(ckpt_dir: str | Path, state: TrainState, keep: int = 2) -> P
         save_file(_cpu(state.net), tmp / "model.safetensors")
         save_file(_cpu(state.ema), tmp / "ema.safetensors")
         opt_tensors, groups = _optimizer_to_tensors(state.optimizer)
-        rng = {"__generator__": state.generator.contiguous()}
+        rng = {} if state.generator is None else {"__generator__": state.generator.contiguous()}
         if state.torch_rng is not None:
             rng["__torch_rng__"] = state.torch_rng.contiguous()
         if state.secret_rng is not None:
@@ -140,7 +142,7 @@ def load_latest(ckpt_dir: str | Path) -> TrainState | None:
             path = complete[-1] if complete else path  # none left: unreadable, below
         info = json.loads((path / "state.json").read_text())
         tensors = load_file(path / "state.safetensors")
-        generator = tensors.pop("__generator__")
+        generator = tensors.pop("__generator__", None)
         torch_rng = tensors.pop("__torch_rng__", None)
         secret_rng = tensors.pop("__secret_rng__", None)
         return TrainState(step=int(info["step"]), net=load_file(path / "model.safetensors"),
