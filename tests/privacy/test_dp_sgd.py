@@ -17,7 +17,7 @@ import torch
 from diffusers import UNet2DModel
 
 from dpsynth.diffusion.loss import DenoisingLoss
-from dpsynth.privacy.dp_sgd import (DPStep, SecretRandomness, gaussian_noise, noisy_gradient,
+from dpsynth.privacy.dp_sgd import (DPStep, gaussian_noise, noisy_gradient,
                                     secret_generator)
 from dpsynth.privacy.draws import draw_copies, draw_for_examples, record_keys
 from dpsynth.privacy.per_example import (Grads, clipped_sum, per_example_grads,

@@ -11,7 +11,7 @@ from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from dpsynth.diffusion.loss import DenoisingLoss
-from dpsynth.privacy.dp_sgd import draw_copies
+from dpsynth.privacy.draws import draw_copies
 from dpsynth.privacy.per_example import (Grads, clipped_sum, per_example_grads,
                                          per_example_norms, use_vmap_friendly_attention)
 

@@ -19,7 +19,7 @@ import torch
 from dpsynth.diffusion.augment import AugmentKind
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.privacy.distributed import Workers
-from dpsynth.privacy.draws import draw_copies, draw_for_examples  # noqa: F401 (re-exported)
+from dpsynth.privacy.draws import draw_for_examples
 from dpsynth.privacy.per_example import Grads, clipped_sum, per_example_grads
 from dpsynth.privacy.sampling import micro_batches
 
