@@ -224,6 +224,14 @@ INVALID = [
     ("rank.grid=[{depth: 10}]", "rank.grid=1: a ranking needs at least 2"),
     ("rank.grid=[{depth: 10}, {depth: 11}]", "rank.grid[1].depth=11"),
     ("rank.val_fraction=1", "rank.val_fraction=1.0"),
+    ("rank.confidence=0", "rank.confidence=0.0: must be in (0, 1)"),
+    ("rank.confidence=1", "rank.confidence=1.0: must be in (0, 1)"),
+    ("rank.bootstrap=0", "rank.bootstrap=0: too few resamples for a 0.95 interval: need >= 40"),
+    ("rank.bootstrap=39", "rank.bootstrap=39: too few resamples for a 0.95 interval: need >= 40"),
+    ("rank.bootstrap=true", "rank.bootstrap=True: must be an integer"),
+    # the default 1000 resamples cannot bound the tails of a 99.9% interval
+    ("rank.confidence=0.999", "rank.bootstrap=1000: too few resamples for a 0.999 interval: "
+     "need >= 2000"),
     ("audit.check_epsilon=0", "audit.check_epsilon=0.0: must be > 0"),
     ("audit.check_epsilon=-1", "audit.check_epsilon=-1.0: must be > 0"),
 ]

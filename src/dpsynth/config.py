@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -22,7 +23,10 @@ import yaml
 
 from dpsynth.errors import ConfigError
 
-SourceKind = Literal["digits", "cifar10", "imagenet32", "camelyon17", "imagefolder", "npz"]
+SourceKind = Literal["digits", "printed-digits", "cifar10", "imagenet32", "camelyon17",
+                     "imagefolder", "npz"]
+# Sources built into dpsynth: they need no path.
+EMBEDDED_KINDS = ("digits", "printed-digits")
 SplitRole = Literal["public", "private", "test"]
 SamplerKind = Literal["ddpm", "ddim", "dpmsolver++"]
 
@@ -38,17 +42,30 @@ class SourceConfig:
 
     Attributes:
         kind: the reader (DESIGN.md "Data sources").
-        path: file, folder or `s3://` URI; `None` only for the embedded `digits`.
+        path: file, folder or `s3://` URI; `None` only for the embedded kinds
+            (`digits`, `printed-digits`).
         hospitals: camelyon17 only: which hospitals (WILDS `center`) to take.
+        size: printed-digits only: how many images to render (class-balanced).
+        seed: printed-digits only: the rendering jitter's seed.
     """
 
     kind: SourceKind = "digits"
     path: str | None = None
     hospitals: tuple[int, ...] | None = None
+    size: int | None = None
+    seed: int = 0
 
     def validate(self, name: str) -> None:
-        _check(self.kind == "digits" or bool(self.path), f"{name}.path", self.path,
+        _check(self.kind in EMBEDDED_KINDS or bool(self.path), f"{name}.path", self.path,
                f"source kind {self.kind!r} needs a path (a file, folder or s3:// URI)")
+        if self.kind == "printed-digits":
+            _check(self.size is not None and 10 <= self.size <= 1_000_000, f"{name}.size",
+                   self.size, "printed-digits needs a size in [10, 1000000] (images to render)")
+            _check(self.path is None, f"{name}.path", self.path,
+                   "printed-digits is rendered, not read; remove the path")
+        else:
+            _check(self.size is None, f"{name}.size", self.size,
+                   "only printed-digits sources have a size; remove it")
         if self.hospitals is not None:
             _check(self.kind == "camelyon17", f"{name}.hospitals", self.hospitals,
                    "only camelyon17 sources have hospitals")
@@ -224,9 +241,27 @@ class FinetuneConfig:
     # Pre-trained on another label set (ImageNet32 -> CIFAR-10): start the class
     # embedding afresh for the private split's classes; every other weight is kept.
     reinit_class_embedding: bool = False
+    # Which weights DP-SGD trains: glob patterns over parameter names ("*" = all);
+    # the rest stay at their pre-trained values. Fewer trained coordinates means
+    # less noise in the update: its norm grows like sqrt(d) (DP-LDM, DP-LoRA).
+    # E.g. ["*norm*", "class_embedding.*"] trains the GroupNorms and the class
+    # embedding only. A pattern that matches nothing is an error.
+    trainable: tuple[str, ...] = ("*",)
+    # > 0: each Linear/Conv2d weight that `trainable` matches is frozen and gets a
+    # rank-`lora_rank` adapter (LoRA) instead; the other matched parameters (biases,
+    # norms, embeddings) are trained directly. Merged into the weights on publish.
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # adapter scale alpha / rank; None = rank (scale 1)
 
     def __post_init__(self) -> None:
         _check(self.epsilon > 0, "finetune.epsilon", self.epsilon, "must be > 0")
+        _check(len(self.trainable) >= 1 and all(isinstance(p, str) and p for p in self.trainable),
+               "finetune.trainable", self.trainable,
+               'needs at least one glob pattern over parameter names, e.g. ["*"]')
+        _check(self.lora_rank >= 0, "finetune.lora_rank", self.lora_rank,
+               "must be >= 0 (0 = no adapters)")
+        _check(self.lora_alpha is None or self.lora_alpha > 0, "finetune.lora_alpha",
+               self.lora_alpha, "must be > 0, or null for alpha = lora_rank")
         _check(0 < self.delta < 1, "finetune.delta", self.delta, "must be in (0, 1)")
         _check(self.batch_sampler == "poisson", "finetune.batch_sampler", self.batch_sampler,
                "shuffled fixed-size batches with Poisson accounting understate epsilon "
@@ -402,10 +437,20 @@ class RankConfig:
     """Hyperparameter ranking on synthetic data (paper Sec. 5.3, Fig. 4): each grid
     point is trained on a synthetic train split and scored on a synthetic
     validation split (which alone chooses) and on the real test split (which only
-    measures whether the synthetic ranking holds)."""
+    measures whether the synthetic ranking holds).
+
+    Attributes:
+        grid: the classifier configurations to rank.
+        val_fraction: share of the synthetic set held out as synthetic validation.
+        bootstrap: resamples of the real test examples for the confidence interval
+            of Spearman rho and Kendall tau (`dpsynth.eval.ranking.bootstrap_interval`).
+        confidence: coverage of that percentile interval.
+    """
 
     grid: tuple[ClassifierConfig, ...] = _DEFAULT_GRID
     val_fraction: float = 0.2
+    bootstrap: int = 1000
+    confidence: float = 0.95
 
     def __post_init__(self) -> None:
         for i, c in enumerate(self.grid):
@@ -414,6 +459,14 @@ class RankConfig:
                "a ranking needs at least 2 configurations")
         _check(0 < self.val_fraction < 1, "rank.val_fraction", self.val_fraction,
                "must be in (0, 1)")
+        _check(0 < self.confidence < 1, "rank.confidence", self.confidence,
+               "must be in (0, 1), e.g. 0.95")
+        # each tail of a percentile interval needs a draw beyond the bound, else the
+        # bound is just the most extreme draw (1e-9: 2 / 0.05 is 40.000000000000004)
+        min_draws = math.ceil(2 / (1 - self.confidence) - 1e-9)
+        _check(self.bootstrap >= min_draws, "rank.bootstrap", self.bootstrap,
+               f"too few resamples for a {self.confidence:g} interval: need >= {min_draws} "
+               "(2 / (1 - rank.confidence)); 1000 is usual")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from dpsynth.config import Config
 from dpsynth.diffusion.unet import load_model
+from dpsynth.errors import ConfigError
 from dpsynth.io.shards import write_dataset
 from dpsynth.stages import finetune
 from dpsynth.tracking import NullTracker
@@ -259,3 +260,42 @@ def test_removing_one_record_moves_the_clipped_sum_by_at_most_c(
     moved = (sums[0] - sums[1]).norm().item()
     assert moved <= c * (1 + 1e-3), f"removing the {removed} record moved the sum by {moved / c:.2f} C"
     assert moved >= c * (1 - 1e-3), "the removed record's clipped gradient should be exactly C"
+
+
+def test_only_the_trainable_weights_are_trained_and_they_get_the_full_noise(
+        mech_cfg: Callable[..., Config], bias_only_model: Path, private_dir: Path,
+        digits_public_dir: Path, tmp_path: Path, torch_one_thread: None,
+        optimizer_grads: list[list[torch.Tensor]]) -> None:
+    """finetune.trainable: the optimizer sees the matching weights alone, with the
+    same per-coordinate noise sigma C / (qN); every other weight is published as
+    it was pre-trained. A pattern that matches nothing is refused before any run."""
+    steps = 40
+    patterns = ["conv_out.*", "*norm*"]
+    cfg = mech_cfg(f"finetune.steps={steps}", f"finetune.trainable={json.dumps(patterns)}",
+                   "finetune.lr=1e-3")
+    out = tmp_path / "finetune"
+    finetune.run(cfg, model_dir=bias_only_model, private_dir=private_dir,
+                 public_dir=digits_public_dir, out_dir=out, tracker=NullTracker())
+    _, before, _ = load_model(bias_only_model)  # fine-tuning starts from the EMA weights
+    _, after, _ = load_model(out, use_ema=False)
+    names = [n for n, _ in before.named_parameters()]
+    trained = [n for n in names if n.startswith("conv_out.") or "norm" in n]
+    assert 0 < len(trained) < len(names)
+    sizes = {n: p.numel() for n, p in before.named_parameters()}
+    assert len(optimizer_grads) == steps
+    assert all([g.numel() for g in s] == [sizes[n] for n in trained] for s in optimizer_grads)
+    privacy = json.loads((out / "privacy.json").read_text())
+    sigma, q = privacy["noise_multiplier"], privacy["sample_rate"]
+    std, _, noise = observe(optimizer_grads, trained, divisor=q * NUM_PRIVATE)
+    d = noise.shape[1]
+    assert np.all(np.abs(std / (sigma * C) - 1) < Z * math.sqrt(1 / (2 * d)) + 2e-3)
+    a, b = dict(before.named_parameters()), dict(after.named_parameters())
+    changed = [n for n in names if n not in trained and not torch.equal(a[n], b[n])]
+    assert not changed, changed
+    assert not any(torch.equal(a[n], b[n]) for n in trained)  # lr 1e-3 moves them
+
+    with pytest.raises(ConfigError, match=r"finetune.trainable: '\*attn_typo\*' matches no"):
+        finetune.run(mech_cfg("finetune.trainable=['*attn_typo*']"), model_dir=bias_only_model,
+                     private_dir=private_dir, public_dir=digits_public_dir,
+                     out_dir=tmp_path / "typo", tracker=NullTracker())
+    assert not (tmp_path / "typo").exists()

@@ -1,11 +1,14 @@
 """`dpsynth.stages.rank` end to end on real digits standing in for synthetic
 ones: metrics.json, scores.csv / scatter.png, one tracker child per config, the
 champion classifier saved and both models registered; the choice uses
-synthetic validation only; bad input is refused with nothing written."""
+synthetic validation only; the bootstrap interval of rho / tau resamples the
+real test examples and only its bounds leave the stage; bad input is refused
+with nothing written."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,6 +21,7 @@ from scipy import stats
 
 from dpsynth.config import Config
 from dpsynth.errors import InputError
+from dpsynth.eval import ranking
 from dpsynth.eval.classifier import accuracy, build, load_classifier
 from dpsynth.io.shards import read_dataset, write_dataset
 from dpsynth.stages import rank
@@ -29,6 +33,8 @@ GRID = ("rank.grid=["
         "{depth: 10, widen: 1, lr: 0.002, epochs: 1, batch_size: 32, augment: none},"
         "{depth: 10, widen: 2, lr: 0.05, epochs: 2, batch_size: 32, augment: none}]")
 CLASSES = tuple(str(k) for k in range(10))
+CI_KEYS = ("spearman_rho_ci_low", "spearman_rho_ci_high", "kendall_tau_ci_low",
+           "kendall_tau_ci_high")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +54,8 @@ def test_metrics_and_scores_agree(finished: tuple[rank.RankResult, NullTracker, 
                                   ) -> None:
     result, _, _ = finished
     metrics = json.loads((result.out_dir / "metrics.json").read_text())
-    assert set(metrics) == {"spearman_rho", "kendall_tau", "regret", "chosen_config",
+    assert set(metrics) == {"spearman_rho", "kendall_tau", *CI_KEYS, "ci_confidence",
+                            "regret", "chosen_config",
                             "chosen_synthetic_val_accuracy", "chosen_real_test_accuracy",
                             "best_real_test_accuracy", "num_configs", "num_synthetic_train",
                             "num_synthetic_val"}
@@ -68,6 +75,13 @@ def test_metrics_and_scores_agree(finished: tuple[rank.RankResult, NullTracker, 
     assert metrics["regret"] == pytest.approx(max(real) - real[result.chosen_config])
     assert metrics["spearman_rho"] == pytest.approx(stats.spearmanr(val, real).statistic)
     assert metrics["kendall_tau"] == pytest.approx(stats.kendalltau(val, real).statistic)
+    assert metrics["ci_confidence"] == 0.95
+    assert -1 <= metrics["spearman_rho_ci_low"] <= metrics["spearman_rho_ci_high"] <= 1
+    assert -1 <= metrics["kendall_tau_ci_low"] <= metrics["kendall_tau_ci_high"] <= 1
+    assert result.spearman_rho_ci == (metrics["spearman_rho_ci_low"],
+                                      metrics["spearman_rho_ci_high"])
+    assert result.kendall_tau_ci == (metrics["kendall_tau_ci_low"],
+                                     metrics["kendall_tau_ci_high"])
     # the grid spans a trained and a barely trained config: the ranking is informative
     assert max(real) > 0.7 and min(real) < 0.5
     with Image.open(result.out_dir / "scatter.png") as img:
@@ -92,6 +106,11 @@ def test_one_tracker_child_per_config(finished: tuple[rank.RankResult, NullTrack
     assert tracker.params["rank.val_fraction"] == 0.25
     logged = {k: v for m, _ in tracker.metrics for k, v in m.items()}
     assert logged["chosen_config"] == result.chosen_config
+    assert (logged["spearman_rho_ci_low"], logged["spearman_rho_ci_high"]) == result.spearman_rho_ci
+    assert (logged["kendall_tau_ci_low"], logged["kendall_tau_ci_high"]) == result.kendall_tau_ci
+    assert logged["ci_confidence"] == 0.95
+    # aggregates only: no per-example value of the test split reaches the tracker
+    assert all(isinstance(v, float) for m, _ in tracker.metrics for v in m.values())
     assert tracker.artifacts == [result.out_dir / "scores.csv", result.out_dir / "scatter.png"]
 
 
@@ -123,19 +142,7 @@ def test_the_choice_uses_synthetic_validation_only(
     best on the real test split (0): a choice that peeked at real scores fails."""
     cfg = make_cfg(GRID, "rank.val_fraction=0.25")
     val, real = [0.5, 0.9, 0.7], [0.95, 0.6, 0.8]
-    test_x = read_dataset(digits_eval_dirs["test"])[0]
-
-    def fake_train(ccfg: Any, images: np.ndarray, labels: np.ndarray, **kw: Any) -> Any:
-        net = build(ccfg, num_classes=10, channels=1)
-        net.grid_index = cfg.rank.grid.index(ccfg)  # type: ignore[assignment]
-        return net
-
-    def fake_accuracy(net: Any, images: np.ndarray, labels: np.ndarray) -> float:
-        is_test = images.shape == test_x.shape and np.array_equal(images, test_x)
-        return (real if is_test else val)[net.grid_index]
-
-    monkeypatch.setattr(rank, "train", fake_train)
-    monkeypatch.setattr(rank, "accuracy", fake_accuracy)
+    _fake_grid(monkeypatch, cfg, digits_eval_dirs, val, _first_right(real, 300))
     result = rank.run(cfg, synthetic_dir=digits_eval_dirs["synthetic"],
                       test_dir=digits_eval_dirs["test"],
                       generator_dir=digits_eval_dirs["generator"], out_dir=tmp_path / "rank",
@@ -147,6 +154,8 @@ def test_the_choice_uses_synthetic_validation_only(
     # ranks: val 1, 3, 2; real 3, 1, 2: sum d^2 = 8, rho = 1 - 6 * 8 / (3 * 8) = -1
     assert metrics["spearman_rho"] == pytest.approx(-1.0)
     assert metrics["kendall_tau"] == pytest.approx(-1.0)
+    # 15+ points apart on 300 test examples: no resample reorders them
+    assert [metrics[k] for k in CI_KEYS] == pytest.approx([-1.0] * 4)
     meta = json.loads((tmp_path / "rank" / "classifier" / "config.json").read_text())
     assert meta["rank_config"] == 1 and meta["real_test_accuracy"] == 0.6
 
@@ -157,13 +166,82 @@ def test_constant_scores_give_null_correlations(
     monkeypatch.setattr(rank, "train", lambda ccfg, *a, **kw: build(ccfg, num_classes=10,
                                                                     channels=1))
     monkeypatch.setattr(rank, "accuracy", lambda net, images, labels: 0.1)
+    monkeypatch.setattr(rank, "predict", lambda net, images: np.zeros(len(images), np.int64))
     result = rank.run(make_cfg(GRID), synthetic_dir=digits_eval_dirs["synthetic"],
                       test_dir=digits_eval_dirs["test"],
                       generator_dir=digits_eval_dirs["generator"], out_dir=tmp_path / "rank",
                       tracker=NullTracker())
     metrics = json.loads((tmp_path / "rank" / "metrics.json").read_text())
     assert metrics["spearman_rho"] is None and metrics["kendall_tau"] is None
+    assert all(metrics[k] is None for k in CI_KEYS)
     assert math.isnan(result.spearman_rho) and result.chosen_config == 0
+    assert all(math.isnan(x) for x in result.spearman_rho_ci + result.kendall_tau_ci)
+
+
+def test_the_interval_resamples_the_real_test_examples_with_the_configured_draws(
+        make_cfg: Callable[..., Config], digits_eval_dirs: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Configs that are right on their own random 90% of the test examples: the
+    synthetic ranking says 0 < 1 < 2, the real test split cannot tell them apart,
+    so the interval is wide and covers 0; it is the pure function's, on the stage's
+    correctness matrix, with rank.bootstrap, rank.confidence and a seed from cfg.seed."""
+    cfg = make_cfg(GRID, "rank.bootstrap=300", "rank.confidence=0.8", "seed=5")
+    test_y = read_dataset(digits_eval_dirs["test"])[1]
+    rng = np.random.default_rng(1)
+    correct = rng.random((3, len(test_y))) < 0.9
+    val = [0.5, 0.6, 0.7]
+    _fake_grid(monkeypatch, cfg, digits_eval_dirs, val, correct)
+    tracker = NullTracker()
+    result = rank.run(cfg, synthetic_dir=digits_eval_dirs["synthetic"],
+                      test_dir=digits_eval_dirs["test"],
+                      generator_dir=digits_eval_dirs["generator"], out_dir=tmp_path / "rank",
+                      tracker=tracker)
+    metrics = json.loads((tmp_path / "rank" / "metrics.json").read_text())
+    assert metrics["ci_confidence"] == 0.8
+    low, high = metrics["spearman_rho_ci_low"], metrics["spearman_rho_ci_high"]
+    assert low < 0 < high and high - low > 1
+    for stat, name in ((ranking.spearman, "spearman_rho"), (ranking.kendall, "kendall_tau")):
+        expected = ranking.bootstrap_interval(val, correct, stat, draws=300, confidence=0.8,
+                                              seed=[5, rank._BOOTSTRAP_STREAM])
+        assert (metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"]) == expected
+    assert tracker.params["rank.bootstrap"] == 300 and tracker.params["rank.confidence"] == 0.8
+    # only the bounds leave: the published files are the usual ones, scores.csv has
+    # one row per config, and nothing test-sized is in the result
+    assert sorted(p.name for p in result.out_dir.iterdir()) == [
+        "classifier", "metrics.json", "params.json", "scatter.png", "scores.csv",
+        "version.json"]
+    assert len((result.out_dir / "scores.csv").read_text().splitlines()) == 1 + 3
+    assert all(np.size(getattr(result, f.name)) <= 3 for f in dataclasses.fields(result))
+
+
+def _first_right(accuracies: list[float], n: int) -> list[np.ndarray]:
+    """Per config, whether each of n test examples is right: the first accuracy * n."""
+    return [np.arange(n) < round(a * n) for a in accuracies]
+
+
+def _fake_grid(monkeypatch: pytest.MonkeyPatch, cfg: Config, dirs: dict[str, Path],
+               val: list[float], right: Any) -> None:
+    """Stand-ins for training and scoring: config i scores val[i] on synthetic
+    validation and, on the real test split, predicts right where right[i] is True
+    and wrong elsewhere."""
+    test_x, test_y, _ = read_dataset(dirs["test"])
+
+    def fake_train(ccfg: Any, images: np.ndarray, labels: np.ndarray, **kw: Any) -> Any:
+        net = build(ccfg, num_classes=10, channels=1)
+        net.grid_index = cfg.rank.grid.index(ccfg)  # type: ignore[assignment]
+        return net
+
+    def fake_accuracy(net: Any, images: np.ndarray, labels: np.ndarray) -> float:
+        assert not np.array_equal(images, test_x), "the test split is scored per example"
+        return val[net.grid_index]
+
+    def fake_predict(net: Any, images: np.ndarray) -> np.ndarray:
+        assert np.array_equal(images, test_x), "only the test split is predicted"
+        return np.where(right[net.grid_index], test_y, (test_y + 1) % 10)
+
+    monkeypatch.setattr(rank, "train", fake_train)
+    monkeypatch.setattr(rank, "accuracy", fake_accuracy)
+    monkeypatch.setattr(rank, "predict", fake_predict)
 
 
 def _write(root: Path, name: str, n: int, classes: tuple[str, ...] = CLASSES,

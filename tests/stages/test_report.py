@@ -106,7 +106,9 @@ def layout(tmp_path_factory: pytest.TempPathFactory, digits_eval_dirs: dict[str,
     grid = [{"depth": 10, "widen": 1, "lr": lr, "epochs": 2, "augment": "crop"}
             for lr in (0.05, 0.01, 0.005)]
     _stage_files(rank, "rank", {"rank": {"grid": grid}}, {
-        "spearman_rho": 0.5, "kendall_tau": 1 / 3, "regret": 0.0123, "chosen_config": 1,
+        "spearman_rho": 0.5, "kendall_tau": 1 / 3, "spearman_rho_ci_low": -0.5,
+        "spearman_rho_ci_high": 1.0, "kendall_tau_ci_low": -1 / 3, "kendall_tau_ci_high": 1.0,
+        "ci_confidence": 0.95, "regret": 0.0123, "chosen_config": 1,
         "chosen_real_test_accuracy": 0.8, "best_real_test_accuracy": 0.8123, "num_configs": 3})
     (rank / "scores.csv").write_text("config,synthetic_val_accuracy,real_test_accuracy\n"
                                      "0,0.7,0.8123\n1,0.9,0.8\n2,0.6,0.7\n")
@@ -269,7 +271,11 @@ def test_the_page_shows_every_stage_and_real_beside_synthetic(cfg, layout, tmp_p
     assert result.images == html.count("<img ") == 10 * 3 * 2 + 5
     assert all(re.search(r'alt="[^"]{10,}"', tag) for tag in re.findall(r"<img [^>]*>", html))
     for expected in ("81.2%", "94.6%", "NOT covered by (ε, δ): for comparison only",
-                     "Spearman ρ = +0.50", "Kendall τ = +0.33", "configuration 1",
+                     "Spearman ρ = +0.50 (95% CI -0.50 to +1.00)",
+                     "Kendall τ = +0.33 (95% CI -0.33 to +1.00)",
+                     "The ρ interval covers 0: on this test split the agreement cannot be told "
+                     "from noise", "Ranking agreement ρ = +0.50 95% CI -0.50 to +1.00; τ = +0.33",
+                     "configuration 1",
                      "1.2 points below", "0.1235", "0.654", "0.712", "0.0123 ± 0.0021",
                      "is 0.03", "gives 2.35", "passed", "final loss 0.4321",
                      read_manifest(layout["art"] / "prepare" / "test").content_hash,
@@ -378,10 +384,49 @@ def test_a_constant_ranking_has_no_correlation(cfg, layout, tmp_path) -> None:
     shutil.copytree(layout["art"] / "rank", rank)
     metrics = json.loads((rank / "metrics.json").read_text())
     # all synthetic validation scores tie: rank writes NaN correlations as JSON null
-    _write_json(rank / "metrics.json", metrics | {"spearman_rho": None, "kendall_tau": None})
+    _write_json(rank / "metrics.json", metrics | dict.fromkeys(
+        ["spearman_rho", "kendall_tau", "spearman_rho_ci_low", "spearman_rho_ci_high",
+         "kendall_tau_ci_low", "kendall_tau_ci_high"]))
     result = report.run(cfg(), artifacts=report.artifact_paths(layout["art"]) | {"rank": rank},
                         out_dir=tmp_path / "r", tracker=NullTracker())
-    assert "Spearman ρ = undefined (a constant ranking)" in _text(result.index.read_text())
+    text = _text(result.index.read_text())
+    assert "Spearman ρ = undefined (a constant ranking) and Kendall τ = undefined" in text
+    ranking = text.split("Can synthetic data choose hyperparameters?")[1].split("Sec. 5.3")[0]
+    assert "CI" not in ranking and "interval" not in ranking
+
+
+@pytest.mark.parametrize(("low", "high", "verdict"), [
+    (0.62, 0.97, "The ρ interval lies above 0: the agreement is more than the sampling noise "
+                 "of the test split."),
+    (-0.9, -0.1, "The ρ interval lies below 0: the synthetic ranking reverses the real one"),
+    (0.0, 0.9, "The ρ interval covers 0"),
+])
+def test_the_ranking_interval_says_whether_the_ranking_beats_noise(
+        cfg, layout, tmp_path, low: float, high: float, verdict: str) -> None:
+    rank = tmp_path / "rank"
+    shutil.copytree(layout["art"] / "rank", rank)
+    metrics = json.loads((rank / "metrics.json").read_text())
+    _write_json(rank / "metrics.json", metrics | {
+        "spearman_rho_ci_low": low, "spearman_rho_ci_high": high, "ci_confidence": 0.9})
+    result = report.run(cfg(), artifacts=report.artifact_paths(layout["art"]) | {"rank": rank},
+                        out_dir=tmp_path / "r", tracker=NullTracker())
+    text = _text(result.index.read_text())
+    assert f"Spearman ρ = +0.50 (90% CI {low:+.2f} to {high:+.2f})" in text
+    assert verdict in text
+
+
+def test_rank_metrics_without_an_interval_still_render(cfg, layout, tmp_path) -> None:
+    """Outputs of a rank stage that predates the interval."""
+    rank = tmp_path / "rank"
+    shutil.copytree(layout["art"] / "rank", rank)
+    metrics = json.loads((rank / "metrics.json").read_text())
+    _write_json(rank / "metrics.json", {k: v for k, v in metrics.items()
+                                        if "_ci_" not in k and k != "ci_confidence"})
+    result = report.run(cfg(), artifacts=report.artifact_paths(layout["art"]) | {"rank": rank},
+                        out_dir=tmp_path / "r", tracker=NullTracker())
+    text = _text(result.index.read_text())
+    assert "Spearman ρ = +0.50 and Kendall τ = +0.33 against the synthetic ranking" in text
+    assert "Ranking agreement ρ = +0.50 τ = +0.33" in text
 
 
 def test_same_inputs_give_the_same_page(cfg, layout, tmp_path) -> None:

@@ -83,10 +83,11 @@ def load_source(spec: SourceConfig) -> dict[str, LabeledImages]:
     """
     # Imported here because every format module imports `LabeledImages` from
     # this one; the table below is the only kind -> reader mapping.
-    from dpsynth.data import camelyon17, cifar10, digits, imagefolder, imagenet32, npz
+    from dpsynth.data import camelyon17, cifar10, digits, imagefolder, imagenet32, npz, printed
 
     readers: dict[str, DataSource] = {
         "digits": digits.DigitsSource(),
+        "printed-digits": printed.PrintedDigitsSource(),
         "cifar10": cifar10.Cifar10Source(),
         "imagenet32": imagenet32.ImageNet32Source(),
         "camelyon17": camelyon17.Camelyon17Source(),

@@ -46,6 +46,16 @@ def signed(x: float | None) -> str:
             else f"{x:+.2f}")
 
 
+def interval(metrics: Mapping[str, Any], name: str) -> str:
+    """"95% CI +0.40 to +0.90": the bootstrap interval of correlation `name` in rank's
+    metrics; "" where it is undefined (a constant synthetic ranking) or the metrics
+    predate it."""
+    low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    if low is None or high is None:
+        return ""
+    return f"{100 * metrics['ci_confidence']:g}% CI {signed(low)} to {signed(high)}"
+
+
 def examples(data_dir: Path, num_classes: int, k: int) -> list[list[np.ndarray]]:
     """The first `k` images of each class in the split's order, reading hash-verified
     shards one at a time until every class has them."""
@@ -201,12 +211,27 @@ def ranking_section(rank_dir: Path | None) -> Section:
              settings(int(r["config"])), pct(float(r["synthetic_val_accuracy"])),
              pct(float(r["real_test_accuracy"]))) for r in scores]
     rho, tau = metrics["spearman_rho"], metrics["kendall_tau"]
+    rho_ci, tau_ci = interval(metrics, "spearman_rho"), interval(metrics, "kendall_tau")
+    if not rho_ci:  # undefined, or metrics from before the interval
+        noise = ""
+    elif metrics["spearman_rho_ci_low"] > 0:
+        noise = (" The ρ interval lies above 0: the agreement is more than the sampling noise "
+                 "of the test split.")
+    elif metrics["spearman_rho_ci_high"] < 0:
+        noise = (" The ρ interval lies below 0: the synthetic ranking reverses the real one, "
+                 "beyond the sampling noise of the test split.")
+    else:
+        noise = (" The ρ interval covers 0: on this test split the agreement cannot be told "
+                 "from noise.")
     body = [f'<p><span class="label real">measured on the real test split</span> Can synthetic '
             f"data choose hyperparameters? {len(scores)} classifier configurations were trained "
             "on synthetic data and ranked on a synthetic validation split, which alone chose "
             f"configuration {chosen}. Their accuracies on the real test split rank them with "
-            f"Spearman ρ = {signed(rho)} and Kendall τ = {signed(tau)} against the synthetic "
-            "ranking (1: the same order). The chosen configuration reaches "
+            f"Spearman ρ = {signed(rho)}{f' ({rho_ci})' if rho_ci else ''} and Kendall "
+            f"τ = {signed(tau)}{f' ({tau_ci})' if tau_ci else ''} against the synthetic ranking "
+            "(1: the same order" + ("; the intervals are percentile bootstraps over resamples "
+                                     "of the real test examples" if rho_ci else "")
+            + f").{noise} The chosen configuration reaches "
             f"{pct(metrics['chosen_real_test_accuracy'])} on the real test split, "
             + (f"{100 * metrics['regret']:.1f} points below the best configuration's "
                f"{pct(metrics['best_real_test_accuracy'])} (the regret)" if metrics["regret"] > 0
@@ -438,9 +463,10 @@ def glance(privacy: Mapping[str, Any], target_epsilon: float, synthetic: Manifes
                 f"{f[first]:.4g}" if first else "not run",
                 f"{first.split('_', 1)[1]} features, vs real test" if first else ""))
     r = read_json(dirs.get("rank"), "metrics.json")
+    rho_ci = interval(r, "spearman_rho") if r else ""
     out.append(("Ranking agreement", f"ρ = {signed(r['spearman_rho'])}" if r else "not run",
-                f"τ = {signed(r['kendall_tau'])}, {r['num_configs']} configurations" if r
-                else ""))
+                (f"{rho_ci}; " if rho_ci else "") + f"τ = {signed(r['kendall_tau'])}, "
+                f"{r['num_configs']} configurations" if r else ""))
     a = read_json(dirs.get("audit"), "metrics.json")
     weak = a is not None and a.get("audit_has_power") is False
     out.append(("Privacy audit", audit_verdict(a)[0] if a else "not run",

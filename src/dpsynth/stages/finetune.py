@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import fnmatch
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from opacus.validators import ModuleValidator
@@ -27,10 +29,11 @@ from tqdm import tqdm
 
 from dpsynth.config import Config
 from dpsynth.diffusion.ema import EMA
+from dpsynth.diffusion.lora import add_lora, merge_lora
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.diffusion.samplers import from_uint8
 from dpsynth.diffusion.unet import load_model, save_model, weights_file, with_classes
-from dpsynth.errors import DpsynthError, InputError, TrainingDiverged
+from dpsynth.errors import ConfigError, DpsynthError, InputError, TrainingDiverged
 from dpsynth.eval.classifier import default_device
 from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import read_dataset, read_manifest, sha256_file
@@ -91,6 +94,41 @@ def public_eval(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y: t
     t, noise, labels = loss.draw(x, y, gen)
     with torch.no_grad():
         return float(loss.per_example(net, x, labels, t, noise).mean())
+
+
+def select_trainable(net: torch.nn.Module, patterns: Sequence[str], lora_rank: int = 0,
+                     lora_alpha: float | None = None, seed: int = 0
+                     ) -> list[torch.nn.Parameter]:
+    """Freeze every parameter whose name matches none of `patterns` (globs); with
+    `lora_rank` > 0, put a LoRA adapter on each matched Linear/Conv2d weight
+    instead of training it (`dpsynth.diffusion.lora`). Returns the trained
+    parameters: DP-SGD computes, clips and noises gradients of these only.
+
+    Raises:
+        ConfigError: a pattern matches no parameter (a typo would silently train
+            less than asked).
+    """
+    names = [name for name, _ in net.named_parameters()]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise ConfigError(f"finetune.trainable: {pattern!r} matches no parameter of the "
+                              f"model; names look like {names[0]!r}, {names[-1]!r}")
+    trained = []
+    for name, p in net.named_parameters():
+        p.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in patterns))
+    if lora_rank:
+        adapted = add_lora(net, lora_rank, patterns, lora_alpha, seed=seed)
+        if not adapted:
+            raise ConfigError(f"finetune.lora_rank={lora_rank}: finetune.trainable={list(patterns)} "
+                              "matches no Linear/Conv2d weight to adapt; set lora_rank: 0 or "
+                              'add a weight pattern (e.g. "*")')
+    for p in net.parameters():
+        if p.requires_grad:
+            trained.append(p)
+    log.info("DP-SGD trains %d of %d weights (finetune.trainable=%s)",
+             sum(p.numel() for p in trained), sum(p.numel() for p in net.parameters()),
+             list(patterns))
+    return trained
 
 
 def _diverged(cfg: Config, step: int, work_dir: Path, last_saved: int | None, run_id: str,
@@ -190,6 +228,8 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     if relabelled:  # public settings only: the label set is the data's schema, not data
         spec, net = with_classes(spec, net, len(manifest.classes), seed=cfg.seed)
         classes = list(manifest.classes)
+    select_trainable(net, fc.trainable, fc.lora_rank, fc.lora_alpha, cfg.seed)  # before
+    # the ledger: a typo in the patterns must cost nothing
     expected_shape = (spec.image_size, spec.image_size, spec.channels)
     if tuple(manifest.shape) != expected_shape:
         raise InputError(f"{private_dir}: images are {list(manifest.shape)}, the model expects "
@@ -272,7 +312,7 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
                  "other examples of the micro-batch")
     use_vmap_friendly_attention(net)
     ema = EMA(net, fc.ema_decay)  # a copy of the net: on the same device
-    opt = torch.optim.Adam(net.parameters(), lr=fc.lr)
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=fc.lr)
     diffusion = cfg.diffusion
     # training draws t from the (biased) fine-tuning distribution; monitoring uses
     # the pre-training one so the curve is comparable across runs
@@ -316,7 +356,8 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
                                draw_seed=draw_seed, noise_generator=rng.noise,
                                workers=workers)
         for name, p in net.named_parameters():
-            p.grad = grads[name]
+            if p.requires_grad:
+                p.grad = grads[name]
         opt.step()  # an empty batch still steps: noise only (PRIVACY.md rule 1)
         opt.zero_grad(set_to_none=True)
         # Divergence is detected on the parameters after the noisy step, never on the
@@ -376,6 +417,7 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
                "final_public_loss": history[-1][1],
                "dataset_runs": len(ledger.entries()),  # public: how often it was run
                "resumed_from_step": start}
+    merge_lora(net), merge_lora(ema.shadow)  # adapters -> plain weights (no-op without)
     with atomic_dir(out_dir) as tmp:
         save_model(tmp, spec, net, ema.shadow, extra={
             "classes": classes, "dp": {"epsilon": fc.epsilon, "delta": fc.delta},

@@ -5,9 +5,10 @@ Every configuration of `rank.grid` is trained on a synthetic train split and
 scored on a synthetic validation split (stratified, seeded) and on the real
 test split. The synthetic validation scores alone choose the champion; the real
 test scores only measure whether the synthetic ranking holds (Spearman rho,
-Kendall tau, regret). The champion classifier and the DP generator are
-registered in the tracker's model registry (`dpsynth-classifier@champion`,
-`dpsynth-generator@champion`).
+Kendall tau, regret), with a bootstrap interval over the test examples that
+tells a ranking from test-set noise. The champion classifier and the DP
+generator are registered in the tracker's model registry
+(`dpsynth-classifier@champion`, `dpsynth-generator@champion`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dpsynth.config import Config
@@ -28,8 +30,8 @@ from dpsynth.diffusion.unet import CONFIG as GENERATOR_CONFIG
 from dpsynth.diffusion.unet import EMA_WEIGHTS, WEIGHTS
 from dpsynth.errors import InputError
 from dpsynth.eval import ranking
-from dpsynth.eval.classifier import (accuracy, default_device, read_labelled, save_classifier,
-                                     train)
+from dpsynth.eval.classifier import (accuracy, default_device, predict, read_labelled,
+                                     save_classifier, train)
 from dpsynth.io.atomic import atomic_dir
 from dpsynth.io.shards import sha256_file
 from dpsynth.plots import plot_rank_scatter
@@ -42,6 +44,7 @@ SECTIONS = ("seed", "rank")
 CLASSIFIER_NAME = "dpsynth-classifier"
 GENERATOR_NAME = "dpsynth-generator"
 ALIAS = "champion"
+_BOOTSTRAP_STREAM = 0xB007  # the resamples' own seed stream, apart from other uses of cfg.seed
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,9 @@ class RankResult:
         synthetic_val_accuracy: per grid config, accuracy on synthetic validation.
         real_test_accuracy: per grid config, accuracy on the real test split.
         spearman_rho, kendall_tau: rank correlations of the two (NaN if one is constant).
+        spearman_rho_ci, kendall_tau_ci: their bootstrap intervals (low, high) at
+            `rank.confidence` over resamples of the real test examples ((NaN, NaN)
+            when the synthetic scores are constant).
         chosen_config: index into `rank.grid`, chosen on synthetic validation only.
         regret: best real test accuracy minus the chosen config's.
         classifier_version, generator_version: registered versions, or None
@@ -64,6 +70,8 @@ class RankResult:
     real_test_accuracy: tuple[float, ...]
     spearman_rho: float
     kendall_tau: float
+    spearman_rho_ci: tuple[float, float]
+    kendall_tau_ci: tuple[float, float]
     chosen_config: int
     regret: float
     classifier_version: str | None
@@ -130,6 +138,9 @@ def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, generator_dir: Path
 
     val_scores: list[float] = []
     test_scores: list[float] = []
+    # per config and real test example: right or wrong, for the bootstrap. Per-example
+    # values of the test split: kept in memory only, never written or logged.
+    test_correct: list[np.ndarray] = []
     nets: list[torch.nn.Module] = []
     for i, ccfg in enumerate(rc.grid):
         with tracker.child(f"config-{i:02d}") as child:
@@ -140,7 +151,8 @@ def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, generator_dir: Path
                         device=device, desc=f"rank config {i}")
             seconds = time.perf_counter() - t0
             val_scores.append(accuracy(net, syn_x[va], syn_y[va]))
-            test_scores.append(accuracy(net, test_x, test_y))
+            test_correct.append(predict(net, test_x) == test_y)
+            test_scores.append(float(test_correct[-1].mean()))
             child.log_metrics({"synthetic_val_accuracy": val_scores[-1],
                                "real_test_accuracy": test_scores[-1],
                                "train_seconds": round(seconds, 2)})
@@ -153,8 +165,25 @@ def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, generator_dir: Path
     rho = ranking.spearman(val_scores, test_scores)
     tau = ranking.kendall(val_scores, test_scores)
     regret = ranking.regret(test_scores, chosen)
-    metrics = {"spearman_rho": None if math.isnan(rho) else rho,
-               "kendall_tau": None if math.isnan(tau) else tau,
+    correct = np.stack(test_correct)  # (configs, test examples), bool
+
+    def interval(stat: ranking.Correlation) -> tuple[float, float]:
+        # one seed for both statistics: rho and tau are measured on the same resamples;
+        # numpy's SeedSequence takes non-negative entropy only
+        return ranking.bootstrap_interval(val_scores, correct, stat, draws=rc.bootstrap,
+                                          confidence=rc.confidence,
+                                          seed=[cfg.seed % 2**32, _BOOTSTRAP_STREAM])
+
+    rho_ci, tau_ci = interval(ranking.spearman), interval(ranking.kendall)
+
+    def finite(x: float) -> float | None:
+        return None if math.isnan(x) else x
+
+    metrics = {"spearman_rho": finite(rho), "kendall_tau": finite(tau),
+               "spearman_rho_ci_low": finite(rho_ci[0]),
+               "spearman_rho_ci_high": finite(rho_ci[1]),
+               "kendall_tau_ci_low": finite(tau_ci[0]), "kendall_tau_ci_high": finite(tau_ci[1]),
+               "ci_confidence": rc.confidence,
                "regret": regret, "chosen_config": chosen,
                "chosen_synthetic_val_accuracy": val_scores[chosen],
                "chosen_real_test_accuracy": test_scores[chosen],
@@ -182,5 +211,5 @@ def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, generator_dir: Path
                                            registered_name=CLASSIFIER_NAME, alias=ALIAS)
     generator_version = tracker.log_model(generator_dir, kind="generator",
                                           registered_name=GENERATOR_NAME, alias=ALIAS)
-    return RankResult(out_dir, tuple(val_scores), tuple(test_scores), rho, tau, chosen, regret,
-                      classifier_version, generator_version)
+    return RankResult(out_dir, tuple(val_scores), tuple(test_scores), rho, tau, rho_ci, tau_ci,
+                      chosen, regret, classifier_version, generator_version)
