@@ -1,4 +1,5 @@
-"""The evaluation stages: `fid`, `classify`, `rank`. Each reads the merged synthetic set.
+"""The evaluation stages: `fid`, `classify`, `rank` (each reads the merged synthetic
+set) and `baseline` (the public-only point: samples the pre-trained model itself).
 
 Each publishes the stage's folder (as in `artifacts/<stage>/`) as `results` and
 its scalar metrics as a KFP Metrics artifact; metrics that touch the real test
@@ -8,7 +9,7 @@ split say so in their names, as in MLflow.
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
-from components.images import CPU_IMAGE
+from components.images import CPU_IMAGE, GPU_IMAGE
 from components.runtime import figures_html, load_config, log_metrics_file
 
 
@@ -53,6 +54,25 @@ def classify(config: Input[Artifact], synthetic: Input[Dataset], test: Input[Dat
     log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
     figures_html(curve, "Real test accuracy vs number of synthetic training images",
                  [os.path.join(results.path, "curve.png")])
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False,
+               additional_funcs=[load_config, log_metrics_file])
+def baseline(config: Input[Artifact], model: Input[Model], public: Input[Dataset],
+             test: Input[Dataset], results: Output[Artifact], metrics: Output[Metrics]):
+    """`dpsynth baseline`: the pre-trained model (epsilon 0) sampled like the DP model and
+    scored with the classify and fid recipes; never given the private split."""
+    import os
+    from pathlib import Path
+
+    from dpsynth.stages import baseline as stage
+    from dpsynth.tracking import open_tracker
+
+    cfg = load_config(config.path)
+    with open_tracker(cfg.tracking, "baseline") as tracker:
+        stage.run(cfg, model_dir=Path(model.path), public_dir=Path(public.path),
+                  test_dir=Path(test.path), out_dir=Path(results.path), tracker=tracker)
+    log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False,

@@ -10,7 +10,8 @@ from components.runtime import load_config
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False, additional_funcs=[load_config])
 def report(config: Input[Artifact], public: Input[Dataset], test: Input[Dataset],
            model: Input[Model], dp_model: Input[Model], synthetic: Input[Dataset],
-           fid: Input[Artifact], classify: Input[Artifact], rank: Input[Artifact],
+           fid: Input[Artifact], classify: Input[Artifact], baseline: Input[Artifact],
+           rank: Input[Artifact],
            audit: Input[Artifact], results: Output[Artifact], page: Output[HTML]):
     """`dpsynth report`: the privacy statement, samples next to real test images,
     fidelity, downstream accuracy, the ranking check, training curves, the audit and
@@ -26,7 +27,8 @@ def report(config: Input[Artifact], public: Input[Dataset], test: Input[Dataset]
 
     cfg = load_config(config.path)
     folders = {"public": public, "test": test, "pretrain": model, "finetune": dp_model,
-               "sample": synthetic, "fid": fid, "classify": classify, "rank": rank,
+               "sample": synthetic, "fid": fid, "classify": classify,
+               "baseline": baseline, "rank": rank,
                "audit": audit}
     with open_tracker(cfg.tracking, "report") as tracker:
         result = stage.run(cfg, artifacts={k: Path(a.path) for k, a in folders.items()},

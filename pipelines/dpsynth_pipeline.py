@@ -1,6 +1,6 @@
 """The dpsynth Kubeflow pipeline (KFP v2): prepare -> pretrain -> finetune (DP) ->
-sample (fanned out over shards) -> fid, classify, rank, audit -> report; the DAG of
-dvc.yaml.
+sample (fanned out over shards) -> fid, classify, rank, audit, with pretrain ->
+baseline (the public-only point) beside them -> report; the DAG of dvc.yaml.
 
 Compile it with `make pipeline` (-> pipelines/dpsynth.yaml), or
 `python -m pipelines.dpsynth_pipeline --output PATH`. What the cluster must
@@ -23,8 +23,8 @@ from typing import Sequence
 import yaml
 from kfp import compiler, dsl, kubernetes
 
-from components import (audit, classify, fid, finetune, merge_shards, prepare, pretrain,
-                        rank, report, resolve_config, sample_shard, shard_indices)
+from components import (audit, baseline, classify, fid, finetune, merge_shards, prepare,
+                        pretrain, rank, report, resolve_config, sample_shard, shard_indices)
 from dpsynth.config import load as load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +75,8 @@ RESOURCES: dict[str, Resources] = {
     "merge-shards": Resources(cpu="2", memory="8Gi"),
     "fid": Resources(cpu="4", memory="16Gi"),
     "classify": Resources(cpu="4", memory="16Gi"),
+    # samples the pre-trained model (as many images as sample.num_samples), then scores
+    "baseline": Resources(cpu="8", memory="32Gi", gpus=1, shm="4Gi"),
     "rank": Resources(cpu="4", memory="16Gi"),
     # trains two short twins of the fine-tuning run (DP and control) on canaries
     "audit": Resources(cpu="8", memory="32Gi", gpus=1, shm="8Gi"),
@@ -266,6 +268,8 @@ def dpsynth_pipeline(
                          "fid")
     utility = configure(classify(config=config, synthetic=synthetic, test=test,
                                  private=private), "classify")
+    public_only = configure(baseline(config=config, model=pre.outputs["model"], public=public,
+                                     test=test), "baseline")
     ranking = configure(rank(config=config, synthetic=synthetic, test=test, generator=dp_model),
                         "rank")
     checked = configure(audit(config=config, model=pre.outputs["model"], dp_model=dp_model,
@@ -273,7 +277,8 @@ def dpsynth_pipeline(
     # the last task: the report reads every stage's output, but not the private split
     configure(report(config=config, public=public, test=test, model=pre.outputs["model"],
                      dp_model=dp_model, synthetic=synthetic, fid=fidelity.outputs["results"],
-                     classify=utility.outputs["results"], rank=ranking.outputs["results"],
+                     classify=utility.outputs["results"],
+                     baseline=public_only.outputs["results"], rank=ranking.outputs["results"],
                      audit=checked.outputs["results"]), "report")
 
 

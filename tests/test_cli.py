@@ -111,3 +111,19 @@ def test_a_stage_with_an_unreachable_bucket_exits_2_naming_it(
     assert code == 2
     assert "s3://no-such-bucket-dpsynth/prepare/public" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_rank_prints_the_correlations_with_their_interval(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from dpsynth.stages import rank
+
+    result = rank.RankResult(tmp_path / "rank", (0.5, 0.9), (0.6, 0.95), 0.9, 0.8,
+                             (0.6123, 1.0), (-0.25, 0.9), 1, 0.0, None, None)
+    monkeypatch.setattr(rank, "run", lambda cfg, **kw: result)
+    code = cli.main(["rank", "--set", "tracking.enabled=false", "--set", "rank.confidence=0.9",
+                     "--synthetic", str(tmp_path), "--test", str(tmp_path),
+                     "--generator", str(tmp_path), "--out", str(tmp_path / "rank")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert ("rank: Spearman rho 0.900 (90% CI [0.612, 1.000]), Kendall tau 0.800 "
+            "(90% CI [-0.250, 0.900]), regret 0.000; champion = config 1") in out

@@ -233,6 +233,16 @@ INVALID = [
     ("rank.confidence=0.999", "rank.bootstrap=1000: too few resamples for a 0.999 interval: "
      "need >= 2000"),
     ("audit.check_epsilon=0", "audit.check_epsilon=0.0: must be > 0"),
+    # the printed-digits source and the fine-tuning levers
+    ("data.public={kind: printed-digits}", "data.public.size=None: printed-digits needs a size"),
+    ("data.public={kind: printed-digits, size: 5}", "data.public.size=5: printed-digits needs"),
+    ("data.public={kind: printed-digits, size: 100, path: /x}",
+     "data.public.path='/x': printed-digits is rendered, not read; remove the path"),
+    ("data.public={kind: npz, path: /x.npz, size: 100}",
+     "data.public.size=100: only printed-digits sources have a size"),
+    ("finetune.trainable=[]", "finetune.trainable=(): needs at least one glob pattern"),
+    ("finetune.lora_rank=-1", "finetune.lora_rank=-1: must be >= 0"),
+    ("finetune.lora_alpha=0", "finetune.lora_alpha=0.0: must be > 0"),
     ("audit.check_epsilon=-1", "audit.check_epsilon=-1.0: must be > 0"),
 ]
 

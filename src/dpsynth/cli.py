@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from dpsynth import __version__, config
+from dpsynth import __version__, config, threads
 from dpsynth.errors import DpsynthError, InputError
 from dpsynth.submit import DEFAULT_EXPERIMENT, DEFAULT_PACKAGE
 from dpsynth.tracking import open_tracker
@@ -36,6 +36,9 @@ EXAMPLES = {
     "classify": "dpsynth classify --config params.yaml --synthetic artifacts/sample "
                 "--test artifacts/prepare/test --private artifacts/prepare/private "
                 "--out artifacts/classify",
+    "baseline": "dpsynth baseline --config params.yaml --model artifacts/pretrain "
+                "--public artifacts/prepare/public --test artifacts/prepare/test "
+                "--out artifacts/baseline",
     "rank": "dpsynth rank --config params.yaml --synthetic artifacts/sample "
             "--test artifacts/prepare/test --generator artifacts/finetune --out artifacts/rank",
     "audit": "dpsynth audit --config params.yaml --model artifacts/pretrain "
@@ -67,6 +70,7 @@ SHORT = {
     "sample": "generate the synthetic dataset (sharded, resumable)",
     "fid": "Frechet distance, KID, precision/recall vs the real test split",
     "classify": "accuracy of classifiers trained on synthetic data only",
+    "baseline": "the public-only point: the pre-trained model sampled and scored alike",
     "rank": "rank classifier settings on synthetic data; register the champion",
     "audit": "empirical privacy check: canary membership audit, memorization",
     "report": "one self-contained HTML report of the whole run, for the data owner",
@@ -202,14 +206,27 @@ def _classify(args: argparse.Namespace, cfg: config.Config) -> None:
           f"{result.num_synthetic} synthetic images (curve in {result.out_dir / 'curve.png'})")
 
 
+def _baseline(args: argparse.Namespace, cfg: config.Config) -> None:
+    from dpsynth.stages import baseline
+
+    with open_tracker(cfg.tracking, "baseline") as tracker:
+        result = baseline.run(cfg, model_dir=args.model, public_dir=args.public,
+                              test_dir=args.test, out_dir=args.out, tracker=tracker)
+    print(f"baseline: public only (epsilon 0) real test accuracy "
+          f"{result.real_test_accuracy:.3f} (metrics in {result.out_dir / 'metrics.json'})")
+
+
 def _rank(args: argparse.Namespace, cfg: config.Config) -> None:
     from dpsynth.stages import rank
 
     with open_tracker(cfg.tracking, "rank") as tracker:
         result = rank.run(cfg, synthetic_dir=args.synthetic, test_dir=args.test,
                           generator_dir=args.generator, out_dir=args.out, tracker=tracker)
-    print(f"rank: Spearman rho {result.spearman_rho:.3f}, Kendall tau {result.kendall_tau:.3f},"
-          f" regret {result.regret:.3f}; champion = config {result.chosen_config} "
+    ci = f"{100 * cfg.rank.confidence:g}% CI"  # bootstrap over the real test examples
+    (rho_lo, rho_hi), (tau_lo, tau_hi) = result.spearman_rho_ci, result.kendall_tau_ci
+    print(f"rank: Spearman rho {result.spearman_rho:.3f} ({ci} [{rho_lo:.3f}, {rho_hi:.3f}]), "
+          f"Kendall tau {result.kendall_tau:.3f} ({ci} [{tau_lo:.3f}, {tau_hi:.3f}]), "
+          f"regret {result.regret:.3f}; champion = config {result.chosen_config} "
           f"(registered as dpsynth-classifier@champion)")
 
 
@@ -482,6 +499,16 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluation_inputs(p)
     p.add_argument("--private", type=_location, default=None,
                    help="private split, only for the non-private baseline")
+    p = add("baseline", "The public-only point, in the same run: sample the pre-trained "
+            "model (public data only, epsilon 0) with the sample stage's settings and score "
+            "it with the classify and fid recipes on the real test split. Never reads the "
+            "private split. Writes metrics.json (public_only_*) and grid.png to --out.",
+            _baseline)
+    p.add_argument("--model", type=_location, required=True,
+                   help="the pre-trained model (artifacts/pretrain), not the DP one")
+    p.add_argument("--public", type=_location, required=True,
+                   help="public split (trains the domain CNN, as in fid)")
+    p.add_argument("--test", type=_location, required=True, help="real test split from prepare")
     p = add("rank", "Train the rank.grid of classifier configurations on synthetic data, "
             "choose on synthetic validation, and report how well the synthetic ranking "
             "holds on the real test split (Spearman, Kendall, regret). Registers the chosen "
@@ -608,6 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "num_shards", None) is not None:
             overrides.append(f"sample.num_shards={args.num_shards}")
         cfg = config.load(args.config, overrides)
+        threads.configure()  # before torch is imported: the OpenMP wait policy
         with _stage_io(args, cfg):
             args.fn(args, cfg)
     except InputError as err:

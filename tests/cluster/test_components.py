@@ -31,9 +31,10 @@ STAGE_COMPONENTS = {
     "prepare": {"prepare": "run"}, "pretrain": {"pretrain": "run"},
     "finetune": {"finetune": "run"},
     "sample": {"sample_shard": "make_shards", "merge_shards": "publish"},
-    "fid": {"fid": "run"}, "classify": {"classify": "run"}, "rank": {"rank": "run"},
+    "fid": {"fid": "run"}, "classify": {"classify": "run"},
+    "baseline": {"baseline": "run"}, "rank": {"rank": "run"},
     "audit": {"audit": "run"}, "report": {"report": "run"}}
-GPU_COMPONENTS = {"pretrain", "finetune", "sample_shard", "audit"}
+GPU_COMPONENTS = {"pretrain", "finetune", "sample_shard", "baseline", "audit"}
 
 
 def _source(component: Any) -> str:
@@ -103,6 +104,9 @@ def test_components_pass_typed_artifacts() -> None:
         assert io(name)[0]["synthetic"] == dataset
         assert io(name)[1]["metrics"] == metrics
     assert io("rank")[0]["generator"] == model
+    # the public-only baseline: the pre-trained model, public and test splits; no private
+    assert io("baseline") == (config | {"model": model, "public": dataset, "test": dataset},
+                              {"results": "system.Artifact@0.0.1", "metrics": metrics})
     assert io("audit") == (config | {"model": model, "dp_model": model, "synthetic": dataset,
                                      "private": dataset, "test": dataset},
                            {"results": "system.Artifact@0.0.1", "metrics": metrics, "roc": html})
@@ -111,8 +115,8 @@ def test_components_pass_typed_artifacts() -> None:
     artifact = "system.Artifact@0.0.1"
     assert io("report") == (config | {"public": dataset, "test": dataset, "model": model,
                                       "dp_model": model, "synthetic": dataset,
-                                      "fid": artifact, "classify": artifact, "rank": artifact,
-                                      "audit": artifact},
+                                      "fid": artifact, "classify": artifact,
+                                      "baseline": artifact, "rank": artifact, "audit": artifact},
                             {"results": artifact, "page": html})
 
 
@@ -137,7 +141,8 @@ def test_resolve_config_applies_typed_parameters_and_overrides(tmp_path: Path) -
         aug_multiplicity=8, finetune_steps=40, finetune_batch_size=256, num_samples=1000,
         num_shards=5, sample_batch_size=100, mlflow_experiment="cifar")
     assert resolved["data"]["private"] == {"kind": "cifar10", "hospitals": None,
-                                           "path": "s3://bucket/cifar-10-python.tar.gz"}
+                                           "path": "s3://bucket/cifar-10-python.tar.gz",
+                                           "size": None, "seed": 0}
     assert resolved["data"]["public"]["path"] == "/data/imagenet32"
     assert resolved["data"]["image_size"] == 32 and resolved["seed"] == 7
     assert resolved["pretrain"]["steps"] == 300 and resolved["pretrain"]["batch_size"] == 64

@@ -22,9 +22,9 @@ from pipelines import dpsynth_pipeline as pipe
 
 # dvc.yaml stage -> the task(s) of the pipeline that do its work
 TASKS = {"prepare": "prepare", "pretrain": "pretrain", "finetune": "finetune",
-         "sample": "merge-shards", "fid": "fid", "classify": "classify", "rank": "rank",
-         "audit": "audit", "report": "report"}
-GPU_TASKS = {"pretrain", "finetune", "sample-shard", "audit"}
+         "sample": "merge-shards", "fid": "fid", "classify": "classify", "baseline": "baseline",
+         "rank": "rank", "audit": "audit", "report": "report"}
+GPU_TASKS = {"pretrain", "finetune", "sample-shard", "baseline", "audit"}
 LOOP = "for-loop-1"  # the ParallelFor's task (the compiler names it)
 
 
@@ -114,14 +114,18 @@ def test_artifacts_flow_as_designed(spec) -> None:
     assert source("audit", "dp_model") == ("finetune", "dp_model")
     assert source("audit", "synthetic") == ("merge-shards", "synthetic")
     assert source("audit", "test") == ("prepare", "test")
+    # the public-only baseline: the pre-trained model, never the DP one or the private split
+    assert {name: source("baseline", name) for name in tasks["baseline"]["inputs"]["artifacts"]
+            if name != "config"} == {"model": ("pretrain", "model"),
+                                     "public": ("prepare", "public"), "test": ("prepare", "test")}
     # the report: every stage's output (the DAG test checks it runs after them all)
     assert {name: source("report", name) for name in tasks["report"]["inputs"]["artifacts"]
             if name != "config"} == {
         "public": ("prepare", "public"), "test": ("prepare", "test"),
         "model": ("pretrain", "model"), "dp_model": ("finetune", "dp_model"),
         "synthetic": ("merge-shards", "synthetic"), "fid": ("fid", "results"),
-        "classify": ("classify", "results"), "rank": ("rank", "results"),
-        "audit": ("audit", "results")}
+        "classify": ("classify", "results"), "baseline": ("baseline", "results"),
+        "rank": ("rank", "results"), "audit": ("audit", "results")}
     # the private split reaches only the DP trainer, the labelled non-private baseline
     # and the audit's memorization aggregates
     readers = {t for t, spec_ in tasks.items()

@@ -102,6 +102,9 @@ def layout(tmp_path_factory: pytest.TempPathFactory, digits_eval_dirs: dict[str,
         "nonprivate_baseline_real_test_accuracy": 0.9456})
     (cls / "curve.csv").write_text("num_synthetic,real_test_accuracy\n200,0.7012\n400,0.8123\n")
     plot_accuracy_curve([200, 400], [0.7012, 0.8123], cls / "curve.png", baseline=0.9456)
+    _stage_files(art / "baseline", "baseline", {}, {
+        "epsilon": 0.0, "public_only_real_test_accuracy": 0.6512, "public_only_num_synthetic": 400,
+        "public_only_fd_digits_cnn": 2.4681})
     rank = art / "rank"
     grid = [{"depth": 10, "widen": 1, "lr": lr, "epochs": 2, "augment": "crop"}
             for lr in (0.05, 0.01, 0.005)]
@@ -280,8 +283,12 @@ def test_the_page_shows_every_stage_and_real_beside_synthetic(cfg, layout, tmp_p
                      "is 0.03", "gives 2.35", "passed", "final loss 0.4321",
                      read_manifest(layout["art"] / "prepare" / "test").content_hash,
                      read_manifest(layout["art"] / "sample").content_hash,
-                     "commit", "0123abc"):
+                     "commit", "0123abc",
+                     # the baselines of the same run, labelled, and the headline's gain
+                     "DP fine-tuning: +16.1 points over public-only; 13.3 points from real data",
+                     "public only (ε = 0)", "65.1%", "2.468"):
         assert expected in text, expected
+    assert text.count("DP fine-tuning: +16.1 points") >= 2  # the lede and the section
     # the real examples are the first of each class in the test split, byte for byte
     test_x, test_y, _ = read_dataset(layout["art"] / "prepare" / "test")
     shown = {a.tobytes() for a in _embedded(html) if a.shape == (8, 8)}
@@ -319,8 +326,8 @@ def test_missing_optional_stages_get_not_run_sections(cfg, layout, tmp_path) -> 
     result, html = _report(cfg(), layout, tmp_path / "r", names=("finetune", "sample"),
                            private=False)
     text = _text(html)
-    assert set(result.not_run) == {"public", "test", "pretrain", "fid", "classify", "rank",
-                                   "audit"}
+    assert set(result.not_run) == {"public", "test", "pretrain", "fid", "classify", "baseline",
+                                   "rank", "audit"}
     for stage in ("fid", "classify", "rank", "audit", "pretrain"):
         assert f"Not run: no output of the {stage} stage" in text, stage
     assert "No real images: no test split was given" in text

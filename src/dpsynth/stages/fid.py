@@ -104,8 +104,9 @@ def _check_inputs(cfg: Config, syn: Manifest, ref: Manifest, pub: Manifest | Non
 
 
 def source_name(cfg: Config) -> str:
-    """The public data's source kind, which names the domain feature space."""
-    return (cfg.data.public or cfg.data.private).kind
+    """The public data's source kind, which names the domain feature space
+    (`printed-digits` -> `printed_digits`: metric names are identifiers)."""
+    return (cfg.data.public or cfg.data.private).kind.replace("-", "_")
 
 
 def _domain_cnn(cfg: Config, public_dir: Path, pub: Manifest, cache: Path,

@@ -38,7 +38,7 @@ INDEX = "index.html"
 # What the report reads, by name, and where `dvc repro` puts it under artifacts/.
 LAYOUT = {"public": "prepare/public", "test": "prepare/test", "pretrain": "pretrain",
           "finetune": "finetune", "sample": "sample", "fid": "fid", "classify": "classify",
-          "rank": "rank", "audit": "audit"}
+          "baseline": "baseline", "rank": "rank", "audit": "audit"}
 REQUIRED = ("finetune", "sample")  # the DP claim and the data it is about
 PRIVATE = "prepare/private"  # the private split: read only to key the ledger
 PRIVATE_MANIFEST = f"{PRIVATE}/manifest.json"  # what DVC depends on (it pins the shards)
@@ -185,13 +185,18 @@ def run(cfg: Config, *, artifacts: Mapping[str, Path], out_dir: Path, tracker: T
             sections.samples_section(cfg.report, dirs, synthetic, test),
             sections.fidelity_section(dirs.get("fid")),
             sections.utility_section(dirs.get("classify")),
+            sections.baselines_section(dirs.get("classify"), dirs.get("baseline"),
+                                       dirs.get("fid"), target),
             sections.ranking_section(dirs.get("rank")),
             sections.training_section(dirs.get("pretrain"), dirs["finetune"]),
             sections.audit_section(dirs.get("audit")),
             sections.provenance_section(cfg, dirs, synthetic, test, private_dir is not None,
                                         cfg.section(*SECTIONS))]
     text = page.render(
-        title="Differentially private synthetic data: report", lede=statement.headline,
+        title="Differentially private synthetic data: report",
+        lede=" ".join(t for t in (statement.headline,
+                                   sections.baseline_gain(dirs.get("classify"),
+                                                          dirs.get("baseline"))) if t),
         warnings=[w for w in (statement.warning, sections.audit_warning(dirs.get("audit")))
                   if w],
         glance=sections.glance(privacy, target, synthetic, dirs),

@@ -1,0 +1,109 @@
+"""`dpsynth baseline`: the public-only point, measured in the same run.
+
+What would the synthetic data be worth without the private data? The
+pre-trained model (public data only: epsilon = 0, no private budget spent) is
+sampled with the `sample` stage's settings and scored with the very recipes
+that score the DP model: the `classify` stage's classifier (at its largest
+size, on the real test split) and the `fid` stage's distances (the same domain
+CNN, trained on the public split with the same seed and config). The report's
+headline is the difference: what DP fine-tuning adds over public-only, and what
+it leaves to the real-data baseline.
+
+This stage never reads the private split: its inputs are the pre-trained model,
+the public split and the test split, and it refuses a folder `prepare` marked
+private in either role.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from dpsynth.config import Config
+from dpsynth.errors import InputError
+from dpsynth.io.atomic import atomic_dir
+from dpsynth.io.shards import read_manifest
+from dpsynth.provenance import write_run_info
+from dpsynth.stages import classify, fid, sample
+from dpsynth.stages.common import work_dir_for, write_metrics
+from dpsynth.stages.prepare import refuse_private_split
+from dpsynth.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+SECTIONS = ("seed", "diffusion", "sample", "classify", "fid")
+PREFIX = "public_only_"  # every metric of this stage: labelled where it appears
+LABEL = "public only (epsilon = 0: the pre-trained model, no private data)"
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    """What `run` measured: `metrics` as published (keys start with `public_only_`)."""
+
+    out_dir: Path
+    metrics: Mapping[str, float]
+
+    @property
+    def real_test_accuracy(self) -> float:
+        return float(self.metrics[f"{PREFIX}real_test_accuracy"])
+
+
+def run(cfg: Config, *, model_dir: Path, public_dir: Path, test_dir: Path, out_dir: Path,
+        tracker: Tracker, work_dir: Path | None = None) -> BaselineResult:
+    """Sample `model_dir` (the pre-trained model) and score it like the DP model.
+
+    Args:
+        model_dir: the pre-trained model (`artifacts/pretrain`); a DP model is
+            refused (its samples are not the public-only point).
+        public_dir: the public split (trains the domain CNN, as in `fid`).
+        test_dir: the real test split (scores both).
+        out_dir: where `metrics.json`, `grid.png`, `params.json` and
+            `version.json` are published, atomically.
+        work_dir: resumable scratch (default `artifacts/.work/baseline`).
+
+    Raises:
+        InputError: a private split passed as `public_dir` or `test_dir`, or a
+            fine-tuned model passed as `model_dir`.
+    """
+    public_dir, test_dir, model_dir = Path(public_dir), Path(test_dir), Path(model_dir)
+    why = "the public-only baseline must not read the private data"
+    refuse_private_split("public_dir", public_dir, read_manifest(public_dir).source, why)
+    refuse_private_split("test_dir", test_dir, read_manifest(test_dir).source, why)
+    if (model_dir / "privacy.json").is_file():
+        raise InputError(f"model_dir={str(model_dir)!r} is a DP fine-tuned model; the "
+                         "public-only baseline samples the pre-trained model: pass "
+                         "artifacts/pretrain")
+    work = Path(work_dir) if work_dir is not None else Path(work_dir_for(out_dir))
+    if work.exists():
+        shutil.rmtree(work)
+    largest = dataclasses.replace(cfg.classify, sizes=(cfg.classify.sizes[-1],),
+                                  real_baseline=False)
+    scoring = dataclasses.replace(cfg, classify=largest)
+    quiet = NullTracker()  # one MLflow run for this stage: the parts log here only
+    sample.run(cfg, model_dir=model_dir, out_dir=work / "sample", tracker=quiet,
+               work_dir=work / "sample-work")
+    acc = classify.run(scoring, synthetic_dir=work / "sample", test_dir=test_dir,
+                       private_dir=None, out_dir=work / "classify", tracker=quiet)
+    # fid's own cache folder: the domain CNN trained there for the DP samples (same
+    # seed, config and public split) is reused, so both distances share one CNN
+    dist = fid.run(cfg, synthetic_dir=work / "sample", reference_dir=test_dir,
+                   public_dir=public_dir, out_dir=work / "fid", tracker=quiet,
+                   work_dir=Path(work_dir_for(Path(out_dir).parent / "fid")))
+    metrics: dict[str, float] = {"epsilon": 0.0, f"{PREFIX}real_test_accuracy":
+                                 acc.real_test_accuracy,
+                                 f"{PREFIX}num_synthetic": acc.num_synthetic}
+    metrics |= {f"{PREFIX}{k}": v for k, v in dist.metrics.items()
+                if k != "num_synthetic" and v is not None}
+    with atomic_dir(out_dir) as tmp:
+        shutil.copy(work / "sample" / "grid.png", tmp / "grid.png")
+        write_run_info(tmp, "baseline", cfg.section(*SECTIONS))
+        write_metrics(tmp, metrics)
+    tracker.log_params(cfg.section(*SECTIONS) | {"baseline": LABEL})
+    tracker.log_metrics({k: float(v) for k, v in metrics.items()})
+    tracker.log_artifact(out_dir / "grid.png")
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("public-only baseline: real test accuracy %.3f", acc.real_test_accuracy)
+    return BaselineResult(Path(out_dir), metrics)
