@@ -549,6 +549,33 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """`dpsynth sweep`: the privacy-utility curve (paper Fig. 2). One DP fine-tuning
+    run per target epsilon, each sampled and scored like the main run, next to the
+    public-only point (epsilon 0) and the real-data baseline.
+
+    Every point is a run on the private data: the sweep reserves all of them in
+    the privacy ledger at once, before any trains, and is refused whole when
+    they would take the dataset past ``privacy.dataset_budget_epsilon``.
+
+    Attributes:
+        epsilons: the target epsilons, increasing (each a ``finetune.epsilon``; every
+            other setting is the main run's).
+    """
+
+    epsilons: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0)
+
+    def __post_init__(self) -> None:
+        _check(len(self.epsilons) >= 1, "sweep.epsilons", list(self.epsilons),
+               "needs at least one target epsilon, e.g. [1, 2, 5, 10]")
+        _check(all(e > 0 for e in self.epsilons), "sweep.epsilons", list(self.epsilons),
+               "every target epsilon must be > 0 (the public-only point, epsilon 0, is "
+               "the baseline stage's)")
+        _check(all(a < b for a, b in zip(self.epsilons, self.epsilons[1:])), "sweep.epsilons",
+               list(self.epsilons), "must be strictly increasing, e.g. [1, 2, 5, 10]")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow tracking. The URI comes from `MLFLOW_TRACKING_URI` when set."""
 
@@ -625,6 +652,7 @@ class Config:
     rank: RankConfig = field(default_factory=RankConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 

@@ -112,6 +112,24 @@ def sampled_dir(tmp_path_factory: pytest.TempPathFactory, tiny_cfg: Config,
 
 
 NUM_PRIVATE = 300  # the DP fine-tuning tests' private split
+# the classify and fid recipes, made tiny: what the baseline and sweep stages score with
+SCORING = ("classify.sizes=[20]", "classify.real_baseline=false",
+           "classify.classifier={depth: 10, widen: 1, epochs: 2, batch_size: 16, lr: 0.05, "
+           "weight_decay: 0.0, augment: none}",
+           "fid.domain_cnn={steps: 20, batch_size: 32, lr: 1.0e-3, width: 8, feature_dim: 16}",
+           "fid.kid_subset_size=10", "fid.kid_subsets=5")
+
+
+@pytest.fixture(scope="session")
+def scoring() -> tuple[str, ...]:
+    """`--set` overrides of the tiny scoring recipes (SCORING)."""
+    return SCORING
+
+
+@pytest.fixture(scope="session")
+def num_private() -> int:
+    """The size of `private_dir`: tests check it never reaches published outputs."""
+    return NUM_PRIVATE
 
 
 @pytest.fixture(scope="session")

@@ -17,15 +17,9 @@ from dpsynth.stages import baseline, classify, fid, sample
 from dpsynth.stages.prepare import carved_source
 from dpsynth.tracking import NullTracker
 
-SCORING = ("classify.sizes=[20]", "classify.real_baseline=false", "classify.classifier={depth: 10, widen: 1, epochs: 2, "
-           "batch_size: 16, lr: 0.05, weight_decay: 0.0, augment: none}",
-           "fid.domain_cnn={steps: 20, batch_size: 32, lr: 1.0e-3, width: 8, feature_dim: 16}",
-           "fid.kid_subset_size=10", "fid.kid_subsets=5")
-
-
 @pytest.fixture(scope="module")
-def cfg(make_cfg: Callable[..., Config]) -> Config:
-    return make_cfg(*SCORING)
+def cfg(make_cfg: Callable[..., Config], scoring: tuple[str, ...]) -> Config:
+    return make_cfg(*scoring)
 
 
 def test_the_public_only_point_is_the_dp_recipe_applied_to_the_pretrained_model(

@@ -155,6 +155,17 @@ class LedgerEntry:
 
 
 @dataclass(frozen=True)
+class PlannedRun:
+    """A run to reserve: its id, planned ``(noise_multiplier, sample_rate,
+    num_steps)`` history, its own δ and its public target ε."""
+
+    run_id: str
+    history: tuple[Step, ...]
+    delta: float
+    target_epsilon: float
+
+
+@dataclass(frozen=True)
 class _Book:
     """The ledger file's content: the budget δ (None until the first reservation)
     and the entries, oldest first."""
@@ -243,27 +254,45 @@ class PrivacyLedger:
                 ledger's, a resume with a different plan, bad arguments, or a
                 corrupt ledger.
         """
-        if not (isinstance(run_id, str) and run_id):
-            raise InputError(f"{run_id=} must be a non-empty string")
+        return self.reserve_all([PlannedRun(run_id, tuple(history), delta, target_epsilon)],
+                                accountant=accountant, budget_epsilon=budget_epsilon,
+                                budget_delta=budget_delta)[0]
+
+    def reserve_all(self, runs: Sequence[PlannedRun], *, accountant: AccountantKind,
+                    budget_epsilon: float, budget_delta: float,
+                    what: str = "This run") -> list[LedgerEntry]:
+        """Record several runs' plans in one transaction, before any of them
+        trains, or refuse them all (a privacy-utility sweep: `dpsynth sweep`).
+
+        The check is the composition of every run on record plus all of `runs`
+        against the budget, so a sweep that would run out of budget half-way is
+        refused whole, before it spends anything. Run ids already in the ledger
+        are resumes (counted once, same plan required), as in `reserve`.
+
+        Args:
+            runs: the planned runs, in order.
+            what: how the refusal names them ("This run", "This sweep").
+            accountant, budget_epsilon, budget_delta: as in `reserve`.
+
+        Returns:
+            The runs' entries, in the order of `runs`.
+
+        Raises:
+            LedgerExceeded: the composition of all runs so far plus `runs`, at the
+                budget δ, would exceed the budget ε. Nothing is recorded.
+            InputError: as in `reserve`, for any of `runs`.
+        """
         if not (isinstance(budget_epsilon, (int, float)) and budget_epsilon > 0):
             raise InputError(f"privacy.dataset_budget_epsilon={budget_epsilon!r} must be > 0")
         if not (isinstance(budget_delta, (int, float)) and 0 < budget_delta < 1):
             raise InputError(f"privacy.dataset_budget_delta={budget_delta!r} must be in (0, 1)")
-        if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0):
-            raise InputError(f"finetune.epsilon={target_epsilon!r} must be > 0")
-        if not (isinstance(delta, (int, float)) and 0 < delta < 1):
-            raise InputError(f"finetune.delta={delta!r} must be in (0, 1)")
-        if delta > budget_delta:
-            raise InputError(
-                f"finetune.delta={delta!r} exceeds the dataset's budget "
-                f"privacy.dataset_budget_delta={budget_delta!r}: every run on a dataset is "
-                "composed at the budget's delta, so a run's own guarantee may not hold at a "
-                f"larger one. Lower finetune.delta to at most {budget_delta!r}")
-        plan = normalize_history(history)
-        if not plan:
-            raise InputError(f"run {run_id}: the planned history is empty")
+        if not runs:
+            raise InputError("no runs to reserve")
+        if len({r.run_id for r in runs}) != len(runs):
+            raise InputError(f"run ids {[r.run_id for r in runs]} repeat; each run needs its own")
+        plans = [self._checked(r, budget_delta) for r in runs]
 
-        def change(book: _Book) -> tuple[_Book | None, LedgerEntry]:
+        def change(book: _Book) -> tuple[_Book | None, list[LedgerEntry]]:
             if book.budget_delta is not None and not _close(book.budget_delta, budget_delta):
                 raise InputError(
                     f"privacy.dataset_budget_delta={budget_delta!r}, but this private "
@@ -271,23 +300,52 @@ class PrivacyLedger:
                     f"delta {book.budget_delta!r}: the budget delta of a dataset never "
                     "changes, since every run on it is composed at that delta. Set "
                     f"privacy.dataset_budget_delta={book.budget_delta!r}")
-            for entry in book.entries:
-                if entry.run_id == run_id:
-                    if not _same_plan(entry, plan, delta, accountant):
-                        raise InputError(
-                            f"run {run_id} is in the privacy ledger {self.path} with another "
-                            "plan (noise multiplier, sample rate, steps, delta or accountant); "
-                            "a resumed run must keep its settings: start a new run instead")
-                    return None, entry
-            if _composed(book.entries, budget_delta, accountant, plan) > budget_epsilon:
-                raise LedgerExceeded(self._refusal(book.entries, plan, target_epsilon,
-                                                   accountant, budget_epsilon, budget_delta))
+            known = {e.run_id: e for e in book.entries}
+            fresh: list[tuple[PlannedRun, tuple[Step, ...]]] = []
+            for run, plan in zip(runs, plans):
+                entry = known.get(run.run_id)
+                if entry is None:
+                    fresh.append((run, plan))
+                elif not _same_plan(entry, plan, run.delta, accountant):
+                    raise InputError(
+                        f"run {run.run_id} is in the privacy ledger {self.path} with another "
+                        "plan (noise multiplier, sample rate, steps, delta or accountant); "
+                        "a resumed run must keep its settings: start a new run instead")
+            if not fresh:
+                return None, [known[r.run_id] for r in runs]
+            extra = [step for _, plan in fresh for step in plan]
+            if _composed(book.entries, budget_delta, accountant, extra) > budget_epsilon:
+                raise LedgerExceeded(self._refusal(book.entries, [r for r, _ in fresh],
+                                                   accountant, budget_epsilon, budget_delta,
+                                                   what))
             now = _now()
-            entry = LedgerEntry(run_id, "reserved", accountant, float(delta),
-                                float(target_epsilon), plan, 0, now, now)
-            return _Book(float(budget_delta), book.entries + (entry,)), entry
+            new = {run.run_id: LedgerEntry(run.run_id, "reserved", accountant,
+                                           float(run.delta), float(run.target_epsilon), plan,
+                                           0, now, now) for run, plan in fresh}
+            entries = [known.get(r.run_id) or new[r.run_id] for r in runs]
+            return _Book(float(budget_delta), book.entries + tuple(new.values())), entries
 
         return self._transact(change)
+
+    @staticmethod
+    def _checked(run: PlannedRun, budget_delta: float) -> tuple[Step, ...]:
+        """`run`'s normalized plan, after checking its fields."""
+        if not (isinstance(run.run_id, str) and run.run_id):
+            raise InputError(f"run_id={run.run_id!r} must be a non-empty string")
+        if not (isinstance(run.target_epsilon, (int, float)) and run.target_epsilon > 0):
+            raise InputError(f"finetune.epsilon={run.target_epsilon!r} must be > 0")
+        if not (isinstance(run.delta, (int, float)) and 0 < run.delta < 1):
+            raise InputError(f"finetune.delta={run.delta!r} must be in (0, 1)")
+        if run.delta > budget_delta:
+            raise InputError(
+                f"finetune.delta={run.delta!r} exceeds the dataset's budget "
+                f"privacy.dataset_budget_delta={budget_delta!r}: every run on a dataset is "
+                "composed at the budget's delta, so a run's own guarantee may not hold at a "
+                f"larger one. Lower finetune.delta to at most {budget_delta!r}")
+        plan = normalize_history(run.history)
+        if not plan:
+            raise InputError(f"run {run.run_id}: the planned history is empty")
+        return plan
 
     def record_progress(self, run_id: str, steps_done: int) -> None:
         """Note that `run_id` has taken `steps_done` steps (called at checkpoints)."""
@@ -317,26 +375,37 @@ class PrivacyLedger:
 
         self._transact(change)
 
-    def _refusal(self, entries: Sequence[LedgerEntry], plan: tuple[Step, ...],
-                 target_epsilon: float, accountant: AccountantKind, budget_epsilon: float,
-                 budget_delta: float) -> str:
+    def _refusal(self, entries: Sequence[LedgerEntry], runs: Sequence[PlannedRun],
+                 accountant: AccountantKind, budget_epsilon: float, budget_delta: float,
+                 what: str) -> str:
         # Public settings only (PRIVACY.md rule 8): the budget, the runs with their
         # steps and public targets. No composed, per-run or remaining ε, no σ, no q:
-        # each is a function of N through the calibration.
-        runs = "; ".join(f"{e.run_id} ({e.status}, {e.steps_done}/{e.planned_steps} steps, "
-                         f"target ε = {e.target_epsilon:g})" for e in entries) or "none"
-        steps = sum(n for _, _, n in plan)
+        # each is a function of N through the calibration. The sum of the targets is
+        # public, and bounds the composition from above (basic composition).
+        on_record = "; ".join(
+            f"{e.run_id} ({e.status}, {e.steps_done}/{e.planned_steps} steps, "
+            f"target ε = {e.target_epsilon:g})" for e in entries) or "none"
+        steps = sum(n for r in runs for _, _, n in r.history)
+        targets = [r.target_epsilon for r in runs]
+        if len(runs) == 1:
+            this = f"{what} (target ε = {targets[0]:g}, {steps} steps)"
+        else:
+            this = (f"{what} ({len(runs)} runs at target ε = "
+                    f"{', '.join(f'{t:g}' for t in targets)}, {steps} steps in all; it "
+                    f"needs up to ε = {sum(targets):g} of the budget, the sum of its targets, "
+                    "which bounds their composition from above)")
         return (f"privacy budget exceeded for this private dataset: its budget is "
                 f"(ε ≤ {budget_epsilon:g}, δ = {budget_delta:g}) "
                 "(privacy.dataset_budget_epsilon, privacy.dataset_budget_delta), and every "
                 f"run on record counts in full, composed at that δ ({accountant.upper()} "
-                f"accountant). {len(entries)} run(s) on record: {runs}. This run (target "
-                f"ε = {target_epsilon:g}, {steps} steps) would take the composition past the "
-                "budget. To proceed: lower finetune.epsilon, raise "
-                "privacy.dataset_budget_epsilon only if the data owner agrees, or fine-tune "
-                "on new data. The composed ε is not stated: it depends on the private "
-                f"dataset's size; the ledger in {self.ledger_dir} records the plans it is "
-                "computed from")
+                f"accountant). {len(entries)} run(s) on record: {on_record}. {this} would "
+                "take the composition past the budget, so nothing was reserved or trained. "
+                "To proceed: lower finetune.epsilon"
+                + (" or drop points from sweep.epsilons" if len(runs) > 1 else "")
+                + ", raise privacy.dataset_budget_epsilon only if the data owner agrees, or "
+                "fine-tune on new data. The composed ε is not stated: it depends on the "
+                f"private dataset's size; the ledger in {self.ledger_dir} records the plans it "
+                "is computed from")
 
     def _transact(self, change: Callable[[_Book], tuple[_Book | None, T]]) -> T:
         """Read the book, apply `change` (a new book or None for no write, and a

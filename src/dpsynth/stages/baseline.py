@@ -79,24 +79,10 @@ def run(cfg: Config, *, model_dir: Path, public_dir: Path, test_dir: Path, out_d
     work = Path(work_dir) if work_dir is not None else Path(work_dir_for(out_dir))
     if work.exists():
         shutil.rmtree(work)
-    largest = dataclasses.replace(cfg.classify, sizes=(cfg.classify.sizes[-1],),
-                                  real_baseline=False)
-    scoring = dataclasses.replace(cfg, classify=largest)
-    quiet = NullTracker()  # one MLflow run for this stage: the parts log here only
-    sample.run(cfg, model_dir=model_dir, out_dir=work / "sample", tracker=quiet,
-               work_dir=work / "sample-work")
-    acc = classify.run(scoring, synthetic_dir=work / "sample", test_dir=test_dir,
-                       private_dir=None, out_dir=work / "classify", tracker=quiet)
-    # fid's own cache folder: the domain CNN trained there for the DP samples (same
-    # seed, config and public split) is reused, so both distances share one CNN
-    dist = fid.run(cfg, synthetic_dir=work / "sample", reference_dir=test_dir,
-                   public_dir=public_dir, out_dir=work / "fid", tracker=quiet,
-                   work_dir=Path(work_dir_for(Path(out_dir).parent / "fid")))
-    metrics: dict[str, float] = {"epsilon": 0.0, f"{PREFIX}real_test_accuracy":
-                                 acc.real_test_accuracy,
-                                 f"{PREFIX}num_synthetic": acc.num_synthetic}
-    metrics |= {f"{PREFIX}{k}": v for k, v in dist.metrics.items()
-                if k != "num_synthetic" and v is not None}
+    scores = score_model(cfg, model_dir=model_dir, public_dir=public_dir, test_dir=test_dir,
+                         work=work, fid_work=Path(work_dir_for(Path(out_dir).parent / "fid")))
+    metrics: dict[str, float] = {"epsilon": 0.0}
+    metrics |= {f"{PREFIX}{k}": v for k, v in scores.items()}
     with atomic_dir(out_dir) as tmp:
         shutil.copy(work / "sample" / "grid.png", tmp / "grid.png")
         write_run_info(tmp, "baseline", cfg.section(*SECTIONS))
@@ -105,5 +91,33 @@ def run(cfg: Config, *, model_dir: Path, public_dir: Path, test_dir: Path, out_d
     tracker.log_metrics({k: float(v) for k, v in metrics.items()})
     tracker.log_artifact(out_dir / "grid.png")
     shutil.rmtree(work, ignore_errors=True)
-    log.info("public-only baseline: real test accuracy %.3f", acc.real_test_accuracy)
+    log.info("public-only baseline: real test accuracy %.3f", scores["real_test_accuracy"])
     return BaselineResult(Path(out_dir), metrics)
+
+
+def score_model(cfg: Config, *, model_dir: Path, public_dir: Path, test_dir: Path, work: Path,
+                fid_work: Path) -> dict[str, float]:
+    """Sample `model_dir` with the `sample` settings and score the samples with the
+    `classify` recipe (at its largest size, on `test_dir`) and the `fid` distances
+    (the domain CNN cached in `fid_work`, the `fid` stage's own work folder, so
+    every model of a run is measured in one feature space).
+
+    Returns:
+        ``real_test_accuracy``, ``num_synthetic`` and the `fid` metrics (``fd_*``,
+        ``kid_*``, ...). The samples (and their ``grid.png``) stay in ``work/sample``.
+    """
+    largest = dataclasses.replace(cfg.classify, sizes=(cfg.classify.sizes[-1],),
+                                  real_baseline=False)
+    scoring = dataclasses.replace(cfg, classify=largest)
+    quiet = NullTracker()  # the caller's MLflow run logs the scores
+    sample.run(cfg, model_dir=model_dir, out_dir=work / "sample", tracker=quiet,
+               work_dir=work / "sample-work")
+    acc = classify.run(scoring, synthetic_dir=work / "sample", test_dir=test_dir,
+                       private_dir=None, out_dir=work / "classify", tracker=quiet)
+    dist = fid.run(cfg, synthetic_dir=work / "sample", reference_dir=test_dir,
+                   public_dir=public_dir, out_dir=work / "fid", tracker=quiet,
+                   work_dir=fid_work)
+    scores = {"real_test_accuracy": acc.real_test_accuracy,
+              "num_synthetic": acc.num_synthetic}
+    return scores | {k: v for k, v in dist.metrics.items()
+                     if k != "num_synthetic" and v is not None}

@@ -27,7 +27,7 @@ import torch
 from opacus.validators import ModuleValidator
 from tqdm import tqdm
 
-from dpsynth.config import Config
+from dpsynth.config import Config, FinetuneConfig
 from dpsynth.diffusion.ema import EMA
 from dpsynth.diffusion.lora import add_lora, merge_lora
 from dpsynth.diffusion.loss import DenoisingLoss
@@ -39,6 +39,7 @@ from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import read_dataset, read_manifest, sha256_file
 from dpsynth.plots import plot_loss
 from dpsynth.privacy import accounting
+from dpsynth.privacy.accounting import Step
 from dpsynth.privacy.distributed import Workers
 from dpsynth.privacy.dp_sgd import DPStep, SecretRandomness, noisy_gradient
 from dpsynth.privacy.draws import disable_dropout, record_keys
@@ -184,10 +185,22 @@ def _account_redone_steps(ledger: PrivacyLedger, work_dir: Path, run_id: str,
     marker.unlink()
 
 
+def planned_history(fc: FinetuneConfig, n: int) -> list[Step]:
+    """The run's accountant history ``[(sigma, q, steps)]`` on `n` private records:
+    sigma calibrated to ``finetune.epsilon`` at ``finetune.delta`` for Poisson
+    sampling at q = B / n over ``finetune.steps`` steps. What the privacy ledger
+    reserves; private (a function of n), never logged."""
+    q = sample_rate(fc.batch_size, n)
+    sigma = accounting.calibrate_noise_multiplier(
+        target_epsilon=fc.epsilon, delta=fc.delta, sample_rate=q, steps=fc.steps,
+        accountant=fc.accountant)
+    return [(sigma, q, fc.steps)]
+
+
 def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, out_dir: Path,
         tracker: Tracker, resume: bool = True, work_dir: Path | None = None,
-        stop_after: int | None = None, device: str | torch.device | None = None
-        ) -> FinetuneResult:
+        stop_after: int | None = None, device: str | torch.device | None = None,
+        run_id: str | None = None) -> FinetuneResult:
     """Fine-tune `model_dir` on `private_dir` with DP-SGD; publish into `out_dir`.
 
     Args:
@@ -204,6 +217,10 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
             LOCAL_RANK GPU). The private split, Poisson sampling, the training draws
             and the Gaussian noise stay on the CPU, from CPU generators, and are
             moved: a CPU run is unchanged and checkpoints resume on any device.
+        run_id: the privacy ledger's id for this run, when the caller reserved it
+            already (`dpsynth sweep` reserves all its runs at once); it must be an
+            id no attempt has trained under, or that of the checkpoint resumed.
+            Default: a fresh random id (a checkpoint's own on resume).
 
     Raises:
         InputError: bad model or data, delta >= 1/N, batch larger than the data,
@@ -264,11 +281,8 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     accounting.check_delta(fc.delta, n)
     # every run on the dataset is composed at the budget's delta: it must be below 1/N too
     accounting.check_delta(cfg.privacy.dataset_budget_delta, n, "privacy.dataset_budget_delta")
-    q = sample_rate(fc.batch_size, n)
-    sigma = accounting.calibrate_noise_multiplier(
-        target_epsilon=fc.epsilon, delta=fc.delta, sample_rate=q, steps=fc.steps,
-        accountant=fc.accountant)
-    plan = [(sigma, q, fc.steps)]
+    plan = planned_history(fc, n)
+    sigma, q, _ = plan[0]
     config_id = fingerprint(cfg.section(*SECTIONS), weights_sha, manifest.content_hash, MECHANISM)
 
     workers = Workers.from_env()
@@ -282,7 +296,11 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     # cleans up, talks to the ledger, checkpoints and publishes.
     # random, not derived from config_id: that hashes the private manifest, and run
     # ids appear in ledger refusals (outside the private boundary)
-    run_id = state.meta["run_id"] if state else f"run-{secrets.token_hex(8)}"
+    if state is not None and run_id is not None and state.meta.get("run_id") != run_id:
+        log.warning("ignoring checkpoint in %s: it belongs to another run than %s",
+                    work_dir, run_id)
+        state = None
+    run_id = state.meta["run_id"] if state else (run_id or f"run-{secrets.token_hex(8)}")
     ledger = PrivacyLedger(cfg.privacy.ledger_dir, private_key,  # local or s3://
                            legacy_key=manifest.content_hash)
     refusal: InputError | None = None

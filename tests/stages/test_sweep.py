@@ -1,0 +1,177 @@
+"""The `sweep` stage: the privacy-utility curve, each point a ledger entry reserved
+before any trains, refused whole past the budget, resumed without spending twice."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from dpsynth.config import Config
+from dpsynth.errors import InputError
+from dpsynth.io.shards import read_dataset, write_dataset
+from dpsynth.privacy.ledger import LedgerExceeded, PrivacyLedger, dataset_key
+from dpsynth.stages import baseline, finetune, sweep
+from dpsynth.stages.prepare import carved_source
+from dpsynth.tracking import NullTracker
+
+
+@pytest.fixture
+def cfg(dp_cfg: Callable[..., Config], scoring: tuple[str, ...]) -> Callable[..., Config]:
+    return lambda *o: dp_cfg(*scoring, "sweep.epsilons=[1, 8]", *o)
+
+
+@pytest.fixture
+def public_point(tmp_path: Path) -> Path:
+    """A baseline output, written by hand (the sweep reads its metrics only)."""
+    out = tmp_path / "baseline"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps(
+        {"epsilon": 0.0, "public_only_real_test_accuracy": 0.25,
+         "public_only_fd_sklearn_digits_cnn": 40.0}))
+    return out
+
+
+def _ledger(cfg: Config, private_dir: Path) -> PrivacyLedger:
+    return PrivacyLedger(cfg.privacy.ledger_dir, dataset_key(read_dataset(private_dir)[0]))
+
+
+def _sweep(cfg: Config, dirs: dict, out: Path, baseline_dir: Path, **kw) -> sweep.SweepResult:
+    return sweep.run(cfg, model_dir=dirs["model"], private_dir=dirs["private"],
+                     public_dir=dirs["public"], test_dir=dirs["test"], baseline_dir=baseline_dir,
+                     classify_dir=None, out_dir=out, tracker=kw.pop("tracker", NullTracker()),
+                     work_dir=out.parent / "work", **kw)
+
+
+@pytest.fixture
+def dirs(pretrained_dir: Path, private_dir: Path, digits_public_dir: Path,
+         digits_eval_dirs: dict[str, Path]) -> dict[str, Path]:
+    return {"model": pretrained_dir, "private": private_dir, "public": digits_public_dir,
+            "test": digits_eval_dirs["test"]}
+
+
+def test_each_point_is_scored_like_the_baseline_and_is_one_ledger_run(
+        cfg: Callable[..., Config], dirs: dict[str, Path], tmp_path: Path, num_private: int,
+        torch_one_thread: None) -> None:
+    c = cfg()
+    base = baseline.run(c, model_dir=dirs["model"], public_dir=dirs["public"],
+                        test_dir=dirs["test"], out_dir=tmp_path / "baseline",
+                        tracker=NullTracker(), work_dir=tmp_path / "bwork")
+    tracker = NullTracker()
+    result = _sweep(c, dirs, tmp_path / "sweep", tmp_path / "baseline", tracker=tracker)
+    out = tmp_path / "sweep"
+    assert [p.epsilon for p in result.points] == [1.0, 8.0]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "curve.csv", "curve.png", "eps-1", "eps-8", "index.html", "metrics.json",
+        "params.json", "version.json"]
+    rows = list(csv.DictReader((out / "curve.csv").open()))
+    assert [(r["epsilon"], r["source"]) for r in rows] == [
+        ("0", "public only"), ("1.0", "DP"), ("8.0", "DP")]
+    assert float(rows[0]["real_test_accuracy"]) == pytest.approx(base.real_test_accuracy)
+
+    # one ledger entry per point, at its target, completed: nothing else spent
+    entries = _ledger(c, dirs["private"]).entries()
+    assert [(e.target_epsilon, e.status, e.steps_done) for e in entries] == [
+        (1.0, "completed", 6), (8.0, "completed", 6)]
+    assert [e.run_id for e in entries] == [p.run_id for p in result.points]
+    # each point's model is the DP release at its target, its noise calibrated to it
+    for p in result.points:
+        privacy = json.loads((out / sweep.point_name(p.epsilon) / "model" /
+                              "privacy.json").read_text())
+        assert privacy["epsilon"] <= p.epsilon
+    sigmas = [e.history[0][0] for e in entries]
+    assert sigmas[0] > sigmas[1]  # less budget, more noise
+
+    # the point's score is the baseline's recipe applied to its model
+    again = baseline.score_model(c, model_dir=out / "eps-8" / "model", public_dir=dirs["public"],
+                                 test_dir=dirs["test"], work=tmp_path / "again",
+                                 fid_work=tmp_path / "fidwork")
+    assert result.points[1].real_test_accuracy == pytest.approx(again["real_test_accuracy"])
+
+    # public numbers only: targets and scores, never N, sigma, q or an accounted epsilon
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epsilons"] == [1.0, 8.0]
+    assert set(metrics) >= {"real_test_accuracy_eps-1", "real_test_accuracy_eps-8",
+                            "public_only_real_test_accuracy"}
+    logged = [v for m, _ in tracker.metrics for v in m.values()]
+    for values in (logged, [v for v in metrics.values() if not isinstance(v, list)]):
+        assert num_private not in values and not set(sigmas) & set(values)
+    page = re.sub(r'src="data:[^"]*"', "", (out / "index.html").read_text())  # text only
+    assert "ε = 8" in page and "public only" in page and str(num_private) not in page
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_sweep_past_the_budget_is_refused_whole_before_anything_trains(
+        cfg: Callable[..., Config], dirs: dict[str, Path], public_point: Path, tmp_path: Path,
+        num_private: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the ε = 4 point alone fits a budget of 4.05; the two together compose to 4.1 (RDP)
+    c = cfg("sweep.epsilons=[2, 4]", "privacy.dataset_budget_epsilon=4.05")
+    trained = []
+    monkeypatch.setattr(finetune, "run", lambda *a, **k: trained.append(k))
+    with pytest.raises(LedgerExceeded) as refusal:
+        _sweep(c, dirs, tmp_path / "sweep", public_point)
+    message = str(refusal.value)
+    assert "This sweep (2 runs at target ε = 2, 4, 12 steps in all" in message
+    assert "needs up to ε = 6 of the budget" in message
+    assert "budget is (ε ≤ 4.05" in message and "nothing was reserved or trained" in message
+    assert str(num_private) not in message
+    assert trained == [] and _ledger(c, dirs["private"]).entries() == []
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_an_interrupted_sweep_resumes_and_never_reuses_a_started_runs_entry(
+        cfg: Callable[..., Config], dirs: dict[str, Path], public_point: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, torch_one_thread: None) -> None:
+    c = cfg("sweep.epsilons=[1, 2, 8]")
+    real_run, calls = finetune.run, []
+
+    def crash_on_second(*args, **kwargs):  # dies before its first checkpoint
+        calls.append(kwargs["run_id"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "run", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(c, dirs, tmp_path / "sweep", public_point)
+    ledger = _ledger(c, dirs["private"])
+    first = ledger.entries()
+    assert [e.target_epsilon for e in first] == [1.0, 2.0, 8.0]  # all reserved up front
+    monkeypatch.setattr(finetune, "run", real_run)
+    trained = []
+    monkeypatch.setattr(finetune, "run", lambda *a, **k: trained.append(k["run_id"])
+                        or real_run(*a, **k))
+    result = _sweep(c, dirs, tmp_path / "sweep", public_point)
+    entries = ledger.entries()
+    # point 1 is kept (not retrained), point 2 started and left no checkpoint, so it
+    # runs under a new entry (the old one still counts), point 3 uses its reservation
+    assert trained == [entries[3].run_id, first[2].run_id]
+    assert [e.target_epsilon for e in entries] == [1.0, 2.0, 8.0, 2.0]
+    assert [p.run_id for p in result.points] == [first[0].run_id, entries[3].run_id,
+                                                 first[2].run_id]
+    assert first[1].run_id not in {p.run_id for p in result.points}
+
+
+def test_bad_inputs_are_named_before_the_ledger(
+        cfg: Callable[..., Config], dirs: dict[str, Path], public_point: Path,
+        tmp_path: Path) -> None:
+    c = cfg()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="baseline_dir=.*metrics.json.*artifacts/baseline"):
+        _sweep(c, dirs, tmp_path / "sweep", tmp_path / "empty")
+    dp_model = tmp_path / "dp"
+    dp_model.mkdir()
+    (dp_model / "privacy.json").write_text("{}")
+    with pytest.raises(InputError, match="pass artifacts/pretrain"):
+        _sweep(c, dirs | {"model": dp_model}, tmp_path / "sweep", public_point)
+    images, labels, manifest = read_dataset(dirs["private"])
+    carved = tmp_path / "carved"
+    write_dataset(carved, images, labels, manifest.classes,
+                  source=carved_source("sklearn-digits", "private", 0))
+    with pytest.raises(InputError, match="test_dir"):
+        _sweep(c, dirs | {"test": carved}, tmp_path / "sweep", public_point)
+    assert _ledger(c, dirs["private"]).entries() == []
