@@ -10,10 +10,11 @@ BIN := $(VENV)/bin
 LOCK_HASH := $(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 
-.PHONY: help setup browser run test lock bench clean
+.PHONY: help setup browser run sweep test lock bench clean
 
 help:
 	@echo "make run    set up .venv and run the pipeline (dvc repro) on the embedded digits data"
+	@echo "make sweep  the privacy-utility curve (dpsynth sweep): DP runs at sweep.epsilons"
 	@echo "make test   set up .venv and run the test suite"
 	@echo "make bench  run the benchmarks in benchmarks/"
 	@echo "make lock   recompile requirements.lock from requirements.in"
@@ -38,8 +39,19 @@ run: setup
 	@set -e; export PATH="$(CURDIR)/$(BIN):$$PATH"; \
 	export DPSYNTH_PIPELINE_ID="$${DPSYNTH_PIPELINE_ID:-run-$$(date -u +%Y%m%dT%H%M%SZ)}"; \
 	start=$$(date +%s); \
-	dvc repro; \
+	dvc repro report; \
 	dpsynth summary --artifacts artifacts --seconds $$(( $$(date +%s) - start ))
+
+# Not part of `make run` (time): one DP fine-tuning per sweep.epsilons, each a privacy
+# ledger entry (all reserved before any trains), after `make run`'s stages (dvc repro).
+sweep: setup
+	@set -e; export PATH="$(CURDIR)/$(BIN):$$PATH"; \
+	export DPSYNTH_PIPELINE_ID="$${DPSYNTH_PIPELINE_ID:-sweep-$$(date -u +%Y%m%dT%H%M%SZ)}"; \
+	dvc repro report; \
+	dpsynth sweep --config params.yaml --model artifacts/pretrain \
+	  --private artifacts/prepare/private --public artifacts/prepare/public \
+	  --test artifacts/prepare/test --baseline artifacts/baseline \
+	  --classify artifacts/classify --out artifacts/sweep
 
 test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -590,6 +590,8 @@ NUMERIC_BOUNDARY = (
     "artifacts/sample/privacy.json",  # sample's copy, for the models it serves
     "artifacts/ledger",
     "artifacts/.work/finetune",
+    "artifacts/sweep/eps-*/model/privacy.json",  # each sweep point's, as finetune's
+    "artifacts/.work/sweep",
 )
 # A number with no letter, digit or '_' either side: not a piece of a word or a hash.
 TOKEN = re.compile(r"(?<![0-9A-Za-z_])-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?(?![0-9A-Za-z_])")
@@ -857,7 +859,7 @@ def numeric_scanned_files(run: EgressRun) -> list[Path]:
     """`scanned_files` less the private boundary (`NUMERIC_BOUNDARY`) and verbatim copies
     of the source code (an input, as in `EXCLUDED`: its numbers are the developers')."""
     root = run.root.resolve()
-    inside = [root / b for b in NUMERIC_BOUNDARY]
+    inside = [b for pattern in NUMERIC_BOUNDARY for b in root.glob(pattern)]
     source = _source_hashes(run)
     return [f for f in scanned_files(run) if not any(f == b or b in f.parents for b in inside)
             and not (f.suffix == ".py" and hashlib.sha256(f.read_bytes()).hexdigest() in source)]
