@@ -19,7 +19,8 @@ import pytest
 from dpsynth.errors import InputError
 from dpsynth.io.shards import read_dataset, write_dataset
 from dpsynth.privacy.accounting import epsilon
-from dpsynth.privacy.ledger import LedgerEntry, LedgerExceeded, PrivacyLedger, dataset_key
+from dpsynth.privacy.ledger import (LedgerEntry, LedgerExceeded, PlannedRun, PrivacyLedger,
+                                    dataset_key)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning",
                                         "ignore::RuntimeWarning")
@@ -556,3 +557,34 @@ def test_module_doctests() -> None:
     from dpsynth.privacy import ledger
 
     assert doctest.testmod(ledger).failed == 0
+
+
+# --------------------------------------------------------------------------- several runs at once
+
+
+def _all(ledger: PrivacyLedger, ids: list[str], *, budget: float) -> list[LedgerEntry]:
+    runs = [PlannedRun(i, tuple(PLAN), DELTA, t) for i, t in zip(ids, (1.0, 2.0, 5.0))]
+    return ledger.reserve_all(runs, accountant="prv", budget_epsilon=budget,
+                              budget_delta=DELTA, what="This sweep")
+
+
+def test_reserve_all_is_one_check_of_every_run_and_refuses_them_whole(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path, DATASET)
+    # one PLAN fits one_run_budget, two do not: a two-run sweep is refused whole
+    with pytest.raises(LedgerExceeded) as refusal:
+        _all(ledger, ["s-1", "s-2"], budget=one_run_budget())
+    assert ledger.entries() == [] and not (tmp_path / f"{DATASET}.json").exists()
+    message = str(refusal.value)
+    assert "This sweep (2 runs at target ε = 1, 2, 2000 steps in all" in message
+    assert "needs up to ε = 3 of the budget" in message
+    assert "drop points from sweep.epsilons" in message
+    # within the budget: all reserved, in order; reserving them again counts them once
+    entries = _all(ledger, ["s-1", "s-2"], budget=100)
+    assert [e.run_id for e in entries] == ["s-1", "s-2"]
+    assert _all(ledger, ["s-1", "s-2"], budget=100) == entries == ledger.entries()
+    # a resumed id in a new set: only the new run is checked and added
+    assert [e.run_id for e in _all(ledger, ["s-2", "s-3"], budget=100)] == ["s-2", "s-3"]
+    assert len(ledger.entries()) == 3
+    assert ledger.spent_epsilon(DELTA, "prv") == pytest.approx(epsilon(PLAN * 3, DELTA, "prv"))
+    with pytest.raises(InputError, match="repeat"):
+        _all(ledger, ["s-4", "s-4"], budget=100)
