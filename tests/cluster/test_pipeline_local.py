@@ -54,7 +54,7 @@ def test_every_task_ran_and_sampling_fanned_out(kfp_local_smoke_run: KfpLocalRun
     run = kfp_local_smoke_run
     tasks = {p.name for p in run.run_dir.iterdir()}
     assert tasks == {"resolve-config", "prepare", "pretrain", "finetune", "shard-indices",
-                     "merge-shards", "fid", "classify", "rank", "audit", "report",
+                     "merge-shards", "fid", "classify", "baseline", "rank", "audit", "report",
                      *(f"for-loop-1-iteration-{i}" for i in range(3))}
     for i in range(3):  # one shard per iteration
         shard = run.run_dir / f"for-loop-1-iteration-{i}" / "sample-shard" / "shard"
@@ -152,7 +152,7 @@ def test_mlflow_holds_one_parent_run_with_a_child_per_stage(
     parents = [r for r in runs if r.data.tags["dpsynth.stage"] == "pipeline"]
     children = {r.data.tags["dpsynth.stage"]: r for r in runs
                 if r not in parents and "/" not in r.data.tags["dpsynth.stage"]}
-    assert len(parents) == 1 and set(children) == {*STAGES, "report"}
+    assert len(parents) == 1 and set(children) == {*STAGES, "baseline", "report"}
     for child in children.values():
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert child.info.status == "FINISHED"
