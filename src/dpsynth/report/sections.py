@@ -36,6 +36,11 @@ def read_png(folder: Path | None, name: str) -> bytes | None:
     return path.read_bytes() if path is not None and path.is_file() else None
 
 
+def distance_key(metrics: Mapping[str, Any]) -> str | None:
+    """The first Fréchet distance among a stage's metrics (``fd_*`` or ``fid_*``)."""
+    return next((k for k in metrics if k.startswith(("fid_", "fd_"))), None)
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -215,7 +220,7 @@ def baselines_section(classify_dir: Path | None, baseline_dir: Path | None,
                        page.not_run("baseline" if b is None else "classify",
                                     "the public-only baseline and the DP model's accuracy"))
     f = read_json(fid_dir, "metrics.json") or {}
-    fd = next((k for k in f if k.startswith(("fid_", "fd_"))), None)
+    fd = distance_key(f)
     public_fd = b.get(f"public_only_{fd}") if fd else None
     num = lambda v: f"{v:.4g}" if v is not None else "–"  # noqa: E731
     rows = [("public only (ε = 0): the pre-trained model, no private data",

@@ -45,6 +45,7 @@ from dpsynth.plots import plot_privacy_utility
 from dpsynth.privacy import accounting
 from dpsynth.privacy.ledger import PlannedRun, PrivacyLedger, dataset_key
 from dpsynth.provenance import write_run_info
+from dpsynth.report.sections import distance_key
 from dpsynth.report.sweep import sweep_page
 from dpsynth.stages import baseline, finetune
 from dpsynth.stages.common import fingerprint, work_dir_for, write_metrics
@@ -166,7 +167,7 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, te
                 cfg.finetune, epsilon=eps)), planned.run_id, work / point_name(eps),
                 model_dir=model_dir, private_dir=private_dir, public_dir=public_dir,
                 test_dir=test_dir, fid_work=fid_work, tracker=child)
-        fd = _distance_name(scores)
+        fd = distance_key(scores)
         points.append(SweepPoint(eps, float(scores["real_test_accuracy"]),
                                  None if fd is None else float(scores[fd]), planned.run_id))
         tracker.log_metrics({"epsilon": eps, "real_test_accuracy": points[-1].real_test_accuracy}
@@ -280,8 +281,3 @@ def _read_metrics(folder: Path, required: str | None, name: str, what: str) -> d
         raise InputError(f"{name}={str(folder)!r}: its metrics.json has no {required}; pass "
                          f"{what}")
     return metrics
-
-
-def _distance_name(scores: Mapping[str, Any]) -> str | None:
-    """The first Fréchet distance among the scores (``fd_*`` or ``fid_*``)."""
-    return next((k for k in scores if k.startswith(("fd_", "fid_"))), None)
