@@ -12,7 +12,9 @@ from components.config import resolve_config, shard_indices
 from components.evaluate import baseline, classify, fid, rank
 from components.report import report
 from components.sample import merge_shards, sample_shard
+from components.sweep import sweep
 from components.train import finetune, prepare, pretrain
 
 __all__ = ["resolve_config", "shard_indices", "prepare", "pretrain", "finetune",
-           "sample_shard", "merge_shards", "fid", "classify", "baseline", "rank", "audit", "report"]
+           "sample_shard", "merge_shards", "fid", "classify", "baseline", "sweep", "rank", "audit",
+           "report"]

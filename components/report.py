@@ -11,11 +11,11 @@ from components.runtime import load_config
 def report(config: Input[Artifact], public: Input[Dataset], test: Input[Dataset],
            model: Input[Model], dp_model: Input[Model], synthetic: Input[Dataset],
            fid: Input[Artifact], classify: Input[Artifact], baseline: Input[Artifact],
-           rank: Input[Artifact],
-           audit: Input[Artifact], results: Output[Artifact], page: Output[HTML]):
+           sweep: Input[Artifact], rank: Input[Artifact], audit: Input[Artifact],
+           results: Output[Artifact], page: Output[HTML]):
     """`dpsynth report`: the privacy statement, samples next to real test images,
-    fidelity, downstream accuracy, the ranking check, training curves, the audit and
-    the provenance, on one page (`page`, shown in the KFP UI; also `results/index.html`
+    fidelity, downstream accuracy, the privacy-utility curve, the ranking check,
+    training curves, the audit and the provenance, on one page (`page`, shown in the KFP UI; also `results/index.html`
     and in MLflow). The task is not given the private split: the page states the
     privacy ledger's total as the DP run recorded it when it finished."""
     import os
@@ -28,8 +28,7 @@ def report(config: Input[Artifact], public: Input[Dataset], test: Input[Dataset]
     cfg = load_config(config.path)
     folders = {"public": public, "test": test, "pretrain": model, "finetune": dp_model,
                "sample": synthetic, "fid": fid, "classify": classify,
-               "baseline": baseline, "rank": rank,
-               "audit": audit}
+               "baseline": baseline, "sweep": sweep, "rank": rank, "audit": audit}
     with open_tracker(cfg.tracking, "report") as tracker:
         result = stage.run(cfg, artifacts={k: Path(a.path) for k, a in folders.items()},
                            out_dir=Path(results.path), tracker=tracker)

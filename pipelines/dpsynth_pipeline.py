@@ -1,6 +1,7 @@
 """The dpsynth Kubeflow pipeline (KFP v2): prepare -> pretrain -> finetune (DP) ->
 sample (fanned out over shards) -> fid, classify, rank, audit, with pretrain ->
-baseline (the public-only point) beside them -> report; the DAG of dvc.yaml.
+baseline (the public-only point) beside them, then sweep (the privacy-utility
+curve) -> report; the DAG of dvc.yaml.
 
 Compile it with `make pipeline` (-> pipelines/dpsynth.yaml), or
 `python -m pipelines.dpsynth_pipeline --output PATH`. What the cluster must
@@ -24,7 +25,8 @@ import yaml
 from kfp import compiler, dsl, kubernetes
 
 from components import (audit, baseline, classify, fid, finetune, merge_shards, prepare,
-                        pretrain, rank, report, resolve_config, sample_shard, shard_indices)
+                        pretrain, rank, report, resolve_config, sample_shard, shard_indices,
+                        sweep)
 from dpsynth.config import load as load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +79,9 @@ RESOURCES: dict[str, Resources] = {
     "classify": Resources(cpu="4", memory="16Gi"),
     # samples the pre-trained model (as many images as sample.num_samples), then scores
     "baseline": Resources(cpu="8", memory="32Gi", gpus=1, shm="4Gi"),
+    # this run's points from the stages above; fine-tunes, samples and scores once per
+    # extra target in sweep.epsilons (none by default)
+    "sweep": Resources(cpu="8", memory="32Gi", gpus=1, shm="8Gi"),
     "rank": Resources(cpu="4", memory="16Gi"),
     # trains two short twins of the fine-tuning run (DP and control) on canaries
     "audit": Resources(cpu="8", memory="32Gi", gpus=1, shm="8Gi"),
@@ -85,7 +90,8 @@ RESOURCES: dict[str, Resources] = {
 }
 # Retried stages: those that can lose hours to a preempted node, and resume from
 # their work folder under `work_root` (checkpoints, finished shards).
-RETRIED = ("pretrain", "finetune", "sample-shard")
+RETRIED = ("pretrain", "finetune", "sample-shard", "sweep")
+DP_STAGES = ("finetune", "sweep")  # they train on the private split: never cached
 RETRY_POLICY = {"num_retries": 3, "backoff_duration": "60s", "backoff_factor": 2.0,
                 "backoff_max_duration": "1800s"}
 
@@ -113,7 +119,7 @@ CPU_TOLERATIONS: list[dict] = _json_env("DPSYNTH_CPU_TOLERATIONS", [])
 # updated by compare-and-swap; credentials from the dpsynth-pipeline-s3 Secret).
 STATE_PVC = os.environ.get("DPSYNTH_STATE_PVC", "dpsynth-state")
 STATE_MOUNT = "/mnt/dpsynth-state"
-STATEFUL = ("pretrain", "finetune", "sample-shard", "merge-shards")
+STATEFUL = ("pretrain", "finetune", "sample-shard", "merge-shards", "sweep")
 
 # Credentials come from Kubernetes Secrets, by name; never parameters, never in the
 # compiled YAML. Optional: a missing Secret or key leaves the variable unset
@@ -168,9 +174,9 @@ def configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
     if name in RETRIED:
         task.set_retry(**RETRY_POLICY)
     # Deterministic stages are cached (same inputs and config: same outputs). The
-    # DP stage never is: a cached DP model must not pass for a new DP run, and each
+    # DP stages never are: a cached DP model must not pass for a new DP run, and each
     # DP run is recorded in the privacy ledger.
-    task.set_caching_options(enable_caching=name != "finetune")
+    task.set_caching_options(enable_caching=name not in DP_STAGES)
     return task
 
 
@@ -270,6 +276,12 @@ def dpsynth_pipeline(
                                  private=private), "classify")
     public_only = configure(baseline(config=config, model=pre.outputs["model"], public=public,
                                      test=test), "baseline")
+    curve = configure(sweep(config=config, model=pre.outputs["model"], dp_model=dp_model,
+                            private=private, public=public, test=test,
+                            baseline=public_only.outputs["results"],
+                            classify=utility.outputs["results"], fid=fidelity.outputs["results"],
+                            work_root=work_root, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
+                      "sweep")
     ranking = configure(rank(config=config, synthetic=synthetic, test=test, generator=dp_model),
                         "rank")
     checked = configure(audit(config=config, model=pre.outputs["model"], dp_model=dp_model,
@@ -278,7 +290,8 @@ def dpsynth_pipeline(
     configure(report(config=config, public=public, test=test, model=pre.outputs["model"],
                      dp_model=dp_model, synthetic=synthetic, fid=fidelity.outputs["results"],
                      classify=utility.outputs["results"],
-                     baseline=public_only.outputs["results"], rank=ranking.outputs["results"],
+                     baseline=public_only.outputs["results"], sweep=curve.outputs["results"],
+                     rank=ranking.outputs["results"],
                      audit=checked.outputs["results"]), "report")
 
 

@@ -133,6 +133,17 @@ def valid_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
                    target_epsilon=12.5, budget_epsilon=100.0,
                    budget_delta=1e-5)  # epsilon 12.36 spent
     ledger.complete("earlier-run", 100)
+    # this run's point for `sweep`: a DP model (the weights above, its privacy.json and
+    # params.json) and the public-only, classify and fid metrics
+    shutil.copytree(root / "model", root / "dp_model")
+    (root / "dp_model" / "privacy.json").write_text(json.dumps({"epsilon": 9.9}))
+    (root / "dp_model" / "params.json").write_text(json.dumps({"finetune": {"epsilon": 10}}))
+    for name, metrics in (("baseline", {"public_only_real_test_accuracy": 0.3,
+                                        "public_only_fd_digits_cnn": 9.0}),
+                          ("classify", {"real_test_accuracy": 0.6}),
+                          ("fid", {"fd_digits_cnn": 4.0})):
+        (root / name).mkdir()
+        (root / name / "metrics.json").write_text(json.dumps(metrics))
     return root
 
 
@@ -328,6 +339,14 @@ def schema_1_ledger(c: Ctx) -> None:
     for entry in raw["entries"]:
         del entry["target_epsilon"]
     (c.inputs / "ledger" / f"{raw['dataset']}.json").write_text(json.dumps(raw))
+
+
+def sweep_argv(*sets: str, model: str = "inputs/model", dp_model: str = "inputs/dp_model",
+               baseline: str = "inputs/baseline") -> Callable[[Ctx], list[str]]:
+    return lambda c: c.argv("sweep", "--model", model, "--dp-model", dp_model,
+                            "--private", "inputs/private", "--public", "inputs/public",
+                            "--test", "inputs/test", "--baseline", baseline,
+                            "--classify", "inputs/classify", "--fid", "inputs/fid", sets=sets)
 
 
 def classify_argv(*sets: str, synthetic: str = "inputs/synthetic") -> Callable[[Ctx], list[str]]:
@@ -695,6 +714,24 @@ ROWS = [
     pytest.param(nothing, classify_argv("classify.sizes=[10, 100]"),
                  ["inputs/synthetic", "classify.sizes=[10, 100]", "sample more"],
                  id="classify-sizes-larger-than-synthetic-set"),
+    # ---- sweep: refused before the ledger (a refusal reserves nothing)
+    pytest.param(nothing, sweep_argv("sweep.epsilons=[20, 60]",
+                                     "privacy.dataset_budget_epsilon=50"),
+                 ["This sweep (2 runs at target ε = 20, 60", "needs up to ε = 80",
+                  "(ε ≤ 50, δ = 1e-05)", "nothing was reserved or trained"],
+                 id="sweep-over-dataset-budget"),
+    pytest.param(nothing, sweep_argv("sweep.epsilons=[5, 2]"),
+                 ["sweep.epsilons=[5.0, 2.0]", "must be strictly increasing"],
+                 id="sweep-epsilons-not-increasing"),
+    pytest.param(nothing, sweep_argv(dp_model="inputs/model"),
+                 ["dp_model_dir='inputs/model'", "no privacy.json",
+                  "pass the output of `dpsynth finetune`"], id="sweep-dp-model-not-dp"),
+    pytest.param(nothing, sweep_argv(model="inputs/dp_model"),
+                 ["model_dir='inputs/dp_model'", "DP fine-tuned model", "artifacts/pretrain"],
+                 id="sweep-starts-from-a-dp-model"),
+    pytest.param(nothing, sweep_argv(baseline="inputs/public"),
+                 ["baseline_dir='inputs/public'", "no readable metrics.json",
+                  "artifacts/baseline"], id="sweep-baseline-not-given"),
 ]
 
 
@@ -714,6 +751,7 @@ VALID = [
     pytest.param(nothing, sample_argv(), id="sample"),
     pytest.param(nothing, fid_argv(), id="fid"),
     pytest.param(nothing, classify_argv(), id="classify"),
+    pytest.param(nothing, sweep_argv("sweep.epsilons=[10]"), id="sweep"),
 ]
 
 

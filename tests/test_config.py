@@ -242,7 +242,6 @@ INVALID = [
      "data.public.size=100: only printed-digits sources have a size"),
     ("finetune.trainable=[]", "finetune.trainable=(): needs at least one glob pattern"),
     ("finetune.lora_rank=-1", "finetune.lora_rank=-1: must be >= 0"),
-    ("sweep.epsilons=[]", "sweep.epsilons=[]: needs at least one target epsilon"),
     ("sweep.epsilons=[0, 1]", "sweep.epsilons=[0.0, 1.0]: every target epsilon must be > 0"),
     ("sweep.epsilons=[2, 1]", "sweep.epsilons=[2.0, 1.0]: must be strictly increasing"),
     ("finetune.lora_alpha=0", "finetune.lora_alpha=0.0: must be > 0"),

@@ -18,8 +18,8 @@ import pytest
 
 from dpsynth.io.shards import read_dataset
 
-STAGES = ("prepare", "pretrain", "finetune", "sample", "fid", "classify", "baseline", "rank",
-          "audit")
+STAGES = ("prepare", "pretrain", "finetune", "sample", "fid", "classify", "baseline", "sweep",
+          "rank", "audit")
 pytestmark = pytest.mark.slow
 
 
@@ -40,7 +40,15 @@ def test_every_stage_publishes_verified_artifacts(repro: Path) -> None:
     assert json.loads((art / "sample" / "privacy.json").read_text()) == privacy
     ledger = list((art / "ledger").glob("*.json"))
     entries = json.loads(ledger[0].read_text())["entries"] if len(ledger) == 1 else None
-    assert [(e["target_epsilon"], e["status"]) for e in entries] == [(10.0, "completed")]
+    # the run's DP fine-tuning, then the sweep's one extra point (smoke: epsilons [2, 10],
+    # 10 is the run's own model)
+    assert [(e["target_epsilon"], e["status"]) for e in entries] == [(10.0, "completed"),
+                                                                     (2.0, "completed")]
+    with open(art / "sweep" / "curve.csv", newline="") as f:
+        curve = [(float(r["epsilon"]), r["source"]) for r in csv.DictReader(f)]
+    assert curve == [(0.0, "public only"), (2.0, "DP: sweep"), (10.0, "DP: this run")]
+    assert (json.loads((art / "sweep" / "eps-2" / "model" / "privacy.json").read_text())
+            ["epsilon"] <= 2.0)
     for stage in STAGES:
         assert json.loads((art / stage / "metrics.json").read_text())
         params = json.loads((art / stage / "params.json").read_text())
@@ -80,7 +88,7 @@ def test_mlflow_groups_stage_runs_under_one_parent(repro: Path) -> None:
     # the report page is logged with its run (the browser test renders it)
     assert [a.path for a in client.list_artifacts(children["report"].info.run_id)] == [
         "index.html"]
-    assert sorted(nested) == [f"rank/config-{i:02d}" for i in range(3)]
+    assert sorted(nested) == [*(f"rank/config-{i:02d}" for i in range(3)), "sweep/epsilon=2"]
     for name, run in nested.items():
         parent = children[name.split("/")[0]]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id

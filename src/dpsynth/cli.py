@@ -40,10 +40,11 @@ EXAMPLES = {
                 "--public artifacts/prepare/public --test artifacts/prepare/test "
                 "--out artifacts/baseline",
     "sweep": "dpsynth sweep --config params.yaml --model artifacts/pretrain "
-             "--private artifacts/prepare/private --public artifacts/prepare/public "
-             "--test artifacts/prepare/test --baseline artifacts/baseline "
-             "--classify artifacts/classify --out artifacts/sweep\n"
-             "  dpsynth sweep ... --set 'sweep.epsilons=[1, 10]'   # two points",
+             "--dp-model artifacts/finetune --private artifacts/prepare/private "
+             "--public artifacts/prepare/public --test artifacts/prepare/test "
+             "--baseline artifacts/baseline --classify artifacts/classify --fid artifacts/fid "
+             "--out artifacts/sweep\n"
+             "  dpsynth sweep ... --set 'sweep.epsilons=[1, 2, 5, 10]'   # three more DP runs",
     "rank": "dpsynth rank --config params.yaml --synthetic artifacts/sample "
             "--test artifacts/prepare/test --generator artifacts/finetune --out artifacts/rank",
     "audit": "dpsynth audit --config params.yaml --model artifacts/pretrain "
@@ -87,7 +88,7 @@ SHORT = {
 
 # Stage arguments that name a folder a stage reads; each may be an s3:// URI.
 INPUT_ARGS = ("public", "private", "model", "synthetic", "reference", "test", "generator",
-              "heldout", "baseline", "classify")
+              "heldout", "baseline", "classify", "dp_model", "fid")
 
 
 def _location(value: str) -> str | Path:
@@ -226,14 +227,15 @@ def _sweep(args: argparse.Namespace, cfg: config.Config) -> None:
     from dpsynth.stages import sweep
 
     with open_tracker(cfg.tracking, "sweep") as tracker:
-        result = sweep.run(cfg, model_dir=args.model, private_dir=args.private,
-                           public_dir=args.public, test_dir=args.test,
-                           baseline_dir=args.baseline, classify_dir=args.classify,
-                           out_dir=args.out, tracker=tracker)
+        result = sweep.run(cfg, model_dir=args.model, dp_model_dir=args.dp_model,
+                           private_dir=args.private, public_dir=args.public,
+                           test_dir=args.test, baseline_dir=args.baseline,
+                           classify_dir=args.classify, fid_dir=args.fid, out_dir=args.out,
+                           tracker=tracker)
     points = ", ".join(f"epsilon {p.epsilon:g}: {p.real_test_accuracy:.3f}" for p in result.points)
     print(f"sweep: real test accuracy {points} (public only: "
           f"{result.metrics['public_only_real_test_accuracy']:.3f}); curve in "
-          f"{result.out_dir / sweep.INDEX}")
+          f"{result.out_dir / sweep.CURVE_PNG}")
 
 
 def _rank(args: argparse.Namespace, cfg: config.Config) -> None:
@@ -529,23 +531,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public", type=_location, required=True,
                    help="public split (trains the domain CNN, as in fid)")
     p.add_argument("--test", type=_location, required=True, help="real test split from prepare")
-    p = add("sweep", "The privacy-utility curve (paper Fig. 2): one DP fine-tuning run per "
-            "target epsilon in sweep.epsilons (every other setting the main run's), each "
-            "sampled and scored like the public-only baseline, plotted against epsilon with "
-            "the public-only point and the real-data baseline. All the runs are reserved in "
-            "the privacy ledger at once, before any trains; the sweep is refused whole past "
-            "the dataset's budget. Writes curve.csv, curve.png, index.html, metrics.json and "
-            "each point's DP model to --out.", _sweep)
+    p = add("sweep", "The privacy-utility curve (paper Fig. 2): the public-only point "
+            "(epsilon 0, from baseline), this run's DP model (from classify and fid), and one "
+            "more DP fine-tuning run per other target epsilon in sweep.epsilons (every other "
+            "setting the run's), each sampled and scored like the public-only baseline, "
+            "against the real-data baseline. The extra runs are reserved in the privacy "
+            "ledger at once, before any trains; the sweep is refused whole past the "
+            "dataset's budget. Writes curve.csv, curve.png, metrics.json and each extra "
+            "point's DP model to --out; the report shows the curve.", _sweep)
     p.add_argument("--model", type=_location, required=True,
                    help="the pre-trained model (artifacts/pretrain) every point starts from")
+    p.add_argument("--dp-model", type=_location, required=True,
+                   help="this run's DP model (artifacts/finetune), the point at its epsilon")
     p.add_argument("--private", type=_location, required=True, help="private split from prepare")
     p.add_argument("--public", type=_location, required=True,
                    help="public split (monitoring loss, domain CNN)")
     p.add_argument("--test", type=_location, required=True, help="real test split from prepare")
     p.add_argument("--baseline", type=_location, required=True,
                    help="the baseline stage's output: the public-only point (epsilon 0)")
-    p.add_argument("--classify", type=_location, default=None,
-                   help="the classify stage's output: the real-data baseline line (optional)")
+    p.add_argument("--classify", type=_location, required=True,
+                   help="the classify stage's output: this run's point and the real-data line")
+    p.add_argument("--fid", type=_location, required=True,
+                   help="the fid stage's output: this run's point's Frechet distance")
     p = add("rank", "Train the rank.grid of classifier configurations on synthetic data, "
             "choose on synthetic validation, and report how well the synthetic ranking "
             "holds on the real test split (Spearman, Kendall, regret). Registers the chosen "

@@ -550,24 +550,25 @@ class ReportConfig:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """`dpsynth sweep`: the privacy-utility curve (paper Fig. 2). One DP fine-tuning
-    run per target epsilon, each sampled and scored like the main run, next to the
-    public-only point (epsilon 0) and the real-data baseline.
+    """`dpsynth sweep`: the privacy-utility curve (paper Fig. 2): the public-only
+    point (epsilon 0), the run's own DP model at ``finetune.epsilon``, and one more
+    DP fine-tuning run per other target here, each sampled and scored like the
+    run's, next to the real-data baseline.
 
-    Every point is a run on the private data: the sweep reserves all of them in
-    the privacy ledger at once, before any trains, and is refused whole when
-    they would take the dataset past ``privacy.dataset_budget_epsilon``.
+    Every extra point is a run on the private data: the sweep reserves all of
+    them in the privacy ledger at once, before any trains, and is refused whole
+    when they would take the dataset past ``privacy.dataset_budget_epsilon``.
 
     Attributes:
         epsilons: the target epsilons, increasing (each a ``finetune.epsilon``; every
-            other setting is the main run's).
+            other setting is the run's). Empty (the default, `make run`): the curve
+            is the run's own points and nothing more is trained; `make sweep` sets
+            [1, 2, 5, 10]. A target equal to ``finetune.epsilon`` is the run's model.
     """
 
-    epsilons: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0)
+    epsilons: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        _check(len(self.epsilons) >= 1, "sweep.epsilons", list(self.epsilons),
-               "needs at least one target epsilon, e.g. [1, 2, 5, 10]")
         _check(all(e > 0 for e in self.epsilons), "sweep.epsilons", list(self.epsilons),
                "every target epsilon must be > 0 (the public-only point, epsilon 0, is "
                "the baseline stage's)")

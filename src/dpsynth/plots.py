@@ -89,10 +89,12 @@ def plot_audit_roc(curves: Sequence[tuple[str, Sequence[float], Sequence[float]]
 def plot_privacy_utility(epsilons: Sequence[float], accuracies: Sequence[float],
                          distances: Sequence[float | None], path: str | Path, *,
                          public_accuracy: float | None, public_distance: float | None,
-                         real_accuracy: float | None, distance_name: str) -> None:
+                         real_accuracy: float | None, distance_name: str,
+                         this_run: float | None = None) -> None:
     """The privacy-utility curve (the paper's Fig. 2): downstream accuracy and the
     Fréchet distance against the target ε, with the public-only point (ε = 0,
-    dashed) and the non-private real-data baseline (dotted) as reference lines."""
+    dashed) and the non-private real-data baseline (dotted) as reference lines;
+    the point at ε = `this_run` (the run's own DP model) is starred."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
     ticks = [f"{e:g}" for e in epsilons]
     left.plot(epsilons, accuracies, "o-", lw=1.5, label="DP fine-tuned, at each ε")
@@ -111,6 +113,13 @@ def plot_privacy_utility(epsilons: Sequence[float], accuracies: Sequence[float],
     if public_distance is not None:
         right.axhline(public_distance, color="C2", ls="--", lw=1.5,
                       label="public only (ε = 0, no private data)")
+    if this_run in epsilons:
+        i = list(epsilons).index(this_run)
+        left.plot([this_run], [accuracies[i]], "*", color="C1", ms=12, label="this run's model")
+        if distances[i] is not None:
+            right.plot([this_run], [distances[i]], "*", color="C1", ms=12,
+                       label="this run's model")
+        left.legend(fontsize=8, loc="lower right")
     right.set(xlabel="target ε", ylabel=f"Fréchet distance ({distance_name})",
               title="Fréchet distance vs ε (lower is closer)", xscale="log")
     right.legend(fontsize=8, loc="upper right")

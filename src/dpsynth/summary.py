@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-STAGES = ("prepare", "pretrain", "finetune", "sample", "fid", "classify", "rank", "audit")
+STAGES = ("prepare", "pretrain", "finetune", "sample", "fid", "classify", "baseline", "sweep",
+          "rank", "audit")
 WHAT = {
     "prepare": "public/private/test shards + manifests",
     "pretrain": "EMA diffusion model (safetensors + config.json), loss.csv",
@@ -14,6 +15,8 @@ WHAT = {
     "sample": "synthetic shards + manifest, grid.png",
     "fid": "distances to the real test split, domain CNN",
     "classify": "accuracy vs number of synthetic samples, curve.png",
+    "baseline": "the public-only point (epsilon 0): the pre-trained model, scored alike",
+    "sweep": "privacy-utility curve (curve.csv, curve.png), make sweep's extra DP points",
     "rank": "synthetic vs real ranking, scatter.png, champion classifier",
     "audit": "canary membership audit (epsilon lower bound vs claim), memorization, roc.png",
 }

@@ -32,9 +32,9 @@ STAGE_COMPONENTS = {
     "finetune": {"finetune": "run"},
     "sample": {"sample_shard": "make_shards", "merge_shards": "publish"},
     "fid": {"fid": "run"}, "classify": {"classify": "run"},
-    "baseline": {"baseline": "run"}, "rank": {"rank": "run"},
+    "baseline": {"baseline": "run"}, "sweep": {"sweep": "run"}, "rank": {"rank": "run"},
     "audit": {"audit": "run"}, "report": {"report": "run"}}
-GPU_COMPONENTS = {"pretrain", "finetune", "sample_shard", "baseline", "audit"}
+GPU_COMPONENTS = {"pretrain", "finetune", "sample_shard", "baseline", "sweep", "audit"}
 
 
 def _source(component: Any) -> str:
@@ -110,13 +110,21 @@ def test_components_pass_typed_artifacts() -> None:
     assert io("audit") == (config | {"model": model, "dp_model": model, "synthetic": dataset,
                                      "private": dataset, "test": dataset},
                            {"results": "system.Artifact@0.0.1", "metrics": metrics, "roc": html})
+    artifact = "system.Artifact@0.0.1"
+    # the sweep: this run's points and, for its own DP runs, the pre-trained model and
+    # the private split
+    assert io("sweep") == (config | {"model": model, "dp_model": model, "private": dataset,
+                                     "public": dataset, "test": dataset, "baseline": artifact,
+                                     "classify": artifact, "fid": artifact,
+                                     "work_root": "String", "pipeline_run_id": "String"},
+                           {"results": artifact, "metrics": metrics, "curve_plot": html})
     # the report reads every stage's output but the private split; the page is an HTML
     # artifact (shown by the KFP UI), the folder a plain one
-    artifact = "system.Artifact@0.0.1"
     assert io("report") == (config | {"public": dataset, "test": dataset, "model": model,
                                       "dp_model": model, "synthetic": dataset,
                                       "fid": artifact, "classify": artifact,
-                                      "baseline": artifact, "rank": artifact, "audit": artifact},
+                                      "baseline": artifact, "sweep": artifact, "rank": artifact,
+                                      "audit": artifact},
                             {"results": artifact, "page": html})
 
 

@@ -23,8 +23,8 @@ from pipelines import dpsynth_pipeline as pipe
 # dvc.yaml stage -> the task(s) of the pipeline that do its work
 TASKS = {"prepare": "prepare", "pretrain": "pretrain", "finetune": "finetune",
          "sample": "merge-shards", "fid": "fid", "classify": "classify", "baseline": "baseline",
-         "rank": "rank", "audit": "audit", "report": "report"}
-GPU_TASKS = {"pretrain", "finetune", "sample-shard", "baseline", "audit"}
+         "sweep": "sweep", "rank": "rank", "audit": "audit", "report": "report"}
+GPU_TASKS = {"pretrain", "finetune", "sample-shard", "baseline", "sweep", "audit"}
 LOOP = "for-loop-1"  # the ParallelFor's task (the compiler names it)
 
 
@@ -125,13 +125,22 @@ def test_artifacts_flow_as_designed(spec) -> None:
         "model": ("pretrain", "model"), "dp_model": ("finetune", "dp_model"),
         "synthetic": ("merge-shards", "synthetic"), "fid": ("fid", "results"),
         "classify": ("classify", "results"), "baseline": ("baseline", "results"),
-        "rank": ("rank", "results"), "audit": ("audit", "results")}
-    # the private split reaches only the DP trainer, the labelled non-private baseline
+        "sweep": ("sweep", "results"), "rank": ("rank", "results"),
+        "audit": ("audit", "results")}
+    # the sweep: this run's points from the stages above, its own DP runs from the
+    # pre-trained model
+    assert {name: source("sweep", name) for name in tasks["sweep"]["inputs"]["artifacts"]
+            if name != "config"} == {
+        "model": ("pretrain", "model"), "dp_model": ("finetune", "dp_model"),
+        "private": ("prepare", "private"), "public": ("prepare", "public"),
+        "test": ("prepare", "test"), "baseline": ("baseline", "results"),
+        "classify": ("classify", "results"), "fid": ("fid", "results")}
+    # the private split reaches only the DP trainers, the labelled non-private baseline
     # and the audit's memorization aggregates
     readers = {t for t, spec_ in tasks.items()
                for art in spec_.get("inputs", {}).get("artifacts", {}).values()
                if art.get("taskOutputArtifact", {}).get("outputArtifactKey") == "private"}
-    assert readers == {"finetune", "classify", "audit"}
+    assert readers == {"finetune", "sweep", "classify", "audit"}
 
 
 def test_sampling_fans_out_over_shard_indices(spec) -> None:
@@ -179,19 +188,19 @@ def test_gpu_stages_request_gpus_and_every_stage_cpu_and_memory(spec) -> None:
 def test_training_and_sampling_retry_with_backoff(spec) -> None:
     for name, task in _tasks(spec[0]).items():
         policy = task.get("retryPolicy")
-        if name in ("pretrain", "finetune", "sample-shard"):
+        if name in ("pretrain", "finetune", "sample-shard", "sweep"):
             assert policy["maxRetryCount"] >= 1, name
             assert policy["backoffDuration"] and policy["backoffFactor"] > 1, name
         else:
             assert policy is None, name
 
 
-def test_caching_is_on_except_for_the_dp_stage(spec) -> None:
+def test_caching_is_on_except_for_the_dp_stages(spec) -> None:
     for name, task in _tasks(spec[0]).items():
         if name == LOOP:
             continue
         cached = task.get("cachingOptions", {}).get("enableCache", False)
-        assert cached == (name != "finetune"), name
+        assert cached == (name not in ("finetune", "sweep")), name
 
 
 def test_durable_state_is_mounted_where_it_is_used(spec) -> None:
@@ -200,7 +209,7 @@ def test_durable_state_is_mounted_where_it_is_used(spec) -> None:
         if name == LOOP:
             continue
         mounts = _platform(pipeline_spec, platform_spec, task).get("pvcMount", [])
-        if name in ("pretrain", "finetune", "sample-shard", "merge-shards"):
+        if name in ("pretrain", "finetune", "sample-shard", "merge-shards", "sweep"):
             assert [(m["constant"], m["mountPath"]) for m in mounts] == [
                 ("dpsynth-state", pipe.STATE_MOUNT)], name
         else:

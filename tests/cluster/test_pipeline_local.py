@@ -31,8 +31,8 @@ pytestmark = [
 # dvc.yaml stage -> (task, output) of its artifact in the pipeline
 OUTPUTS = {"pretrain": ("pretrain", "model"), "finetune": ("finetune", "dp_model"),
            "sample": ("merge-shards", "synthetic"), "fid": ("fid", "results"),
-           "classify": ("classify", "results"), "rank": ("rank", "results"),
-           "audit": ("audit", "results")}
+           "classify": ("classify", "results"), "sweep": ("sweep", "results"),
+           "rank": ("rank", "results"), "audit": ("audit", "results")}
 STAGES = ("prepare", *OUTPUTS)
 
 
@@ -54,7 +54,8 @@ def test_every_task_ran_and_sampling_fanned_out(kfp_local_smoke_run: KfpLocalRun
     run = kfp_local_smoke_run
     tasks = {p.name for p in run.run_dir.iterdir()}
     assert tasks == {"resolve-config", "prepare", "pretrain", "finetune", "shard-indices",
-                     "merge-shards", "fid", "classify", "baseline", "rank", "audit", "report",
+                     "merge-shards", "fid", "classify", "baseline", "sweep", "rank", "audit",
+                     "report",
                      *(f"for-loop-1-iteration-{i}" for i in range(3))}
     for i in range(3):  # one shard per iteration
         shard = run.run_dir / f"for-loop-1-iteration-{i}" / "sample-shard" / "shard"
@@ -96,7 +97,7 @@ def test_every_stage_ran_with_the_same_config(kfp_local_smoke_run: KfpLocalRun,
                                                                                       stage)
         kfp = json.loads((kfp_dir / "params.json").read_text())
         dvc = json.loads((repro / "artifacts" / stage / "params.json").read_text())
-        if stage == "finetune":  # the pipeline's durable ledger, not artifacts/ledger
+        if stage in ("finetune", "sweep"):  # the pipeline's durable ledger, not artifacts/ledger
             assert kfp["privacy"].pop("ledger_dir") == str(run.ledger_dir)
             dvc["privacy"].pop("ledger_dir")
         assert kfp == dvc, stage
@@ -178,12 +179,13 @@ def test_the_report_states_what_dvc_repros_report_states(kfp_local_smoke_run: Kf
         head, tail = html.split(name)
         return head, tail.split("</tr>", 1)[1].split('<section id="provenance"')[0]
 
-    # the same public statement, no composed epsilon (PRIVACY.md rule 8)
-    stated = ('1 run on record, composed within the budget (ε ≤ 100, δ = '
+    # the same public statement, no composed epsilon (PRIVACY.md rule 8): the DP run and
+    # the sweep's extra point, which the sweep recorded after the fine-tuning
+    stated = ('2 runs on record, composed within the budget (ε ≤ 100, δ = '
               '<span class="nowrap">1e-5</span>)')
     assert stated in budget_row(dvc) and stated in budget_row(page)
     assert "so far" in budget_row(dvc)
-    assert "when this model finished training" in budget_row(page)
+    assert "when the privacy-utility sweep finished" in budget_row(page)
     assert the_rest(page) == the_rest(dvc)
 
 
@@ -192,6 +194,8 @@ def test_durable_state_holds_the_ledger_and_no_leftover_work(
     run = kfp_local_smoke_run
     (ledger,) = run.ledger_dir.glob("*.json")
     entries = json.loads(ledger.read_text())["entries"]
-    assert [e["status"] for e in entries] == ["completed"]
+    # the DP run and the sweep's one extra point (smoke: sweep.epsilons [2, 10])
+    assert [(e["target_epsilon"], e["status"]) for e in entries] == [(10.0, "completed"),
+                                                                     (2.0, "completed")]
     # every stage published, then removed its checkpoints / finished shards
     assert not run.work_root.exists() or not list(run.work_root.iterdir())

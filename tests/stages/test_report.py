@@ -26,7 +26,8 @@ from dpsynth import cli
 from dpsynth.config import Config
 from dpsynth.errors import InputError
 from dpsynth.io.shards import read_dataset, read_manifest
-from dpsynth.plots import plot_accuracy_curve, plot_audit_roc, plot_loss, plot_rank_scatter
+from dpsynth.plots import (plot_accuracy_curve, plot_audit_roc, plot_loss, plot_privacy_utility,
+                           plot_rank_scatter)
 from dpsynth.privacy import accounting
 from dpsynth.privacy.ledger import PrivacyLedger, dataset_key
 from dpsynth.report import page, statement
@@ -105,6 +106,21 @@ def layout(tmp_path_factory: pytest.TempPathFactory, digits_eval_dirs: dict[str,
     _stage_files(art / "baseline", "baseline", {}, {
         "epsilon": 0.0, "public_only_real_test_accuracy": 0.6512, "public_only_num_synthetic": 400,
         "public_only_fd_digits_cnn": 2.4681})
+    # the sweep: public only, one swept point (epsilon 2, its samples) and this run's
+    curve = art / "sweep"
+    _stage_files(curve, "sweep", {}, {
+        "epsilons": [2.0, 10.0], "this_run_epsilon": 10.0,
+        "public_only_real_test_accuracy": 0.6512, "public_only_fd_digits_cnn": 2.4681,
+        "nonprivate_baseline_real_test_accuracy": 0.9456, "distance": "fd_digits_cnn",
+        "real_test_accuracy_eps-2": 0.7312, "real_test_accuracy_eps-10": 0.8123})
+    (curve / "curve.csv").write_text(
+        "epsilon,real_test_accuracy,frechet_distance,source\n0,0.6512,2.4681,public only\n"
+        "2.0,0.7312,1.3579,DP: sweep\n10.0,0.8123,0.123456,DP: this run\n")
+    plot_privacy_utility([2.0, 10.0], [0.7312, 0.8123], [1.3579, 0.123456], curve / "curve.png",
+                         public_accuracy=0.6512, public_distance=2.4681, real_accuracy=0.9456,
+                         distance_name="digits_cnn", this_run=10.0)
+    (curve / "eps-2").mkdir()
+    shutil.copy(fine / "loss.png", curve / "eps-2" / "grid.png")  # stands in for its samples
     rank = art / "rank"
     grid = [{"depth": 10, "widen": 1, "lr": lr, "epochs": 2, "augment": "crop"}
             for lr in (0.05, 0.01, 0.005)]
@@ -256,6 +272,18 @@ def test_without_the_private_split_the_recorded_count_is_stated(cfg, layout, tmp
     assert "1 run on record, composed within the budget (ε ≤ 30, δ = 1e-5)" in row
     assert "as the ledger stood when this model finished training" in row
 
+    # a sweep that ran DP runs after the fine-tuning recorded the later count: it is stated
+    art = tmp_path / "art"
+    shutil.copytree(layout["art"], art, ignore=shutil.ignore_patterns("private"))
+    metrics = json.loads((art / "sweep" / "metrics.json").read_text())
+    (art / "sweep" / "metrics.json").write_text(json.dumps(metrics | {"dataset_runs": 3}))
+    result = report.run(cfg(), artifacts=report.artifact_paths(art), out_dir=tmp_path / "s",
+                        tracker=NullTracker())
+    assert result.budget == statement.Budget(3, 30.0, DELTA, within=True, read_now=False,
+                                             recorded_by="sweep")
+    row = _budget_row(result.index.read_text())
+    assert "3 runs on record" in row and "when the privacy-utility sweep finished" in row
+
 
 def test_the_older_private_manifest_argument_still_finds_the_ledger(cfg, layout,
                                                                    tmp_path) -> None:
@@ -270,8 +298,9 @@ def test_the_page_shows_every_stage_and_real_beside_synthetic(cfg, layout, tmp_p
     result, html = _report(cfg(), layout, tmp_path / "r")
     text = _text(html)
     assert result.not_run == () and "Not run" not in text
-    # 10 classes x 3 synthetic + 3 real, and the five plots of the stages
-    assert result.images == html.count("<img ") == 10 * 3 * 2 + 5
+    # 10 classes x 3 synthetic + 3 real, the five plots of the stages, and the sweep's
+    # curve and the samples of its one swept point
+    assert result.images == html.count("<img ") == 10 * 3 * 2 + 5 + 2
     assert all(re.search(r'alt="[^"]{10,}"', tag) for tag in re.findall(r"<img [^>]*>", html))
     for expected in ("81.2%", "94.6%", "NOT covered by (ε, δ): for comparison only",
                      "Spearman ρ = +0.50 (95% CI -0.50 to +1.00)",
@@ -286,7 +315,11 @@ def test_the_page_shows_every_stage_and_real_beside_synthetic(cfg, layout, tmp_p
                      "commit", "0123abc",
                      # the baselines of the same run, labelled, and the headline's gain
                      "DP fine-tuning: +16.1 points over public-only; 13.3 points from real data",
-                     "public only (ε = 0)", "65.1%", "2.468"):
+                     "public only (ε = 0)", "65.1%", "2.468",
+                     # the privacy-utility curve: each point, this run's marked, its gain
+                     "Privacy–utility curve", "DP fine-tuned at ε = 2", "73.1%", "1.358",
+                     "+8.0", "DP fine-tuned at ε = 10 (this run's model)",
+                     "The sweep's points at ε = 2 are DP fine-tuning runs of their own"):
         assert expected in text, expected
     assert text.count("DP fine-tuning: +16.1 points") >= 2  # the lede and the section
     # the real examples are the first of each class in the test split, byte for byte
@@ -327,8 +360,8 @@ def test_missing_optional_stages_get_not_run_sections(cfg, layout, tmp_path) -> 
                            private=False)
     text = _text(html)
     assert set(result.not_run) == {"public", "test", "pretrain", "fid", "classify", "baseline",
-                                   "rank", "audit"}
-    for stage in ("fid", "classify", "rank", "audit", "pretrain"):
+                                   "sweep", "rank", "audit"}
+    for stage in ("fid", "classify", "rank", "audit", "pretrain", "sweep"):
         assert f"Not run: no output of the {stage} stage" in text, stage
     assert "No real images: no test split was given" in text
     assert result.images == 10 * 3 + 1  # synthetic examples and the fine-tuning loss
@@ -337,7 +370,7 @@ def test_missing_optional_stages_get_not_run_sections(cfg, layout, tmp_path) -> 
 
 def test_real_examples_can_be_left_out(cfg, layout, tmp_path) -> None:
     result, html = _report(cfg("report.real_examples=false"), layout, tmp_path / "r")
-    assert result.images == 10 * 3 + 5 and "report.real_examples is off" in _text(html)
+    assert result.images == 10 * 3 + 5 + 2 and "report.real_examples is off" in _text(html)
 
 
 def test_a_failed_audit_is_a_banner_at_the_top(cfg, layout, tmp_path) -> None:
@@ -518,7 +551,7 @@ def test_dvc_runs_the_report_last_on_every_output_but_the_private_images() -> No
         f for p in dvc["plots"] for v in p.values() if isinstance(v.get("y"), dict)
         for f in v["y"]}
     for curve in ("pretrain/loss.csv", "finetune/loss.csv", "classify/curve.csv",
-                  "rank/scores.csv", "audit/roc_dp.csv"):
+                  "sweep/curve.csv", "rank/scores.csv", "audit/roc_dp.csv"):
         assert f"artifacts/{curve}" in plotted, curve
 
 

@@ -58,7 +58,9 @@ class Budget:
         within: whether all runs composed stay within the budget; False only when
             the budget was lowered after runs were admitted.
         read_now: the ledger was read for this report; False when `runs` is the
-            count the fine-tuning recorded when it finished.
+            count a stage recorded when it finished (`recorded_by`).
+        recorded_by: which stage recorded `runs` when the ledger was not read: the
+            fine-tuning, or the sweep (its extra DP runs came after).
     """
 
     runs: int
@@ -66,6 +68,7 @@ class Budget:
     budget_delta: float
     within: bool
     read_now: bool
+    recorded_by: str = "finetune"
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,9 @@ def _budget_row(budget: Budget | None, delta_s: str, accountant: str) -> Row:
              "further run is admitted)")
     value = f"{runs}, {where} {limit}; crashed runs count in full"
     when = ("so far" if budget.read_now else
-            "as the ledger stood when this model finished training")
+            "as the ledger stood when this model finished training"
+            if budget.recorded_by == "finetune" else
+            "as the ledger stood when the privacy-utility sweep finished")
     return Row(name, value, f"every DP run on this private dataset {when}, composed at the "
                f"budget's δ ({accountant.upper()} accountant); the composed ε is not stated, "
                "since it depends on the private dataset's size")

@@ -1,7 +1,8 @@
 """`dpsynth report`: the last stage. One self-contained HTML page a data owner can
 hand on: the privacy guarantee in plain words and numbers, samples next to real
-test images, fidelity, downstream accuracy, the ranking check, training curves,
-the audit, and where everything came from.
+test images, fidelity, downstream accuracy against the public-only baseline, the
+privacy-utility curve, the ranking check, training curves, the audit, and where
+everything came from.
 
 The page is made from the other stages' published outputs only. The private
 split, when given, is read for one thing: the hash of its images keys the
@@ -26,6 +27,7 @@ from dpsynth.io.shards import Manifest, read_dataset, read_manifest
 from dpsynth.privacy.ledger import PrivacyLedger, dataset_key
 from dpsynth.provenance import write_run_info
 from dpsynth.report import page, sections
+from dpsynth.report.sweep import curve_section
 from dpsynth.report.page import esc
 from dpsynth.report.sections import read_json
 from dpsynth.report.statement import Budget, epsilon_text, privacy_statement
@@ -38,7 +40,7 @@ INDEX = "index.html"
 # What the report reads, by name, and where `dvc repro` puts it under artifacts/.
 LAYOUT = {"public": "prepare/public", "test": "prepare/test", "pretrain": "pretrain",
           "finetune": "finetune", "sample": "sample", "fid": "fid", "classify": "classify",
-          "baseline": "baseline", "rank": "rank", "audit": "audit"}
+          "baseline": "baseline", "sweep": "sweep", "rank": "rank", "audit": "audit"}
 REQUIRED = ("finetune", "sample")  # the DP claim and the data it is about
 PRIVATE = "prepare/private"  # the private split: read only to key the ledger
 PRIVATE_MANIFEST = f"{PRIVATE}/manifest.json"  # what DVC depends on (it pins the shards)
@@ -66,11 +68,13 @@ class ReportResult:
 
 
 def _budget(cfg: Config, privacy: Mapping[str, Any], finetune_metrics: Mapping[str, Any],
-            finetune_params: Mapping[str, Any], private_dir: Path | None) -> Budget | None:
+            finetune_params: Mapping[str, Any], sweep_metrics: Mapping[str, Any],
+            private_dir: Path | None) -> Budget | None:
     """The ledger's account of the private dataset, in public terms (runs on record,
     the budget): read now when the private split (its images key the ledger) is
-    given and the ledger has the dataset, else the run count the fine-tuning
-    recorded when it finished, against the budget it ran under."""
+    given and the ledger has the dataset, else the run count the fine-tuning (or,
+    when it ran DP runs after it, the sweep) recorded when it finished, against
+    the budget the fine-tuning ran under."""
     if private_dir is not None:
         images, _, manifest = read_dataset(private_dir)  # hash-verified; only hashed here
         ledger = PrivacyLedger(cfg.privacy.ledger_dir, dataset_key(images),
@@ -85,15 +89,18 @@ def _budget(cfg: Config, privacy: Mapping[str, Any], finetune_metrics: Mapping[s
         log.warning("the privacy ledger in %s has no runs on this private dataset; the "
                     "report states the count recorded when the model was trained",
                     cfg.privacy.ledger_dir)
-    runs = finetune_metrics.get("dataset_runs")
+    runs, recorded_by = finetune_metrics.get("dataset_runs"), "finetune"
     if runs is None:
         return None
+    swept = sweep_metrics.get("dataset_runs")  # the sweep's extra DP runs came later
+    if isinstance(swept, int) and swept > runs:
+        runs, recorded_by = swept, "sweep"
     ran_under = finetune_params.get("privacy", {})  # the budget the run was admitted under
     return Budget(int(runs),
                   float(ran_under.get("dataset_budget_epsilon",
                                       cfg.privacy.dataset_budget_epsilon)),
                   float(ran_under.get("dataset_budget_delta", cfg.privacy.dataset_budget_delta)),
-                  within=True, read_now=False)
+                  within=True, read_now=False, recorded_by=recorded_by)
 
 
 def _check_inputs(dirs: Mapping[str, Path], privacy: Mapping[str, Any] | None,
@@ -130,8 +137,8 @@ def run(cfg: Config, *, artifacts: Mapping[str, Path], out_dir: Path, tracker: T
         cfg: resolved config (sections data, privacy, report).
         artifacts: stage output folders by name (keys of `LAYOUT`): `finetune` (the DP
             model with its privacy.json) and `sample` are required; `public`, `test`,
-            `pretrain`, `fid`, `classify`, `rank` and `audit` are optional, and a
-            missing one gets a "not run" section.
+            `pretrain`, `fid`, `classify`, `baseline`, `sweep`, `rank` and `audit` are
+            optional, and a missing one gets a "not run" section.
         out_dir: gets `index.html` (self-contained: images embedded), `params.json`,
             `version.json`; published atomically.
         tracker: gets the report section of the config and `index.html`.
@@ -170,7 +177,8 @@ def run(cfg: Config, *, artifacts: Mapping[str, Path], out_dir: Path, tracker: T
                          "guarantee the report states; pass the folder `dpsynth finetune` "
                          "wrote (artifacts/finetune), or re-run finetune")
     budget = _budget(cfg, privacy, read_json(dirs["finetune"], "metrics.json") or {},
-                     fine_params, private_dir)
+                     fine_params, read_json(dirs.get("sweep"), "metrics.json") or {},
+                     private_dir)
     classify = read_json(dirs.get("classify"), "metrics.json") or {}
     audit = read_json(dirs.get("audit"), "metrics.json") or {}
     statement = privacy_statement(
@@ -187,6 +195,7 @@ def run(cfg: Config, *, artifacts: Mapping[str, Path], out_dir: Path, tracker: T
             sections.utility_section(dirs.get("classify")),
             sections.baselines_section(dirs.get("classify"), dirs.get("baseline"),
                                        dirs.get("fid"), target),
+            curve_section(dirs.get("sweep")),
             sections.ranking_section(dirs.get("rank")),
             sections.training_section(dirs.get("pretrain"), dirs["finetune"]),
             sections.audit_section(dirs.get("audit")),

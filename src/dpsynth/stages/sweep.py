@@ -1,22 +1,27 @@
 """`dpsynth sweep`: the privacy-utility curve (the paper's Fig. 2).
 
-One DP fine-tuning run per target ε in ``sweep.epsilons`` (every other setting
-is the main run's), each sampled and scored exactly as the public-only
-baseline is (`baseline.score_model`: the `classify` recipe at its largest size
-and the `fid` distances in the same domain-CNN feature space, on the same real
-test split), plotted against ε next to the public-only point (ε = 0, read from
-the `baseline` stage) and the non-private real-data baseline (read from
-`classify`, evaluation only).
+The curve's points: the public-only model (ε = 0, the `baseline` stage), the
+run's own DP model at ``finetune.epsilon`` (scored by the `classify` and `fid`
+stages), and one more DP fine-tuning run per other target ε in
+``sweep.epsilons`` (every other setting is the run's), each sampled and scored
+exactly as the public-only baseline is (`baseline.score_model`: the `classify`
+recipe at its largest size and the `fid` distances in the same domain-CNN
+feature space, on the same real test split); the non-private real-data
+baseline (read from `classify`, evaluation only) is the reference line. With
+``sweep.epsilons`` empty (the default of `make run`) the stage trains nothing
+and reads no private data: the curve is the run's two points. `make sweep`
+sets it (`dvc exp run -S sweep.epsilons=[1,2,5,10]`).
 
-Privacy. Every point is a run on the private data, so every point is an entry
-in the dataset's privacy ledger. The sweep calibrates all its plans first and
-reserves them in one ledger transaction (`PrivacyLedger.reserve_all`) before
-any of them trains: a sweep that would take the dataset past its budget is
-refused whole, with the budget it needs (the sum of its targets, public) in the
-message, and spends nothing. A re-run of an interrupted sweep resumes: finished
-points are kept, a point with a checkpoint resumes under its own ledger entry,
-and a point that started but left no checkpoint gets a new entry (its attempt
-may have released something, so its id is never reused), checked against the
+Privacy. Every extra point is a run on the private data, so every point is an
+entry in the dataset's privacy ledger. The sweep calibrates all its plans first
+and reserves them in one ledger transaction (`PrivacyLedger.reserve_all`)
+before any of them trains: a sweep that would take the dataset past its budget
+is refused whole, with the budget it needs (the sum of its targets, public) in
+the message, and spends nothing. The run's own point is its `finetune` entry,
+never trained twice. A re-run of an interrupted sweep resumes: finished points
+are kept, a point with a checkpoint resumes under its own ledger entry, and a
+point that started but left no checkpoint gets a new entry (its attempt may
+have released something, so its id is never reused), checked against the
 budget like any run.
 
 What leaves the boundary: the target ε of each point, its accuracy and
@@ -46,7 +51,6 @@ from dpsynth.privacy import accounting
 from dpsynth.privacy.ledger import PlannedRun, PrivacyLedger, dataset_key
 from dpsynth.provenance import write_run_info
 from dpsynth.report.sections import distance_key
-from dpsynth.report.sweep import sweep_page
 from dpsynth.stages import baseline, finetune
 from dpsynth.stages.common import fingerprint, work_dir_for, write_metrics
 from dpsynth.stages.prepare import refuse_private_split
@@ -56,18 +60,21 @@ from dpsynth.training.checkpoint import load_latest
 log = logging.getLogger(__name__)
 SECTIONS = ("seed", "diffusion", "finetune", "privacy", "sample", "classify", "fid", "sweep")
 PLAN = "plan.json"  # in the work folder: the points' ledger run ids, for a resumed sweep
-CURVE_CSV, CURVE_PNG, INDEX = "curve.csv", "curve.png", "index.html"
+CURVE_CSV, CURVE_PNG = "curve.csv", "curve.png"
 STARTED, SCORES = "started", "scores.json"  # per point, in the work folder
+# the curve.csv `source` column: where a point comes from
+PUBLIC, THIS_RUN, SWEPT = "public only", "DP: this run", "DP: sweep"
 
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One point of the curve: the target ε and what its DP model scored."""
+    """One DP point of the curve: the target ε and what its model scored."""
 
     epsilon: float
     real_test_accuracy: float
     distance: float | None  # the Fréchet distance in the fid stage's first feature space
-    run_id: str  # its privacy ledger entry
+    run_id: str | None  # its privacy ledger entry (None: the run's own, `finetune`'s)
+    source: str  # THIS_RUN or SWEPT
 
 
 @dataclass(frozen=True)
@@ -84,22 +91,27 @@ def point_name(epsilon: float) -> str:
     return f"eps-{epsilon:g}"
 
 
-def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, test_dir: Path,
-        baseline_dir: Path, classify_dir: Path | None, out_dir: Path, tracker: Tracker,
-        work_dir: Path | None = None) -> SweepResult:
-    """Fine-tune, sample and score at every ``sweep.epsilons``; publish the curve.
+def run(cfg: Config, *, model_dir: Path, dp_model_dir: Path, private_dir: Path,
+        public_dir: Path, test_dir: Path, baseline_dir: Path, classify_dir: Path,
+        fid_dir: Path, out_dir: Path, tracker: Tracker, work_dir: Path | None = None
+        ) -> SweepResult:
+    """Score the run's points, fine-tune, sample and score at every other
+    ``sweep.epsilons``; publish the curve.
 
     Args:
-        cfg: resolved config (the main run's settings; ``sweep.epsilons`` the targets).
+        cfg: resolved config (the run's settings; ``sweep.epsilons`` the extra targets).
         model_dir: the pre-trained model (`artifacts/pretrain`) every point starts from.
-        private_dir: the private split (`prepare` output).
+        dp_model_dir: the run's DP model (`artifacts/finetune`), the point at its target.
+        private_dir: the private split (`prepare` output); read only when there are
+            points to train.
         public_dir: the public split (fine-tuning's monitoring loss, the domain CNN).
         test_dir: the real test split (scores every point).
         baseline_dir: the `baseline` stage's output: the public-only point (ε = 0).
-        classify_dir: the `classify` stage's output, for the non-private real-data
-            baseline line (optional).
-        out_dir: published atomically: ``curve.csv``, ``curve.png``, ``index.html``,
-            ``metrics.json`` and ``eps-<ε>/`` (the DP model, its ``grid.png``).
+        classify_dir: the `classify` stage's output: the run's point, and the
+            non-private real-data baseline line.
+        fid_dir: the `fid` stage's output: the run's point's Fréchet distance.
+        out_dir: published atomically: ``curve.csv``, ``curve.png``, ``metrics.json``
+            and ``eps-<ε>/`` per trained point (its DP model and ``grid.png``).
         work_dir: resumable scratch (default ``artifacts/.work/sweep``).
 
     Raises:
@@ -117,9 +129,96 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, te
     refuse_private_split("test_dir", test_dir, read_manifest(test_dir).source, why)
     public = _read_metrics(baseline_dir, "public_only_real_test_accuracy", "baseline_dir",
                            "the baseline stage's output (dpsynth baseline), artifacts/baseline")
-    real = (None if classify_dir is None else _read_metrics(
-        classify_dir, None, "classify_dir", "the classify stage's output, artifacts/classify"
-    ).get("nonprivate_baseline_real_test_accuracy"))
+    scored = _read_metrics(classify_dir, "real_test_accuracy", "classify_dir",
+                           "the classify stage's output (dpsynth classify), artifacts/classify")
+    real = scored.get("nonprivate_baseline_real_test_accuracy")
+    distances = _read_metrics(fid_dir, None, "fid_dir",
+                              "the fid stage's output (dpsynth fid), artifacts/fid")
+    fd = distance_key(distances)
+    own = _run_point(Path(dp_model_dir), scored, distances, fd)
+    targets = [e for e in cfg.sweep.epsilons if e != own.epsilon]
+
+    work = Path(work_dir) if work_dir is not None else Path(work_dir_for(out_dir))
+    runs, ledger = _reserve(cfg, targets, work, model_dir=model_dir, private_dir=private_dir)
+    tracker.log_params(cfg.section(*SECTIONS))
+    fid_work = Path(work_dir_for(out_dir.parent / "fid"))  # the fid stage's domain CNN
+    trained: list[SweepPoint] = []
+    for i, planned in enumerate(runs):
+        eps = planned.target_epsilon
+        log.info("sweep: point %d of %d, target epsilon %g", i + 1, len(runs), eps)
+        with tracker.child(f"epsilon={eps:g}") as child:
+            scores = _point(dataclasses.replace(cfg, finetune=dataclasses.replace(
+                cfg.finetune, epsilon=eps)), planned.run_id, work / point_name(eps),
+                model_dir=model_dir, private_dir=private_dir, public_dir=public_dir,
+                test_dir=test_dir, fid_work=fid_work, tracker=child)
+        trained.append(SweepPoint(eps, float(scores["real_test_accuracy"]),
+                                  None if fd is None or fd not in scores else float(scores[fd]),
+                                  planned.run_id, SWEPT))
+    points = sorted([own, *trained], key=lambda p: p.epsilon)
+
+    public_acc = float(public["public_only_real_test_accuracy"])
+    public_fd = public.get(f"public_only_{fd}") if fd else None
+    metrics: dict[str, Any] = {
+        "epsilons": [p.epsilon for p in points], "this_run_epsilon": own.epsilon,
+        "public_only_real_test_accuracy": public_acc,
+        **({f"public_only_{fd}": public_fd} if public_fd is not None else {}),
+        **({"nonprivate_baseline_real_test_accuracy": real} if real is not None else {}),
+        **({"distance": fd} if fd else {}),
+        # public: how often the dataset was run on, as finetune records it (the report
+        # states it where it cannot read the ledger)
+        **({"dataset_runs": len(ledger.entries())} if ledger is not None else {})}
+    for p in points:
+        metrics[f"real_test_accuracy_{point_name(p.epsilon)}"] = p.real_test_accuracy
+        if fd and p.distance is not None:
+            metrics[f"{fd}_{point_name(p.epsilon)}"] = p.distance
+    with atomic_dir(out_dir) as tmp:
+        with open(tmp / CURVE_CSV, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["epsilon", "real_test_accuracy", "frechet_distance", "source"])
+            w.writerow([0, public_acc, "" if public_fd is None else public_fd, PUBLIC])
+            for p in points:
+                w.writerow([p.epsilon, p.real_test_accuracy,
+                            "" if p.distance is None else p.distance, p.source])
+        plot_privacy_utility([p.epsilon for p in points], [p.real_test_accuracy for p in points],
+                             [p.distance for p in points], tmp / CURVE_PNG,
+                             public_accuracy=public_acc, public_distance=public_fd,
+                             real_accuracy=real, distance_name=(fd or "").split("_", 1)[-1],
+                             this_run=own.epsilon)
+        for p in trained:
+            src, dst = work / point_name(p.epsilon), tmp / point_name(p.epsilon)
+            shutil.copytree(src / "model", dst / "model")
+            shutil.copy(src / "grid.png", dst / "grid.png")
+        write_run_info(tmp, "sweep", cfg.section(*SECTIONS))
+        write_metrics(tmp, metrics)
+    tracker.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, float)})
+    tracker.log_artifact(out_dir / CURVE_PNG)
+    tracker.log_artifact(out_dir / CURVE_CSV)
+    shutil.rmtree(work, ignore_errors=True)
+    return SweepResult(out_dir, tuple(points), metrics)
+
+
+def _run_point(dp_model_dir: Path, scored: Mapping[str, Any], distances: Mapping[str, Any],
+               fd: str | None) -> SweepPoint:
+    """The run's own DP model as a point: its target ε, the classify and fid scores."""
+    if not (dp_model_dir / "privacy.json").is_file():
+        raise InputError(f"dp_model_dir={str(dp_model_dir)!r}: no privacy.json, so not a DP "
+                         "model; pass the output of `dpsynth finetune` (artifacts/finetune)")
+    params = _read_json(dp_model_dir / "params.json")
+    target = params.get("finetune", {}).get("epsilon") if isinstance(params, dict) else None
+    if not isinstance(target, (int, float)):
+        raise InputError(f"dp_model_dir={str(dp_model_dir)!r}: no params.json with "
+                         "finetune.epsilon; pass the folder `dpsynth finetune` wrote "
+                         "(artifacts/finetune), or re-run finetune")
+    return SweepPoint(float(target), float(scored["real_test_accuracy"]),
+                      None if fd is None else float(distances[fd]), None, THIS_RUN)
+
+
+def _reserve(cfg: Config, targets: list[float], work: Path, *, model_dir: Path,
+             private_dir: Path) -> tuple[list[PlannedRun], PrivacyLedger | None]:
+    """Plan one DP run per target and reserve them all in one ledger transaction
+    (none: nothing is read or reserved). Resumes an interrupted sweep's ids."""
+    if not targets:
+        return [], None
     images, _, manifest = read_dataset(private_dir)
     n = len(images)  # private: a call-time value, never logged (PRIVACY.md rule 6)
     if n == 0:
@@ -130,13 +229,11 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, te
     ledger = PrivacyLedger(cfg.privacy.ledger_dir, dataset_key(images),
                            legacy_key=manifest.content_hash)
     del images
-
-    work = Path(work_dir) if work_dir is not None else Path(work_dir_for(out_dir))
     config_id = fingerprint(cfg.section(*SECTIONS), sha256_file(weights_file(model_dir)),
                             manifest.content_hash)
     ids = _resumable_ids(work, config_id)
     runs = []
-    for eps in cfg.sweep.epsilons:
+    for eps in targets:
         fc = dataclasses.replace(cfg.finetune, epsilon=eps)
         rid = ids.get(point_name(eps))
         if rid is not None and not _may_reuse(work / point_name(eps), rid):
@@ -154,70 +251,7 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, te
     atomic_write_json(work / PLAN, {"config_id": config_id,
                                     "run_ids": {point_name(r.target_epsilon): r.run_id
                                                 for r in runs}})
-
-    tracker.log_params(cfg.section(*SECTIONS))
-    fid_work = Path(work_dir_for(out_dir.parent / "fid"))  # the fid stage's domain CNN
-    points: list[SweepPoint] = []
-    fd: str | None = None
-    for i, planned in enumerate(runs):
-        eps = planned.target_epsilon
-        log.info("sweep: point %d of %d, target epsilon %g", i + 1, len(runs), eps)
-        with tracker.child(f"epsilon={eps:g}") as child:
-            scores = _point(dataclasses.replace(cfg, finetune=dataclasses.replace(
-                cfg.finetune, epsilon=eps)), planned.run_id, work / point_name(eps),
-                model_dir=model_dir, private_dir=private_dir, public_dir=public_dir,
-                test_dir=test_dir, fid_work=fid_work, tracker=child)
-        fd = distance_key(scores)
-        points.append(SweepPoint(eps, float(scores["real_test_accuracy"]),
-                                 None if fd is None else float(scores[fd]), planned.run_id))
-        tracker.log_metrics({"epsilon": eps, "real_test_accuracy": points[-1].real_test_accuracy}
-                            | ({fd: points[-1].distance} if fd else {}), step=i)
-
-    public_fd = public.get(f"public_only_{fd}") if fd else None
-    metrics: dict[str, Any] = {
-        "epsilons": [p.epsilon for p in points],
-        "public_only_real_test_accuracy": public["public_only_real_test_accuracy"],
-        **({f"public_only_{fd}": public_fd} if public_fd is not None else {}),
-        **({"nonprivate_baseline_real_test_accuracy": real} if real is not None else {})}
-    for p in points:
-        metrics[f"real_test_accuracy_{point_name(p.epsilon)}"] = p.real_test_accuracy
-        if fd and p.distance is not None:
-            metrics[f"{fd}_{point_name(p.epsilon)}"] = p.distance
-    with atomic_dir(out_dir) as tmp:
-        with open(tmp / CURVE_CSV, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["epsilon", "real_test_accuracy", fd or "distance", "source"])
-            w.writerow([0, public["public_only_real_test_accuracy"],
-                        "" if public_fd is None else public_fd, "public only"])
-            for p in points:
-                w.writerow([p.epsilon, p.real_test_accuracy,
-                            "" if p.distance is None else p.distance, "DP"])
-        plot_privacy_utility([p.epsilon for p in points], [p.real_test_accuracy for p in points],
-                             [p.distance for p in points], tmp / CURVE_PNG,
-                             public_accuracy=public["public_only_real_test_accuracy"],
-                             public_distance=public_fd, real_accuracy=real,
-                             distance_name=(fd or "").split("_", 1)[-1])
-        for p in points:
-            src, dst = work / point_name(p.epsilon), tmp / point_name(p.epsilon)
-            shutil.copytree(src / "model", dst / "model")
-            shutil.copy(src / "grid.png", dst / "grid.png")
-        write_run_info(tmp, "sweep", cfg.section(*SECTIONS))
-        write_metrics(tmp, metrics)
-        (tmp / INDEX).write_text(sweep_page(
-            points=[(p.epsilon, p.real_test_accuracy, p.distance) for p in points],
-            public_accuracy=public["public_only_real_test_accuracy"], public_distance=public_fd,
-            real_accuracy=real, distance_name=fd, curve_png=(tmp / CURVE_PNG).read_bytes(),
-            grids={p.epsilon: (tmp / point_name(p.epsilon) / "grid.png").read_bytes()
-                   for p in points},
-            budget_epsilon=cfg.privacy.dataset_budget_epsilon,
-            budget_delta=cfg.privacy.dataset_budget_delta, delta=cfg.finetune.delta,
-            runs_on_record=len(ledger.entries())))
-    tracker.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, float)})
-    tracker.log_artifact(out_dir / CURVE_PNG)
-    tracker.log_artifact(out_dir / CURVE_CSV)
-    tracker.log_artifact(out_dir / INDEX)
-    shutil.rmtree(work, ignore_errors=True)
-    return SweepResult(out_dir, tuple(points), metrics)
+    return runs, ledger
 
 
 def _point(cfg: Config, run_id: str, point: Path, *, model_dir: Path, private_dir: Path,
@@ -268,6 +302,13 @@ def _resumable_ids(work: Path, config_id: str) -> dict[str, str]:
     if work.exists():
         shutil.rmtree(work)
     return {}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _read_metrics(folder: Path, required: str | None, name: str, what: str) -> dict[str, Any]:

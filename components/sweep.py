@@ -1,0 +1,44 @@
+"""The `sweep` stage: the privacy-utility curve (public only, this run's DP model and
+one more DP fine-tuning run per other target in `sweep.epsilons`)."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+from components.images import GPU_IMAGE
+from components.runtime import figures_html, load_config, log_metrics_file, work_dir
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False,
+               additional_funcs=[load_config, work_dir, log_metrics_file, figures_html])
+def sweep(config: Input[Artifact], model: Input[Model], dp_model: Input[Model],
+          private: Input[Dataset], public: Input[Dataset], test: Input[Dataset],
+          baseline: Input[Artifact], classify: Input[Artifact], fid: Input[Artifact],
+          work_root: str, pipeline_run_id: str, results: Output[Artifact],
+          metrics: Output[Metrics], curve_plot: Output[HTML]):
+    """`dpsynth sweep`: the curve of accuracy and Fréchet distance against epsilon.
+
+    With `sweep.epsilons` empty (the default) it trains nothing and reads no private
+    data. Otherwise every extra point is a DP run on the private split: all are
+    reserved in the privacy ledger (`privacy.ledger_dir`) before any trains, and the
+    sweep is refused whole past the dataset's budget. The work folder is per pipeline
+    run, as finetune's: a retry resumes the same points (the ledger counts each once),
+    a new pipeline run is a new sweep.
+    """
+    import os
+    from pathlib import Path
+
+    from dpsynth.io import storage
+    from dpsynth.stages import sweep as stage
+    from dpsynth.tracking import open_tracker
+
+    cfg = load_config(config.path)
+    with (open_tracker(cfg.tracking, "sweep") as tracker,
+          storage.work_folder(work_dir(work_root, "sweep", pipeline_run_id)) as work):
+        stage.run(cfg, model_dir=Path(model.path), dp_model_dir=Path(dp_model.path),
+                  private_dir=Path(private.path), public_dir=Path(public.path),
+                  test_dir=Path(test.path), baseline_dir=Path(baseline.path),
+                  classify_dir=Path(classify.path), fid_dir=Path(fid.path),
+                  out_dir=Path(results.path), tracker=tracker, work_dir=work)
+    log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
+    figures_html(curve_plot, "Privacy-utility curve: accuracy and Frechet distance vs epsilon",
+                 [os.path.join(results.path, "curve.png")])
