@@ -15,8 +15,8 @@ def report(config: Input[Artifact], public: Input[Dataset], test: Input[Dataset]
            results: Output[Artifact], page: Output[HTML]):
     """`dpsynth report`: the privacy statement, samples next to real test images,
     fidelity, downstream accuracy, the privacy-utility curve, the ranking check,
-    training curves, the audit and the provenance, on one page (`page`, shown in the KFP UI; also `results/index.html`
-    and in MLflow). The task is not given the private split: the page states the
+    training curves, the audit and the provenance, on one page (`page`, shown in the
+    KFP UI; also `results/index.html` and in MLflow). The task is not given the private split: the page states the
     privacy ledger's total as the DP run recorded it when it finished."""
     import os
     import shutil

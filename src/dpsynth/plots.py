@@ -122,7 +122,7 @@ def plot_privacy_utility(epsilons: Sequence[float], accuracies: Sequence[float],
         left.legend(fontsize=8, loc="lower right")
     right.set(xlabel="target ε", ylabel=f"Fréchet distance ({distance_name})",
               title="Fréchet distance vs ε (lower is closer)", xscale="log")
-    right.legend(fontsize=8, loc="upper right")
+    right.legend(fontsize=8, loc="center right")
     for ax in (left, right):
         ax.set_xticks(list(epsilons), ticks)
         ax.minorticks_off()
