@@ -18,16 +18,13 @@ def audit(config: Input[Artifact], model: Input[Model], dp_model: Input[Model],
     and memorization of `private` by the samples (aggregates only). `model` is the
     pre-trained model the twin starts from, `dp_model` carries the claim."""
     import os
-    from pathlib import Path
 
-    from dpsynth.stages import audit as stage
-    from dpsynth.tracking import open_tracker
+    from dpsynth.drive import run_stage
 
     cfg = load_config(config.path)
-    with open_tracker(cfg.tracking, "audit") as tracker:
-        stage.run(cfg, model_dir=Path(model.path), generator_dir=Path(dp_model.path),
-                  synthetic_dir=Path(synthetic.path), private_dir=Path(private.path),
-                  heldout_dir=Path(test.path), out_dir=Path(results.path), tracker=tracker)
+    run_stage("audit", cfg, inputs={"model": model.path, "generator": dp_model.path,
+                                    "synthetic": synthetic.path, "private": private.path,
+                                    "heldout": test.path}, out_dir=results.path)
     log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
     figures_html(roc, "Canary membership audit: DP twins vs non-private control",
                  [os.path.join(results.path, "roc.png")])

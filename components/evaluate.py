@@ -20,15 +20,12 @@ def fid(config: Input[Artifact], synthetic: Input[Dataset], reference: Input[Dat
     """`dpsynth fid`: Frechet distance, KID, precision/recall between the synthetic
     set and the real test split (`reference`); the domain CNN is trained on `public`."""
     import os
-    from pathlib import Path
 
-    from dpsynth.stages import fid as stage
-    from dpsynth.tracking import open_tracker
+    from dpsynth.drive import run_stage
 
     cfg = load_config(config.path)
-    with open_tracker(cfg.tracking, "fid") as tracker:
-        stage.run(cfg, synthetic_dir=Path(synthetic.path), reference_dir=Path(reference.path),
-                  public_dir=Path(public.path), out_dir=Path(results.path), tracker=tracker)
+    run_stage("fid", cfg, inputs={"synthetic": synthetic.path, "reference": reference.path,
+                                  "public": public.path}, out_dir=results.path)
     log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
 
 
@@ -41,16 +38,14 @@ def classify(config: Input[Artifact], synthetic: Input[Dataset], test: Input[Dat
     synthetic data, against the number of synthetic images. `private` is read only
     for the labelled non-private baseline (`classify.real_baseline`)."""
     import os
-    from pathlib import Path
 
-    from dpsynth.stages import classify as stage
-    from dpsynth.tracking import open_tracker
+    from dpsynth.drive import run_stage
 
     cfg = load_config(config.path)
-    with open_tracker(cfg.tracking, "classify") as tracker:
-        stage.run(cfg, synthetic_dir=Path(synthetic.path), test_dir=Path(test.path),
-                  private_dir=Path(private.path) if cfg.classify.real_baseline else None,
-                  out_dir=Path(results.path), tracker=tracker)
+    run_stage("classify", cfg, inputs={
+        "synthetic": synthetic.path, "test": test.path,
+        "private": private.path if cfg.classify.real_baseline else None},
+        out_dir=results.path)
     log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
     figures_html(curve, "Real test accuracy vs number of synthetic training images",
                  [os.path.join(results.path, "curve.png")])
@@ -63,15 +58,12 @@ def baseline(config: Input[Artifact], model: Input[Model], public: Input[Dataset
     """`dpsynth baseline`: the pre-trained model (epsilon 0) sampled like the DP model and
     scored with the classify and fid recipes; never given the private split."""
     import os
-    from pathlib import Path
 
-    from dpsynth.stages import baseline as stage
-    from dpsynth.tracking import open_tracker
+    from dpsynth.drive import run_stage
 
     cfg = load_config(config.path)
-    with open_tracker(cfg.tracking, "baseline") as tracker:
-        stage.run(cfg, model_dir=Path(model.path), public_dir=Path(public.path),
-                  test_dir=Path(test.path), out_dir=Path(results.path), tracker=tracker)
+    run_stage("baseline", cfg, inputs={"model": model.path, "public": public.path,
+                                       "test": test.path}, out_dir=results.path)
     log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
 
 
@@ -84,16 +76,12 @@ def rank(config: Input[Artifact], synthetic: Input[Dataset], test: Input[Dataset
     validation, measure the ranking on the real test split; registers the champion
     classifier and the DP generator in MLflow. `results/classifier` is the champion."""
     import os
-    from pathlib import Path
 
-    from dpsynth.stages import rank as stage
-    from dpsynth.tracking import open_tracker
+    from dpsynth.drive import run_stage
 
     cfg = load_config(config.path)
-    with open_tracker(cfg.tracking, "rank") as tracker:
-        stage.run(cfg, synthetic_dir=Path(synthetic.path), test_dir=Path(test.path),
-                  generator_dir=Path(generator.path), out_dir=Path(results.path),
-                  tracker=tracker)
+    run_stage("rank", cfg, inputs={"synthetic": synthetic.path, "test": test.path,
+                                   "generator": generator.path}, out_dir=results.path)
     log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
     figures_html(scatter, "Classifier configurations: synthetic validation vs real test "
                  "accuracy", [os.path.join(results.path, "scatter.png")])

@@ -25,20 +25,16 @@ def sweep(config: Input[Artifact], model: Input[Model], dp_model: Input[Model],
     a new pipeline run is a new sweep.
     """
     import os
-    from pathlib import Path
 
+    from dpsynth.drive import run_stage
     from dpsynth.io import storage
-    from dpsynth.stages import sweep as stage
-    from dpsynth.tracking import open_tracker
 
     cfg = load_config(config.path)
-    with (open_tracker(cfg.tracking, "sweep") as tracker,
-          storage.work_folder(work_dir(work_root, "sweep", pipeline_run_id)) as work):
-        stage.run(cfg, model_dir=Path(model.path), dp_model_dir=Path(dp_model.path),
-                  private_dir=Path(private.path), public_dir=Path(public.path),
-                  test_dir=Path(test.path), baseline_dir=Path(baseline.path),
-                  classify_dir=Path(classify.path), fid_dir=Path(fid.path),
-                  out_dir=Path(results.path), tracker=tracker, work_dir=work)
+    with storage.work_folder(work_dir(work_root, "sweep", pipeline_run_id)) as work:
+        run_stage("sweep", cfg, inputs={
+            "model": model.path, "dp_model": dp_model.path, "private": private.path,
+            "public": public.path, "test": test.path, "baseline": baseline.path,
+            "classify": classify.path, "fid": fid.path}, out_dir=results.path, work_dir=work)
     log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
     figures_html(curve_plot, "Privacy-utility curve: accuracy and Frechet distance vs epsilon",
                  [os.path.join(results.path, "curve.png")])

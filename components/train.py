@@ -22,16 +22,14 @@ def prepare(config: Input[Artifact], public: Output[Dataset], private: Output[Da
     import tempfile
     from pathlib import Path
 
-    from dpsynth.stages import prepare as stage
-    from dpsynth.tracking import open_tracker
+    from dpsynth.drive import run_stage
 
     cfg = load_config(config.path)
     parent = os.path.dirname(public.path)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".prepare-", dir=parent)  # same file system: renames
     out = Path(staging) / "prepare"
-    with open_tracker(cfg.tracking, "prepare") as tracker:
-        stage.run(cfg, out_dir=out, tracker=tracker)
+    run_stage("prepare", cfg, inputs={}, out_dir=out)
     for role, artifact in (("public", public), ("private", private), ("test", test)):
         for name in ("params.json", "version.json"):
             shutil.copyfile(out / name, out / role / name)
@@ -52,17 +50,13 @@ def pretrain(config: Input[Artifact], public: Input[Dataset], work_root: str,
     artifact, so a retried (or re-submitted, uncached) task resumes from them.
     """
     import os
-    from pathlib import Path
 
+    from dpsynth.drive import run_stage
     from dpsynth.io import storage
-    from dpsynth.stages import pretrain as stage
-    from dpsynth.tracking import open_tracker
 
     cfg = load_config(config.path)
-    with (open_tracker(cfg.tracking, "pretrain") as tracker,
-          storage.work_folder(work_dir(work_root, "pretrain", cfg.to_dict(), public.uri))
-          as work):
-        stage.run(cfg, public_dir=Path(public.path), out_dir=Path(model.path), tracker=tracker,
+    with storage.work_folder(work_dir(work_root, "pretrain", cfg.to_dict(), public.uri)) as work:
+        run_stage("pretrain", cfg, inputs={"public": public.path}, out_dir=model.path,
                   work_dir=work)
     log_metrics_file(os.path.join(model.path, "metrics.json"), metrics)
     figures_html(loss_plot, "Pre-training loss (public split)",
@@ -84,17 +78,14 @@ def finetune(config: Input[Artifact], model: Input[Model], private: Input[Datase
     it is not copied to the metrics.
     """
     import os
-    from pathlib import Path
 
+    from dpsynth.drive import run_stage
     from dpsynth.io import storage
-    from dpsynth.stages import finetune as stage
-    from dpsynth.tracking import open_tracker
 
     cfg = load_config(config.path)
-    with (open_tracker(cfg.tracking, "finetune") as tracker,
-          storage.work_folder(work_dir(work_root, "finetune", pipeline_run_id)) as work):
-        stage.run(cfg, model_dir=Path(model.path), private_dir=Path(private.path),
-                  public_dir=Path(public.path), out_dir=Path(dp_model.path), tracker=tracker,
+    with storage.work_folder(work_dir(work_root, "finetune", pipeline_run_id)) as work:
+        run_stage("finetune", cfg, inputs={"model": model.path, "private": private.path,
+                                           "public": public.path}, out_dir=dp_model.path,
                   work_dir=work)
     log_metrics_file(os.path.join(dp_model.path, "metrics.json"), metrics)
     figures_html(loss_plot, "DP fine-tuning: loss of the DP model on public data",

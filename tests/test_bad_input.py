@@ -33,10 +33,10 @@ from sklearn.datasets import load_digits
 
 from dpsynth import cli
 from dpsynth.config import ModelConfig
+from dpsynth.data.roles import carved_source
 from dpsynth.diffusion.unet import EMA_WEIGHTS, WEIGHTS, UNetSpec, build_unet, save_model
 from dpsynth.io.shards import MANIFEST, encode_shard, read_dataset, read_manifest, write_dataset
 from dpsynth.privacy.ledger import PrivacyLedger, dataset_key
-from dpsynth.stages.prepare import carved_source
 
 if str(Path(__file__).parent / "data") not in sys.path:  # tests/data/raw_formats.py
     sys.path.insert(0, str(Path(__file__).parent / "data"))

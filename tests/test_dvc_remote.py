@@ -56,10 +56,11 @@ def test_push_then_a_fresh_clone_pulls_and_is_up_to_date(repro: Path, repro_env:
                for item in items for kind, paths in item.items() for path, what in paths.items()}
     assert changes and all(path.startswith("artifacts/prepare/private")
                            for _, _, path in changes), changes
-    # its readers: fine-tuning, the labelled baseline, the audit, and the report (which
-    # depends on the private manifest only, and hashes the images for the ledger's key)
-    assert {stage for stage, _, _ in changes} == {"prepare", "finetune", "classify", "audit",
-                                                   "report"}
+    # its readers: fine-tuning, the sweep's extra DP runs, the labelled baseline, the
+    # audit, and the report (which depends on the private manifest only, and hashes the
+    # images for the ledger's key)
+    assert {stage for stage, _, _ in changes} == {"prepare", "finetune", "sweep", "classify",
+                                                   "audit", "report"}
     assert not (clone / "artifacts" / "prepare" / "private").exists()
     for split in ("prepare/public", "prepare/test", "sample"):
         pulled, original = (read_dataset(root / "artifacts" / split)[2]

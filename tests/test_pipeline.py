@@ -71,6 +71,30 @@ def test_dvc_sees_pipeline_up_to_date(repro: Path, repro_env: dict[str, str]) ->
     assert json.loads(proc.stdout or "{}") == {}
 
 
+def _changed(repro: Path, env: dict[str, str]) -> set[str]:
+    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repro,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return set(json.loads(proc.stdout or "{}"))
+
+
+def test_editing_the_loss_or_the_checkpoints_reruns_dp_finetuning(
+        repro: Path, repro_env: dict[str, str]) -> None:
+    """dvc.yaml's code deps are every module a stage imports (tests/test_registry.py):
+    the loss and the checkpoint code were once missing from finetune's."""
+    for module in ("diffusion/loss.py", "training/checkpoint.py"):
+        path = repro / "src" / "dpsynth" / module
+        original = path.read_bytes()
+        try:
+            path.write_bytes(original + b"\n# an edit\n")
+            changed = _changed(repro, repro_env)
+        finally:
+            path.write_bytes(original)
+        assert "finetune" in changed, (module, changed)
+        assert not changed & {"prepare", "classify", "rank", "report"}, (module, changed)
+    assert _changed(repro, repro_env) == set()
+
+
 def test_mlflow_groups_stage_runs_under_one_parent(repro: Path) -> None:
     import mlflow
 

@@ -16,50 +16,17 @@ from typing import Callable, Iterator, Sequence
 
 from dpsynth import __version__, config, threads
 from dpsynth.errors import DpsynthError, InputError
+from dpsynth.stages import registry
 from dpsynth.submit import DEFAULT_EXPERIMENT, DEFAULT_PACKAGE
 from dpsynth.tracking import open_tracker
 
-EXAMPLES = {
-    "prepare": "dpsynth prepare --config params.yaml --out artifacts/prepare",
-    "pretrain": "dpsynth pretrain --config params.yaml --public artifacts/prepare/public "
-                "--out artifacts/pretrain",
-    "finetune": "dpsynth finetune --config params.yaml --model artifacts/pretrain "
-                "--private artifacts/prepare/private --public artifacts/prepare/public "
-                "--out artifacts/finetune",
-    "sample": "dpsynth sample --config params.yaml --model artifacts/pretrain "
-              "--out artifacts/sample\n  dpsynth sample --model M --out shards/3 "
-              "--num-shards 8 --shard-index 3   # one shard of a fan-out\n"
-              "  dpsynth sample --merge shards/* --out artifacts/sample   # collect them",
-    "fid": "dpsynth fid --config params.yaml --synthetic artifacts/sample "
-           "--reference artifacts/prepare/test --public artifacts/prepare/public "
-           "--out artifacts/fid",
-    "classify": "dpsynth classify --config params.yaml --synthetic artifacts/sample "
-                "--test artifacts/prepare/test --private artifacts/prepare/private "
-                "--out artifacts/classify",
-    "baseline": "dpsynth baseline --config params.yaml --model artifacts/pretrain "
-                "--public artifacts/prepare/public --test artifacts/prepare/test "
-                "--out artifacts/baseline",
-    "sweep": "dpsynth sweep --config params.yaml --model artifacts/pretrain "
-             "--dp-model artifacts/finetune --private artifacts/prepare/private "
-             "--public artifacts/prepare/public --test artifacts/prepare/test "
-             "--baseline artifacts/baseline --classify artifacts/classify --fid artifacts/fid "
-             "--out artifacts/sweep\n"
-             "  dpsynth sweep ... --set 'sweep.epsilons=[1, 2, 5, 10]'   # three more DP runs",
-    "rank": "dpsynth rank --config params.yaml --synthetic artifacts/sample "
-            "--test artifacts/prepare/test --generator artifacts/finetune --out artifacts/rank",
-    "audit": "dpsynth audit --config params.yaml --model artifacts/pretrain "
-             "--generator artifacts/finetune --synthetic artifacts/sample "
-             "--private artifacts/prepare/private --heldout artifacts/prepare/test "
-             "--out artifacts/audit",
+EXAMPLES = {  # the stages' examples are in the registry (dpsynth.stages.registry)
     "submit": "dpsynth submit --host http://localhost:8080 --param epsilon=10\n"
               "  dpsynth submit --host https://kubeflow.example.com/pipeline --namespace team-a "
               "--schedule '0 3 * * *'   # daily at 03:00, scheduler time",
     "mlflow-server": "dpsynth mlflow-server --artifacts-destination s3://my-bucket/mlflow "
                      "--port 5000\n  export MLFLOW_TRACKING_URI=http://127.0.0.1:5000   "
                      "# then run stages as usual",
-    "report": "dpsynth report --config params.yaml --artifacts artifacts --out artifacts/report\n"
-              "  dpsynth report --config params.yaml --artifacts s3://my-bucket/run1 "
-              "--out s3://my-bucket/run1/report",
     "plan": "dpsynth plan --config params.yaml --dataset-size 990\n"
             "  dpsynth plan --config params.yaml --dataset-size 990 --noise-multiplier 1.2 "
             "--accountant rdp   # epsilon for a given sigma\n"
@@ -69,26 +36,14 @@ EXAMPLES = {
 
 
 # One line per command for `dpsynth --help`; each command's own --help says more.
-SHORT = {
-    "prepare": "validate the raw sources; write public/private/test shards",
-    "pretrain": "train the diffusion model on the public split (not private)",
-    "finetune": "DP-SGD fine-tuning on the private split (the only reader of it)",
-    "sample": "generate the synthetic dataset (sharded, resumable)",
-    "fid": "Frechet distance, KID, precision/recall vs the real test split",
-    "classify": "accuracy of classifiers trained on synthetic data only",
-    "baseline": "the public-only point: the pre-trained model sampled and scored alike",
-    "sweep": "the privacy-utility curve: fine-tune, sample and score at several epsilon",
-    "rank": "rank classifier settings on synthetic data; register the champion",
-    "audit": "empirical privacy check: canary membership audit, memorization",
-    "report": "one self-contained HTML report of the whole run, for the data owner",
+SHORT = {  # and the stages' in the registry
     "submit": "submit the Kubeflow pipeline to a cluster (a run or a schedule)",
     "mlflow-server": "run a shared MLflow tracking server",
     "plan": "privacy budget and compute of a fine-tuning run, before running it",
 }
 
 # Stage arguments that name a folder a stage reads; each may be an s3:// URI.
-INPUT_ARGS = ("public", "private", "model", "synthetic", "reference", "test", "generator",
-              "heldout", "baseline", "classify", "dp_model", "fid")
+INPUT_ARGS = tuple(sorted({i.name for row in registry.STAGES.values() for i in row.inputs}))
 
 
 def _location(value: str) -> str | Path:
@@ -130,56 +85,38 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
 
 
-def _prepare(args: argparse.Namespace, cfg: config.Config) -> None:
-    from dpsynth.stages import prepare
+def _run_stage(args: argparse.Namespace, cfg: config.Config) -> None:
+    """A stage command: its registered inputs from their flags, through the one
+    driver path (`dpsynth.drive`), and the stage's one-line summary."""
+    from dpsynth import drive
+    from dpsynth.io.storage import is_s3
 
-    with open_tracker(cfg.tracking, "prepare") as tracker:
-        result = prepare.run(cfg, out_dir=args.out, tracker=tracker)
-    print(f"prepare: wrote public/private/test splits to {result.out_dir}")
-
-
-def _pretrain(args: argparse.Namespace, cfg: config.Config) -> None:
-    from dpsynth.stages import pretrain
-
-    with open_tracker(cfg.tracking, "pretrain") as tracker:
-        result = pretrain.run(cfg, public_dir=args.public, out_dir=args.out, tracker=tracker,
-                              resume=args.resume)
-    print(f"pretrain: {result.steps} steps, final loss {result.final_loss:.4f}, "
-          f"model in {result.out_dir}")
-
-
-def _finetune(args: argparse.Namespace, cfg: config.Config) -> None:
-    from dpsynth.privacy.distributed import Workers
-    from dpsynth.stages import finetune
-    from dpsynth.tracking import NullTracker
-
-    # under torchrun, only rank 0 reports to MLflow
-    main = Workers.from_env().is_main
-    with (open_tracker(cfg.tracking, "finetune") if main
-          else contextlib.nullcontext(NullTracker())) as tracker:
-        result = finetune.run(cfg, model_dir=args.model, private_dir=args.private,
-                              public_dir=args.public, out_dir=args.out, tracker=tracker,
-                              resume=args.resume)
-    if not main:
-        return
-    # the public target, not the accounted epsilon: that one gives N (PRIVACY.md rule 8)
-    print(f"finetune: (epsilon <= {cfg.finetune.epsilon:g}, delta = {cfg.finetune.delta:g})-DP "
-          f"model after {result.steps} steps in {result.out_dir} (accounted values, private: "
-          "privacy.json)")
+    row = registry.stage(args.command)
+    options = {"resume": args.resume} if "resume" in vars(args) else {}
+    result = drive.run_stage(row.name, cfg, inputs={i.name: getattr(args, i.name)
+                                                    for i in row.inputs},
+                             out_dir=args.out, **options)
+    if drive.is_main_process():
+        print(f"{row.name}: {row.load().summary(result, cfg)}")
+        if is_s3(args.out):
+            print(f"{row.name}: published {args.out}")
 
 
 def _sample(args: argparse.Namespace, cfg: config.Config) -> None:
-    from dpsynth.io.atomic import atomic_dir
     from dpsynth.stages import sample
 
-    if args.merge:
-        with atomic_dir(args.out) as tmp:
-            m = sample.merge_shards(args.merge, tmp, num_shards=cfg.sample.num_shards,
-                                    source="dpsynth-sample:merged")
-        print(f"sample: merged {len(m.shards)} shards ({m.count} images) into {args.out}")
-        return
     if args.model is None:
-        raise InputError("dpsynth sample: --model is required (e.g. --model artifacts/pretrain)")
+        raise InputError("dpsynth sample: --model is required (e.g. --model artifacts/finetune"
+                         "; with --merge, the model the shards were sampled from)")
+    if args.merge:  # as the Kubeflow merge: shards, manifest, grid, privacy.json, metrics
+        with open_tracker(cfg.tracking, "sample") as tracker:
+            tracker.log_params(sample.tracked_params(cfg, args.model))
+            result = sample.publish(cfg, shard_dirs=args.merge, model_dir=args.model,
+                                    out_dir=args.out, tracker=tracker,
+                                    made=range(cfg.sample.num_shards), skipped=(), seconds=None)
+        print(f"sample: merged {len(result.manifest.shards)} shards ({result.manifest.count} "
+              f"images) into {args.out}")
+        return
     if args.shard_index:
         made, skipped = sample.make_shards(cfg, model_dir=args.model, shard_dir=args.out,
                                            indices=args.shard_index)
@@ -189,89 +126,6 @@ def _sample(args: argparse.Namespace, cfg: config.Config) -> None:
         result = sample.run(cfg, model_dir=args.model, out_dir=args.out, tracker=tracker)
     print(f"sample: {result.manifest.count} images in {len(result.manifest.shards)} shards "
           f"({len(result.shards_skipped)} resumed), grid at {result.out_dir / 'grid.png'}")
-
-
-def _fid(args: argparse.Namespace, cfg: config.Config) -> None:
-    from dpsynth.stages import fid
-
-    with open_tracker(cfg.tracking, "fid") as tracker:
-        result = fid.run(cfg, synthetic_dir=args.synthetic, reference_dir=args.reference,
-                         public_dir=args.public, out_dir=args.out, tracker=tracker)
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()
-                      if k.startswith(("fid_", "fd_")))
-    print(f"fid: {shown} (metrics in {result.out_dir / 'metrics.json'})")
-
-
-def _classify(args: argparse.Namespace, cfg: config.Config) -> None:
-    from dpsynth.stages import classify
-
-    # the stage refuses a missing --private while classify.real_baseline is on
-    with open_tracker(cfg.tracking, "classify") as tracker:
-        result = classify.run(cfg, synthetic_dir=args.synthetic, test_dir=args.test,
-                              private_dir=args.private, out_dir=args.out, tracker=tracker)
-    print(f"classify: real test accuracy {result.real_test_accuracy:.3f} trained on "
-          f"{result.num_synthetic} synthetic images (curve in {result.out_dir / 'curve.png'})")
-
-
-def _baseline(args: argparse.Namespace, cfg: config.Config) -> None:
-    from dpsynth.stages import baseline
-
-    with open_tracker(cfg.tracking, "baseline") as tracker:
-        result = baseline.run(cfg, model_dir=args.model, public_dir=args.public,
-                              test_dir=args.test, out_dir=args.out, tracker=tracker)
-    print(f"baseline: public only (epsilon 0) real test accuracy "
-          f"{result.real_test_accuracy:.3f} (metrics in {result.out_dir / 'metrics.json'})")
-
-
-def _sweep(args: argparse.Namespace, cfg: config.Config) -> None:
-    from dpsynth.stages import sweep
-
-    with open_tracker(cfg.tracking, "sweep") as tracker:
-        result = sweep.run(cfg, model_dir=args.model, dp_model_dir=args.dp_model,
-                           private_dir=args.private, public_dir=args.public,
-                           test_dir=args.test, baseline_dir=args.baseline,
-                           classify_dir=args.classify, fid_dir=args.fid, out_dir=args.out,
-                           tracker=tracker)
-    points = ", ".join(f"epsilon {p.epsilon:g}: {p.real_test_accuracy:.3f}" for p in result.points)
-    print(f"sweep: real test accuracy {points} (public only: "
-          f"{result.metrics['public_only_real_test_accuracy']:.3f}); curve in "
-          f"{result.out_dir / sweep.CURVE_PNG}")
-
-
-def _rank(args: argparse.Namespace, cfg: config.Config) -> None:
-    from dpsynth.stages import rank
-
-    with open_tracker(cfg.tracking, "rank") as tracker:
-        result = rank.run(cfg, synthetic_dir=args.synthetic, test_dir=args.test,
-                          generator_dir=args.generator, out_dir=args.out, tracker=tracker)
-    ci = f"{100 * cfg.rank.confidence:g}% CI"  # bootstrap over the real test examples
-    (rho_lo, rho_hi), (tau_lo, tau_hi) = result.spearman_rho_ci, result.kendall_tau_ci
-    print(f"rank: Spearman rho {result.spearman_rho:.3f} ({ci} [{rho_lo:.3f}, {rho_hi:.3f}]), "
-          f"Kendall tau {result.kendall_tau:.3f} ({ci} [{tau_lo:.3f}, {tau_hi:.3f}]), "
-          f"regret {result.regret:.3f}; champion = config {result.chosen_config} "
-          f"(registered as dpsynth-classifier@champion)")
-
-
-def _audit(args: argparse.Namespace, cfg: config.Config) -> None:
-    from dpsynth.stages import audit
-
-    with open_tracker(cfg.tracking, "audit") as tracker:
-        result = audit.run(cfg, model_dir=args.model, generator_dir=args.generator,
-                           synthetic_dir=args.synthetic, private_dir=args.private,
-                           heldout_dir=args.heldout, out_dir=args.out, tracker=tracker)
-    control = (f"; non-private control {result.control.epsilon_lower_bound:.2f}"
-               if result.control else "")
-    # the claim is the public target (the model's accounted epsilon gives N); the
-    # twins' own accounted epsilons follow the public canaries only
-    print(f"audit: {result.status} at the claim epsilon = {result.claimed_epsilon:g} (the DP "
-          f"twin's lower bound {result.dp.epsilon_lower_bound:.2f} at "
-          f"{cfg.audit.confidence:.0%} confidence vs its accounted "
-          f"{result.audit_epsilon:.2f}; these canaries certify at most "
-          f"{result.metrics['audit_max_certifiable_epsilon']:.2f}); check twin "
-          f"{result.check_status} ({result.check.epsilon_lower_bound:.2f} vs its accounted "
-          f"{result.metrics['check_epsilon']:.2f}){control}; memorized fraction "
-          f"{result.metrics['memorized_fraction']:.4f} (metrics in "
-          f"{result.out_dir / 'metrics.json'})")
 
 
 def _published(root: str, rel: str) -> bool:
@@ -388,12 +242,6 @@ def _plan(args: argparse.Namespace) -> None:
               + plan.render(result))
 
 
-def _evaluation_inputs(p: argparse.ArgumentParser) -> None:
-    """The inputs classify and rank share: the synthetic set and the real test split."""
-    p.add_argument("--synthetic", type=_location, required=True, help="synthetic set from sample")
-    p.add_argument("--test", type=_location, required=True, help="real test split from prepare")
-
-
 PLAN_HELP = (
     "Plan a DP fine-tuning run before running it. Reads no data and writes nothing.\n\n"
     "inputs: the private split's size N (--dataset-size; printed back to you, stored "
@@ -479,119 +327,39 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    add("prepare", "Read the raw sources (data.*) and write validated public/private/test "
-        "shards with manifests to --out.", _prepare)
-    p = add("pretrain", "Train the diffusion model (non-private) on the public split; "
-            "writes the EMA model (safetensors + config.json) and loss curve to --out.",
-            _pretrain)
-    p.add_argument("--public", type=_location, required=True, help="public split from prepare")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from the latest compatible checkpoint (default: yes)")
-    p = add("finetune", "Fine-tune the pre-trained model on the private split with DP-SGD "
-            "(Poisson sampling, per-example clipping of the K-averaged gradient, calibrated "
-            "Gaussian noise); checks the dataset's privacy ledger first. Writes the DP model, "
-            "privacy.json and metrics to --out.", _finetune)
-    p.add_argument("--model", type=_location, required=True, help="pre-trained model folder")
-    p.add_argument("--private", type=_location, required=True, help="private split from prepare")
-    p.add_argument("--public", type=_location, required=True,
-                   help="public split (only for the publishable monitoring loss)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue the same run (and its accounting) from its checkpoint")
-    p = add("sample", "Sample a synthetic dataset from a model into --out as shards + "
-            "manifest + per-class grid; resumes finished shards.", _sample)
-    p.add_argument("--model", type=_location, help="model folder (e.g. artifacts/pretrain)")
+    def add_stage(name: str, fn: Callable = _run_stage) -> argparse.ArgumentParser:
+        """A stage command: its registered inputs (each folder may be an s3:// URI)."""
+        row = registry.stage(name)
+        p = sub.add_parser(name, help=row.short, description=row.description,
+                           epilog="example:\n  " + row.example,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common(p)
+        for i in row.inputs:
+            p.add_argument(i.flag, *i.aliases, dest=i.name, type=_location,
+                           required=i.required and fn is _run_stage, default=None,
+                           help=i.help)
+        p.set_defaults(fn=fn)
+        return p
+
+    add_stage("prepare")
+    for name in ("pretrain", "finetune"):
+        add_stage(name).add_argument(
+            "--resume", action=argparse.BooleanOptionalAction, default=True,
+            help="continue from the latest compatible checkpoint (for finetune, the same "
+                 "run and its accounting) (default: yes)")
+    p = add_stage("sample", _sample)
     p.add_argument("--num-shards", type=int, help="override sample.num_shards")
     p.add_argument("--shard-index", type=int, action="append", default=[],
                    help="make only this shard (repeatable) into --out, without a manifest")
     p.add_argument("--merge", type=_location, nargs="+", metavar="DIR",
                    help="collect shards made with --shard-index from these folders")
-    p = add("fid", "Distribution distances between the synthetic set and the real test split: "
-            "Frechet distance, KID and precision/recall in each configured feature space "
-            "(fid_inception for Inception-v3, fd_<data>_cnn for the domain CNN trained on the "
-            "public split). Writes metrics.json and the domain CNN to --out.", _fid)
-    p.add_argument("--synthetic", type=_location, required=True, help="synthetic set from sample")
-    p.add_argument("--reference", type=_location, required=True,
-                   help="real test split from prepare")
-    p.add_argument("--public", type=_location, required=True,
-                   help="public split (trains the domain CNN; never the private one)")
-    p = add("classify", "Train WRN classifiers on growing subsets of the synthetic set and "
-            "measure their accuracy on the real test split (accuracy vs number of synthetic "
-            "samples); with classify.real_baseline also the non-private baseline trained on "
-            "the real private split (evaluation only, not covered by epsilon).", _classify)
-    _evaluation_inputs(p)
-    p.add_argument("--private", type=_location, default=None,
-                   help="private split, only for the non-private baseline")
-    p = add("baseline", "The public-only point, in the same run: sample the pre-trained "
-            "model (public data only, epsilon 0) with the sample stage's settings and score "
-            "it with the classify and fid recipes on the real test split. Never reads the "
-            "private split. Writes metrics.json (public_only_*) and grid.png to --out.",
-            _baseline)
-    p.add_argument("--model", type=_location, required=True,
-                   help="the pre-trained model (artifacts/pretrain), not the DP one")
-    p.add_argument("--public", type=_location, required=True,
-                   help="public split (trains the domain CNN, as in fid)")
-    p.add_argument("--test", type=_location, required=True, help="real test split from prepare")
-    p = add("sweep", "The privacy-utility curve (paper Fig. 2): the public-only point "
-            "(epsilon 0, from baseline), this run's DP model (from classify and fid), and one "
-            "more DP fine-tuning run per other target epsilon in sweep.epsilons (every other "
-            "setting the run's), each sampled and scored like the public-only baseline, "
-            "against the real-data baseline. The extra runs are reserved in the privacy "
-            "ledger at once, before any trains; the sweep is refused whole past the "
-            "dataset's budget. Writes curve.csv, curve.png, metrics.json and each extra "
-            "point's DP model to --out; the report shows the curve.", _sweep)
-    p.add_argument("--model", type=_location, required=True,
-                   help="the pre-trained model (artifacts/pretrain) every point starts from")
-    p.add_argument("--dp-model", type=_location, required=True,
-                   help="this run's DP model (artifacts/finetune), the point at its epsilon")
-    p.add_argument("--private", type=_location, required=True, help="private split from prepare")
-    p.add_argument("--public", type=_location, required=True,
-                   help="public split (monitoring loss, domain CNN)")
-    p.add_argument("--test", type=_location, required=True, help="real test split from prepare")
-    p.add_argument("--baseline", type=_location, required=True,
-                   help="the baseline stage's output: the public-only point (epsilon 0)")
-    p.add_argument("--classify", type=_location, required=True,
-                   help="the classify stage's output: this run's point and the real-data line")
-    p.add_argument("--fid", type=_location, required=True,
-                   help="the fid stage's output: this run's point's Frechet distance")
-    p = add("rank", "Train the rank.grid of classifier configurations on synthetic data, "
-            "choose on synthetic validation, and report how well the synthetic ranking "
-            "holds on the real test split (Spearman, Kendall, regret). Registers the chosen "
-            "classifier as dpsynth-classifier@champion and the DP model as "
-            "dpsynth-generator in MLflow.", _rank)
-    _evaluation_inputs(p)
-    p.add_argument("--generator", type=_location, required=True,
-                   help="the DP model (finetune output) to register as dpsynth-generator")
-    p = add("audit", "Check the DP guarantee empirically: a canary membership audit in one "
-            "training run (Steinke, Nasr & Jagielski 2023) of a twin of the fine-tuning run "
-            "on public canaries (epsilon lower bound at audit.confidence, TPR at low FPR), "
-            "with a non-private control that shows the audit's power; and memorization of "
-            "the private split by the generated samples (aggregates only). Writes "
-            "metrics.json and roc.png to --out.", _audit)
-    p.add_argument("--model", type=_location, required=True,
-                   help="pre-trained model the fine-tuning started from (the twin's start)")
-    p.add_argument("--generator", type=_location, required=True,
-                   help="the DP model (finetune output): its privacy.json is the claim")
-    p.add_argument("--synthetic", type=_location, required=True, help="synthetic set from sample")
-    p.add_argument("--private", type=_location, required=True,
-                   help="private split (memorization only; aggregates leave)")
-    p.add_argument("--heldout", type=_location, required=True,
-                   help="real data not trained on (the test split from prepare)")
-    p = add("report", "Write one self-contained HTML page about the run for the data owner "
-            "(index.html, every image embedded): the privacy guarantee in plain words and "
-            "its numbers (epsilon, delta, accountant, sampling, C, K, steps, the runs the "
-            "privacy ledger records against the dataset's budget), synthetic samples per "
-            "class next to real test-split images (never private ones), fidelity, "
-            "downstream accuracy, the "
-            "ranking check, training curves, the audit, and the data's provenance. Reads the "
-            "stage outputs under --artifacts (a missing optional stage gets a 'not run' "
-            "section); the private split's images only to find its privacy ledger (a hash of "
-            "them keys it). Withholds the private split's size and what reveals it: the "
-            "ledger's composed epsilon, and q and sigma unless "
-            "report.disclose_private_size.", _report)
+    for name in ("fid", "classify", "baseline", "sweep", "rank", "audit"):
+        add_stage(name)
+    p = add_stage("report", _report)
     p.add_argument("--artifacts", type=_location, default=Path("artifacts"),
                    help="folder or s3:// prefix holding the stage outputs as `dvc repro` "
                         "lays them out: prepare/{public,test}, pretrain, finetune, sample, "
-                        "fid, classify, rank, audit (default: %(default)s)")
+                        "fid, classify, baseline, sweep, rank, audit (default: %(default)s)")
     p = add("submit", "Submit the compiled Kubeflow pipeline (make pipeline) to a KFP API "
             "server: one run, or with --schedule a recurring run. Parameters are checked "
             "against the package before anything is sent. A token, if the API needs one, is "
@@ -680,8 +448,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides.append(f"sample.num_shards={args.num_shards}")
         cfg = config.load(args.config, overrides)
         threads.configure()  # before torch is imported: the OpenMP wait policy
-        with _stage_io(args, cfg):
-            args.fn(args, cfg)
+        if args.fn is _run_stage:  # stages its own inputs and output (dpsynth.drive)
+            _run_stage(args, cfg)
+        else:
+            with _stage_io(args, cfg):
+                args.fn(args, cfg)
     except InputError as err:
         print(f"dpsynth {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2

@@ -154,7 +154,7 @@ class MlflowTracker:
         import torch
 
         import dpsynth.serving
-        from dpsynth.serving.models import signature
+        from dpsynth.serving.signatures import signature
 
         model_dir = Path(model_dir)
         serving = Path(dpsynth.serving.__file__).parent

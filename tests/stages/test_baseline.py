@@ -10,11 +10,11 @@ from typing import Callable
 import pytest
 
 from dpsynth.config import Config
+from dpsynth.data.roles import carved_source
 from dpsynth.errors import InputError
 from dpsynth.io.shards import read_dataset, write_dataset
 from dpsynth.report import sections
 from dpsynth.stages import baseline, classify, fid, sample
-from dpsynth.stages.prepare import carved_source
 from dpsynth.tracking import NullTracker
 
 @pytest.fixture(scope="module")

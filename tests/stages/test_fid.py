@@ -102,7 +102,7 @@ def test_end_to_end_with_the_domain_cnn(make_cfg: Callable[..., Config], data: d
     assert cnn_cfg["trained_on"] == read_manifest(digits_public_dir).content_hash
     described = json.loads((out / "extractors.json").read_text())
     assert [(d["name"], d["kid_subset_size"]) for d in described] == [("digits_cnn", 150)]
-    assert json.loads((out / "params.json").read_text()) == cfg.section("seed", "fid")
+    assert json.loads((out / "params.json").read_text()) == cfg.section("seed", "data", "fid")
     assert tracker.params["fid.max_features"] == 150
     assert tracker.metrics[-1][0] == pytest.approx(metrics)
 

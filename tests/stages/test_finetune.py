@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from dpsynth.config import Config
 from dpsynth.errors import InputError
 from dpsynth.privacy import accounting
+from dpsynth.privacy.dp_sgd import check_model
 from dpsynth.privacy.ledger import PrivacyLedger
 from dpsynth.stages import finetune, sample
 from dpsynth.stages.common import work_dir_for
@@ -156,8 +157,8 @@ def test_batch_larger_than_private_split_is_refused(dp_cfg: Callable[..., Config
 def test_batchnorm_models_are_refused() -> None:
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
     with pytest.raises(InputError, match="BatchNorm"):
-        finetune.check_model(net)
-    finetune.check_model(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.GroupNorm(2, 4)))
+        check_model(net)
+    check_model(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.GroupNorm(2, 4)))
 
 
 @pytest.mark.parametrize("override, message", [

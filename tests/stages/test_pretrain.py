@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import dpsynth
 from dpsynth.config import Config
+from dpsynth.data.roles import refuse_private_split
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.diffusion.unet import EMA_WEIGHTS, WEIGHTS, load_model
 from dpsynth.errors import TrainingDiverged
@@ -505,5 +506,5 @@ def test_the_private_split_is_refused_as_public(tmp_path: Path, make_cfg: Callab
                      tracker=NullTracker())
     assert not out.exists() and not work_dir_for(out).exists()
     # the public split of the same prepare is not taken for the private one
-    prepare.refuse_private_split("public_dir", tmp_path / "prepare" / "public",
-                                 read_manifest(tmp_path / "prepare" / "public").source, "")
+    refuse_private_split("public_dir", tmp_path / "prepare" / "public",
+                         read_manifest(tmp_path / "prepare" / "public").source, "")

@@ -12,12 +12,12 @@ from typing import Callable
 import pytest
 
 from dpsynth.config import Config
+from dpsynth.data.roles import carved_source
 from dpsynth.errors import InputError
 from dpsynth.io.shards import read_dataset, write_dataset
 from dpsynth.privacy.ledger import LedgerExceeded, PrivacyLedger, dataset_key
 from dpsynth.report.sweep import curve_section
 from dpsynth.stages import baseline, finetune, sweep
-from dpsynth.stages.prepare import carved_source
 from dpsynth.tracking import NullTracker
 
 

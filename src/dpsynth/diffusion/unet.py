@@ -161,3 +161,9 @@ def looks_like_pickle(path: Path) -> bool:
         head = f.read(4)
     return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
             or head == b"PK\x03\x04")
+
+
+def read_privacy(model_dir: Path) -> dict | None:
+    """`privacy.json` of a model folder, or None for a non-private model."""
+    path = Path(model_dir) / "privacy.json"
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -66,11 +66,6 @@ def read_labelled(data_dir: str | Path, what: str, *, like: tuple[Manifest, str]
     return images, labels, manifest
 
 
-def default_device() -> torch.device:
-    """The GPU when there is one (WRN-40-4 on CIFAR-10 needs it), else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def build(cfg: ClassifierConfig, *, num_classes: int, channels: int) -> WideResNet:
     """An untrained WRN-`cfg.depth`-`cfg.widen` (initialised from torch's global RNG)."""
     return WideResNet(cfg.depth, cfg.widen, num_classes, channels, cfg.dropout)

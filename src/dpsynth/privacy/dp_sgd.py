@@ -15,9 +15,11 @@ import secrets
 from dataclasses import dataclass
 
 import torch
+from opacus.validators import ModuleValidator
 
 from dpsynth.diffusion.augment import AugmentKind
 from dpsynth.diffusion.loss import DenoisingLoss
+from dpsynth.errors import InputError
 from dpsynth.privacy.distributed import Workers
 from dpsynth.privacy.draws import draw_for_examples
 from dpsynth.privacy.per_example import Grads, clipped_sum, per_example_grads
@@ -154,3 +156,15 @@ def noisy_gradient(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y
             total[n] += z
     workers.sum(total)
     return {n: total[n] / step.expected_batch_size for n in total}
+
+
+def check_model(net: torch.nn.Module) -> None:
+    """Refuse modules that mix examples (BatchNorm...): per-example clipping
+    would not bound one example's influence."""
+    was_training = net.training
+    errors = ModuleValidator.validate(net.train(), strict=False)
+    net.train(was_training)
+    if errors:
+        raise InputError("the model cannot be trained with DP-SGD: "
+                         + "; ".join(str(e) for e in errors[:3])
+                         + " -- use GroupNorm instead of BatchNorm")

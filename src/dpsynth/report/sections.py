@@ -17,6 +17,7 @@ import yaml
 
 import dpsynth
 from dpsynth.config import Config, ReportConfig
+from dpsynth.eval.names import distance_key
 from dpsynth.io.shards import Manifest, iter_shards, read_manifest
 from dpsynth.provenance import git_commit
 from dpsynth.report import page
@@ -34,11 +35,6 @@ def read_json(folder: Path | None, name: str) -> Any:
 def read_png(folder: Path | None, name: str) -> bytes | None:
     path = None if folder is None else folder / name
     return path.read_bytes() if path is not None and path.is_file() else None
-
-
-def distance_key(metrics: Mapping[str, Any]) -> str | None:
-    """The first Fréchet distance among a stage's metrics (``fd_*`` or ``fid_*``)."""
-    return next((k for k in metrics if k.startswith(("fid_", "fd_"))), None)
 
 
 def pct(x: float) -> str:

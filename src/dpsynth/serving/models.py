@@ -86,26 +86,3 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
                        guidance_scale=float(params.get("guidance_scale", 1.0)),
                        null_label=self.spec.null_label, generator=gen)
         return to_uint8(x).numpy()
-
-
-def signature(kind: str, model_dir: Path) -> Any:
-    """The MLflow signature of a model folder: tensor shapes from its config.json,
-    and the generator's sampling params (so `predict(..., params=...)` accepts them)."""
-    import json
-
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
-
-    raw = json.loads((Path(model_dir) / "config.json").read_text())
-    shape = raw["unet"] if kind == "generator" else raw
-    image = (-1, shape["image_size"], shape["image_size"], shape["channels"])
-    if kind == "classifier":
-        return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), image)]),
-                              outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]))
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), image)]),
-        params=ParamSchema([ParamSpec("seed", "long", 0),
-                            ParamSpec("num_inference_steps", "long", 25),
-                            ParamSpec("sampler", "string", "dpmsolver++"),
-                            ParamSpec("guidance_scale", "double", 1.0)]))

@@ -46,19 +46,19 @@ from dpsynth.audit.memorization import memorization
 from dpsynth.audit.one_run import (audit_bound, auc, max_certifiable_epsilon, roc_curve,
                                    tpr_at_fpr)
 from dpsynth.config import Config
+from dpsynth.devices import default_device
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.diffusion.samplers import from_uint8
-from dpsynth.diffusion.unet import load_model
+from dpsynth.diffusion.unet import load_model, read_privacy
 from dpsynth.errors import InputError
-from dpsynth.eval.classifier import default_device, read_labelled
+from dpsynth.eval.classifier import read_labelled
 from dpsynth.io.atomic import atomic_dir
 from dpsynth.plots import plot_audit_roc
 from dpsynth.privacy import accounting
-from dpsynth.privacy.dp_sgd import DPStep
+from dpsynth.privacy.dp_sgd import DPStep, check_model
 from dpsynth.privacy.per_example import use_vmap_friendly_attention
 from dpsynth.provenance import write_run_info
 from dpsynth.stages.common import write_metrics
-from dpsynth.stages.finetune import check_model, read_privacy
 from dpsynth.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,23 @@ class AuditResult:
     status: AuditStatus  # the verdict on the claim (the DP twin)
     check_status: AuditStatus  # the verdict on the check twin
     metrics: dict[str, Any]
+
+
+def summary(result: AuditResult, cfg: Config) -> str:
+    """The CLI's one line about a finished run. The claim is the public target (the
+    model's accounted epsilon gives N); the twins' own accounted epsilons follow the
+    public canaries only."""
+    control = (f"; non-private control {result.control.epsilon_lower_bound:.2f}"
+               if result.control else "")
+    return (f"{result.status} at the claim epsilon = {result.claimed_epsilon:g} (the DP "
+            f"twin's lower bound {result.dp.epsilon_lower_bound:.2f} at "
+            f"{cfg.audit.confidence:.0%} confidence vs its accounted "
+            f"{result.audit_epsilon:.2f}; these canaries certify at most "
+            f"{result.metrics['audit_max_certifiable_epsilon']:.2f}); check twin "
+            f"{result.check_status} ({result.check.epsilon_lower_bound:.2f} vs its accounted "
+            f"{result.metrics['check_epsilon']:.2f}){control}; memorized fraction "
+            f"{result.metrics['memorized_fraction']:.4f} (metrics in "
+            f"{result.out_dir / 'metrics.json'})")
 
 
 def _score(scores: np.ndarray, included: np.ndarray, cfg: Config, delta: float

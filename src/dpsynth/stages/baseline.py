@@ -24,17 +24,17 @@ from pathlib import Path
 from typing import Mapping
 
 from dpsynth.config import Config
+from dpsynth.data.roles import refuse_private_split
 from dpsynth.errors import InputError
 from dpsynth.io.atomic import atomic_dir
 from dpsynth.io.shards import read_manifest
 from dpsynth.provenance import write_run_info
 from dpsynth.stages import classify, fid, sample
 from dpsynth.stages.common import work_dir_for, write_metrics
-from dpsynth.stages.prepare import refuse_private_split
 from dpsynth.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
-SECTIONS = ("seed", "diffusion", "sample", "classify", "fid")
+SECTIONS = ("seed", "data", "diffusion", "sample", "classify", "fid")
 PREFIX = "public_only_"  # every metric of this stage: labelled where it appears
 LABEL = "public only (epsilon = 0: the pre-trained model, no private data)"
 
@@ -49,6 +49,12 @@ class BaselineResult:
     @property
     def real_test_accuracy(self) -> float:
         return float(self.metrics[f"{PREFIX}real_test_accuracy"])
+
+
+def summary(result: BaselineResult, cfg: Config) -> str:
+    """The CLI's one line about a finished run."""
+    return (f"public only (epsilon 0) real test accuracy {result.real_test_accuracy:.3f} "
+            f"(metrics in {result.out_dir / 'metrics.json'})")
 
 
 def run(cfg: Config, *, model_dir: Path, public_dir: Path, test_dir: Path, out_dir: Path,

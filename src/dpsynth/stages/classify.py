@@ -19,8 +19,9 @@ from pathlib import Path
 
 from dpsynth.config import Config
 from dpsynth.data.splits import nested_balanced_order
+from dpsynth.devices import default_device
 from dpsynth.errors import InputError
-from dpsynth.eval.classifier import accuracy, default_device, read_labelled, train
+from dpsynth.eval.classifier import accuracy, read_labelled, train
 from dpsynth.io.atomic import atomic_dir
 from dpsynth.plots import plot_accuracy_curve
 from dpsynth.provenance import write_run_info
@@ -54,6 +55,12 @@ class ClassifyResult:
     num_synthetic: int
     curve: tuple[tuple[int, float], ...]
     nonprivate_baseline_real_test_accuracy: float | None
+
+
+def summary(result: ClassifyResult, cfg: Config) -> str:
+    """The CLI's one line about a finished run."""
+    return (f"real test accuracy {result.real_test_accuracy:.3f} trained on "
+            f"{result.num_synthetic} synthetic images (curve in {result.out_dir / 'curve.png'})")
 
 
 def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, private_dir: Path | None,

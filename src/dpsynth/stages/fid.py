@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from dpsynth.config import Config
+from dpsynth.data.roles import refuse_private_split
 from dpsynth.errors import InputError
 from dpsynth.eval import distances
 from dpsynth.eval.domain_cnn import (DomainCnnExtractor, load_domain_cnn, save_domain_cnn,
@@ -32,11 +33,10 @@ from dpsynth.io.atomic import atomic_dir, atomic_write_bytes, atomic_write_json
 from dpsynth.io.shards import MANIFEST, Manifest, read_dataset, read_manifest, verify_dataset
 from dpsynth.provenance import write_run_info
 from dpsynth.stages.common import fingerprint, work_dir_for, write_metrics
-from dpsynth.stages.prepare import refuse_private_split
 from dpsynth.tracking import Tracker
 
 log = logging.getLogger(__name__)
-SECTIONS = ("seed", "fid")
+SECTIONS = ("seed", "data", "fid")  # data: the source names the domain-CNN feature space
 EXTRACTOR_DIR = "extractor"  # the domain CNN, in out_dir
 ACCURACY = "domain_cnn_real_test_accuracy"
 _STATS_FORMAT = 1  # bump when the cached .npz layout or its meaning changes
@@ -63,6 +63,13 @@ class FidResult:
     metrics: Mapping[str, float]
     reference_from_cache: tuple[str, ...]
     domain_cnn_from_cache: bool
+
+
+def summary(result: FidResult, cfg: Config) -> str:
+    """The CLI's one line about a finished run."""
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()
+                      if k.startswith(("fid_", "fd_")))
+    return f"{shown} (metrics in {result.out_dir / 'metrics.json'})"
 
 
 def _input(role: str, data_dir: Path, fix: str) -> Manifest:

@@ -24,24 +24,24 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from opacus.validators import ModuleValidator
 from tqdm import tqdm
 
 from dpsynth.config import Config, FinetuneConfig
+from dpsynth.data.roles import refuse_private_split
+from dpsynth.devices import default_device
 from dpsynth.diffusion.ema import EMA
 from dpsynth.diffusion.lora import add_lora, merge_lora
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.diffusion.samplers import from_uint8
 from dpsynth.diffusion.unet import load_model, save_model, weights_file, with_classes
 from dpsynth.errors import ConfigError, DpsynthError, InputError, TrainingDiverged
-from dpsynth.eval.classifier import default_device
 from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import read_dataset, read_manifest, sha256_file
 from dpsynth.plots import plot_loss
 from dpsynth.privacy import accounting
 from dpsynth.privacy.accounting import Step
 from dpsynth.privacy.distributed import Workers
-from dpsynth.privacy.dp_sgd import DPStep, SecretRandomness, noisy_gradient
+from dpsynth.privacy.dp_sgd import DPStep, SecretRandomness, check_model, noisy_gradient
 from dpsynth.privacy.draws import disable_dropout, record_keys
 from dpsynth.privacy.ledger import PrivacyLedger, dataset_key
 from dpsynth.privacy.per_example import use_vmap_friendly_attention
@@ -49,7 +49,6 @@ from dpsynth.privacy.sampling import poisson_batch, sample_rate
 from dpsynth.provenance import write_run_info
 from dpsynth.stages.common import (all_finite, fingerprint, kept_checkpoint, work_dir_for,
                                    write_metrics)
-from dpsynth.stages.prepare import refuse_private_split
 from dpsynth.tracking import Tracker
 from dpsynth.training.checkpoint import TrainState, load_latest, restore, save_checkpoint
 
@@ -74,16 +73,12 @@ class FinetuneResult:
     resumed_from: int
 
 
-def check_model(net: torch.nn.Module) -> None:
-    """Refuse modules that mix examples (BatchNorm...): per-example clipping
-    would not bound one example's influence."""
-    was_training = net.training
-    errors = ModuleValidator.validate(net.train(), strict=False)
-    net.train(was_training)
-    if errors:
-        raise InputError("the model cannot be trained with DP-SGD: "
-                         + "; ".join(str(e) for e in errors[:3])
-                         + " -- use GroupNorm instead of BatchNorm")
+def summary(result: FinetuneResult, cfg: Config) -> str:
+    """The CLI's one line about a finished run: the public target, not the accounted
+    epsilon, which gives N (PRIVACY.md rule 8)."""
+    return (f"(epsilon <= {cfg.finetune.epsilon:g}, delta = {cfg.finetune.delta:g})-DP model "
+            f"after {result.steps} steps in {result.out_dir} (accounted values, private: "
+            "privacy.json)")
 
 
 def public_eval(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y: torch.Tensor,
@@ -455,9 +450,3 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     log.info("DP fine-tuning done: (epsilon <= %g, delta = %g)-DP (%s accountant), %d steps",
              fc.epsilon, fc.delta, fc.accountant, fc.steps)
     return FinetuneResult(out_dir, epsilon, sigma, fc.steps, start)
-
-
-def read_privacy(model_dir: Path) -> dict | None:
-    """`privacy.json` of a model folder, or None for a non-private model."""
-    path = Path(model_dir) / "privacy.json"
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from dpsynth.config import Config, SourceConfig
+from dpsynth.data.roles import carved_source
 from dpsynth.data.sources import LabeledImages, load_source
 from dpsynth.data.splits import stratified_split
 from dpsynth.data.transforms import to_format
@@ -29,6 +30,7 @@ from dpsynth.provenance import write_run_info
 from dpsynth.tracking import Tracker
 
 log = logging.getLogger(__name__)
+SECTIONS = ("seed", "data")
 
 ROLES = ("public", "private", "test")
 
@@ -41,6 +43,11 @@ class PrepareResult:
     private: Manifest
     test: Manifest
     out_dir: Path
+
+
+def summary(result: PrepareResult, cfg: Config) -> str:
+    """The CLI's one line about a finished run."""
+    return f"wrote public/private/test splits to {result.out_dir}"
 
 
 def _load(field: str, spec: SourceConfig) -> dict[str, LabeledImages]:
@@ -103,41 +110,6 @@ def gather_splits(cfg: Config) -> dict[str, LabeledImages]:
     for role in from_pool:
         splits[role] = pool.take(indices[role], source=carved_source(pool.source, role, cfg.seed))
     return splits
-
-
-def carved_source(pool_source: str, role: str, seed: int) -> str:
-    """The manifest `source` of a split carved out of a pool: it names the role, so
-    later stages can refuse the private split where only public data may go."""
-    return f"{pool_source} {role} (stratified, seed {seed})"
-
-
-def is_carved_private(source: str) -> bool:
-    """Whether a manifest's `source` says `prepare` carved it as the private split.
-
-    Every private split `prepare` writes is carved (`gather_splits`): `data.private`
-    only ever supplies the pool, and the private role is cut from it even when
-    `data.public` and `data.test` come from their own sources (then it is the
-    whole pool), so its manifest always carries `carved_source(..., "private", ...)`.
-    """
-    return " private (stratified" in source
-
-
-def refuse_private_split(name: str, data_dir: str | Path, source: str, why: str) -> None:
-    """Refuse a folder that `prepare` marked private where only public data may go.
-
-    Args:
-        name: the argument that named the folder (e.g. `public_dir`), for the message.
-        data_dir: the folder.
-        source: its manifest's `source`.
-        why: what the public split is used for, e.g. "pre-training is not private".
-
-    Raises:
-        InputError: naming the folder and the fix (pass artifacts/prepare/public).
-    """
-    if is_carved_private(source):
-        raise InputError(f"{name}={str(data_dir)!r} is the PRIVATE split (manifest source "
-                         f"{source!r}, as `dpsynth prepare` marks it); {why}: pass the "
-                         "public split, artifacts/prepare/public")
 
 
 def check_splits(splits: dict[str, LabeledImages]) -> None:
@@ -213,7 +185,7 @@ def run(cfg: Config, *, out_dir: Path, tracker: Tracker) -> PrepareResult:
         InputError: bad source, empty split or missing class; nothing is written.
     """
     out_dir = Path(out_dir)
-    params = cfg.section("seed", "data")
+    params = cfg.section(*SECTIONS)
     tracker.log_params(params)
     raw = gather_splits(cfg)
     check_splits(raw)

@@ -20,19 +20,19 @@ import torch
 from tqdm import tqdm
 
 from dpsynth.config import Config
+from dpsynth.data.roles import refuse_private_split
+from dpsynth.devices import default_device
 from dpsynth.diffusion.ema import EMA
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.diffusion.samplers import from_uint8
 from dpsynth.diffusion.unet import UNetSpec, build_unet, save_model
 from dpsynth.errors import InputError, TrainingDiverged
-from dpsynth.eval.classifier import default_device
 from dpsynth.io.atomic import atomic_dir
 from dpsynth.io.shards import read_dataset, read_manifest
 from dpsynth.plots import plot_loss
 from dpsynth.provenance import write_run_info
 from dpsynth.stages.common import (all_finite, fingerprint, kept_checkpoint, work_dir_for,
                                    write_metrics)
-from dpsynth.stages.prepare import refuse_private_split
 from dpsynth.tracking import Tracker
 from dpsynth.training.checkpoint import TrainState, load_latest, restore, save_checkpoint
 
@@ -46,6 +46,12 @@ class PretrainResult:
     steps: int
     final_loss: float
     resumed_from: int
+
+
+def summary(result: PretrainResult, cfg: Config) -> str:
+    """The CLI's one line about a finished run."""
+    return (f"{result.steps} steps, final loss {result.final_loss:.4f}, model in "
+            f"{result.out_dir}")
 
 
 def _diverged(cfg: Config, step: int, what: str, work_dir: Path,

@@ -26,11 +26,12 @@ import torch
 
 from dpsynth.config import Config
 from dpsynth.data.splits import stratified_split
+from dpsynth.devices import default_device
 from dpsynth.diffusion.unet import CONFIG as GENERATOR_CONFIG
 from dpsynth.diffusion.unet import EMA_WEIGHTS, WEIGHTS
 from dpsynth.errors import InputError
 from dpsynth.eval import ranking
-from dpsynth.eval.classifier import (accuracy, default_device, predict, read_labelled,
+from dpsynth.eval.classifier import (accuracy, predict, read_labelled,
                                      save_classifier, train)
 from dpsynth.io.atomic import atomic_dir
 from dpsynth.io.shards import sha256_file
@@ -76,6 +77,16 @@ class RankResult:
     regret: float
     classifier_version: str | None
     generator_version: str | None
+
+
+def summary(result: RankResult, cfg: Config) -> str:
+    """The CLI's one line about a finished run."""
+    ci = f"{100 * cfg.rank.confidence:g}% CI"  # bootstrap over the real test examples
+    (rho_lo, rho_hi), (tau_lo, tau_hi) = result.spearman_rho_ci, result.kendall_tau_ci
+    return (f"Spearman rho {result.spearman_rho:.3f} ({ci} [{rho_lo:.3f}, {rho_hi:.3f}]), "
+            f"Kendall tau {result.kendall_tau:.3f} ({ci} [{tau_lo:.3f}, {tau_hi:.3f}]), "
+            f"regret {result.regret:.3f}; champion = config {result.chosen_config} "
+            f"(registered as dpsynth-classifier@champion)")
 
 
 def _check_generator(generator_dir: Path, synthetic_source: str) -> None:

@@ -21,17 +21,17 @@ from typing import Any, Mapping, Sequence
 
 import dpsynth
 from dpsynth.config import Config
+from dpsynth.data.roles import is_carved_private
 from dpsynth.errors import InputError
 from dpsynth.io.atomic import atomic_dir
 from dpsynth.io.shards import Manifest, read_dataset, read_manifest
 from dpsynth.privacy.ledger import PrivacyLedger, dataset_key
 from dpsynth.provenance import write_run_info
 from dpsynth.report import page, sections
-from dpsynth.report.sweep import curve_section
 from dpsynth.report.page import esc
 from dpsynth.report.sections import read_json
 from dpsynth.report.statement import Budget, epsilon_text, privacy_statement
-from dpsynth.stages.prepare import is_carved_private
+from dpsynth.report.sweep import curve_section
 from dpsynth.tracking import Tracker
 
 log = logging.getLogger(__name__)

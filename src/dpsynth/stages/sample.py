@@ -24,11 +24,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from dpsynth.config import Config
+from dpsynth.devices import default_device
 from dpsynth.diffusion.loss import make_noise_schedule
 from dpsynth.diffusion.samplers import make_sampler, sample, to_uint8
 from dpsynth.diffusion.unet import WEIGHTS, EMA_WEIGHTS, load_model
 from dpsynth.errors import InputError
-from dpsynth.eval.classifier import default_device
 from dpsynth.io import storage
 from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import (Manifest, ShardInfo, read_dataset, sha256_file, shard_name,
@@ -202,7 +202,7 @@ def tracked_params(cfg: Config, model_dir: Path) -> dict:
 
 def publish(cfg: Config, *, shard_dirs: Sequence[Path], model_dir: Path, out_dir: Path,
             tracker: Tracker, made: Sequence[int], skipped: Sequence[int],
-            seconds: float) -> SampleResult:
+            seconds: float | None) -> SampleResult:
     """Publish the finished shards 0..num_shards-1 found in `shard_dirs` into `out_dir`,
     atomically: the shards with their manifest, a per-class sample grid, the model's
     `privacy.json` (the samples carry its guarantee) and the metrics.
@@ -214,7 +214,8 @@ def publish(cfg: Config, *, shard_dirs: Sequence[Path], model_dir: Path, out_dir
     Args:
         made, skipped: indices of the shards made and of those found finished (resumed).
         seconds: time spent making `made` (in a fan-out: summed over the workers, so
-            `images_per_second` is the throughput of one worker).
+            `images_per_second` is the throughput of one worker); None when unknown
+            (`dpsynth sample --merge` of shards made elsewhere).
     """
     model_dir = Path(model_dir)
     with atomic_dir(out_dir) as tmp:
@@ -225,9 +226,10 @@ def publish(cfg: Config, *, shard_dirs: Sequence[Path], model_dir: Path, out_dir
         n_made = sum(np.diff(shard_bounds(cfg.sample.num_samples, cfg.sample.num_shards, i))[0]
                      for i in made)
         metrics = {"num_samples": manifest.count, "shards_made": len(made),
-                   "shards_skipped": len(skipped), "sample_seconds": round(seconds, 2),
+                   "shards_skipped": len(skipped),
+                   "sample_seconds": None if seconds is None else round(seconds, 2),
                    "images_per_second": (round(float(n_made) / seconds, 2)
-                                         if made and seconds > 0 else None)}
+                                         if made and seconds else None)}
         if (model_dir / "privacy.json").is_file():
             # samples are post-processing of the DP model: they carry its guarantee
             shutil.copyfile(model_dir / "privacy.json", tmp / "privacy.json")

@@ -42,23 +42,24 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dpsynth.config import Config
+from dpsynth.data.roles import refuse_private_split
 from dpsynth.diffusion.unet import weights_file
 from dpsynth.errors import InputError
+from dpsynth.eval.names import distance_key
 from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import read_dataset, read_manifest, sha256_file
 from dpsynth.plots import plot_privacy_utility
 from dpsynth.privacy import accounting
 from dpsynth.privacy.ledger import PlannedRun, PrivacyLedger, dataset_key
 from dpsynth.provenance import write_run_info
-from dpsynth.report.sections import distance_key
 from dpsynth.stages import baseline, finetune
 from dpsynth.stages.common import fingerprint, work_dir_for, write_metrics
-from dpsynth.stages.prepare import refuse_private_split
 from dpsynth.tracking import Tracker
 from dpsynth.training.checkpoint import load_latest
 
 log = logging.getLogger(__name__)
-SECTIONS = ("seed", "diffusion", "finetune", "privacy", "sample", "classify", "fid", "sweep")
+SECTIONS = ("seed", "data", "diffusion", "finetune", "privacy", "sample", "classify", "fid",
+            "sweep")
 PLAN = "plan.json"  # in the work folder: the points' ledger run ids, for a resumed sweep
 CURVE_CSV, CURVE_PNG = "curve.csv", "curve.png"
 STARTED, SCORES = "started", "scores.json"  # per point, in the work folder
@@ -84,6 +85,15 @@ class SweepResult:
     out_dir: Path
     points: tuple[SweepPoint, ...]
     metrics: Mapping[str, Any]
+
+
+def summary(result: SweepResult, cfg: Config) -> str:
+    """The CLI's one line about a finished run."""
+    points = ", ".join(f"epsilon {p.epsilon:g}: {p.real_test_accuracy:.3f}"
+                       for p in result.points)
+    return (f"real test accuracy {points} (public only: "
+            f"{result.metrics['public_only_real_test_accuracy']:.3f}); curve in "
+            f"{result.out_dir / CURVE_PNG}")
 
 
 def point_name(epsilon: float) -> str:
