@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _common(p)
         for i in row.inputs:
-            p.add_argument(i.flag, *i.aliases, dest=i.name, type=_location,
+            p.add_argument(i.flag, *i.aliases, dest=i.name, type=_location, metavar="DIR",
                            required=i.required and fn is _run_stage, default=None,
                            help=i.help)
         p.set_defaults(fn=fn)
