@@ -15,35 +15,15 @@ def resolve_config(
     base_config: str,
     ledger_dir: str,
     overrides: List[str],
-    private_kind: str = "",
-    private_path: str = "",
-    public_kind: str = "",
-    public_path: str = "",
-    test_kind: str = "",
-    test_path: str = "",
-    image_size: int = 0,
-    seed: int = -1,
-    pretrain_steps: int = 0,
-    pretrain_batch_size: int = 0,
-    epsilon: float = 0.0,
-    delta: float = 0.0,
-    aug_multiplicity: int = 0,
-    finetune_steps: int = 0,
-    finetune_batch_size: int = 0,
-    num_samples: int = 0,
-    num_shards: int = 0,
-    sample_batch_size: int = 0,
-    mlflow_experiment: str = "",
 ):
     """Validate the run's configuration and write it, resolved, as YAML to `config`.
 
-    `base_config` is a whole config file (params.yaml or configs/*.yaml). The typed
-    parameters become `--set` overrides, applied in this order: data sources, the
-    scalar settings, then `overrides` (free `key=value` strings), then
-    `privacy.ledger_dir=<ledger_dir>` last, so that no run can put the ledger on a
-    pod's ephemeral disk. An empty string, 0 (or -1 for `seed`) means "keep the
-    base config's value". A source kind `none` unsets `data.public` / `data.test`
-    (carve that split out of the private pool).
+    `base_config` is a whole config file (params.yaml or configs/*.yaml). `overrides`
+    are `key=value` strings, the same as `dpsynth --set` and `dvc exp run -S` take
+    (`finetune.epsilon=5`, `data.private={kind: cifar10, path: s3://b/c.tar.gz}`,
+    `data.test=null` to carve the test split out of the private pool), applied in
+    order; `privacy.ledger_dir=<ledger_dir>` comes last, so that no run can put the
+    ledger on a pod's ephemeral disk.
 
     Every stage reads this one resolved config, so a typo fails here, in seconds,
     before any GPU is requested. (It is an artifact, not a string output, because
@@ -58,26 +38,7 @@ def resolve_config(
 
     from dpsynth.config import load
 
-    sets = []
-    for role, kind, path in (("private", private_kind, private_path),
-                             ("public", public_kind, public_path),
-                             ("test", test_kind, test_path)):
-        if kind == "none":
-            sets.append(f"data.{role}=null")
-        elif kind:  # a new source replaces the whole mapping (path, hospitals)
-            sets.append(f"data.{role}=" + json.dumps({"kind": kind, "path": path or None}))
-        elif path:
-            sets.append(f"data.{role}.path=" + json.dumps(path))
-    scalars = {"data.image_size": image_size, "pretrain.steps": pretrain_steps,
-               "pretrain.batch_size": pretrain_batch_size, "finetune.epsilon": epsilon,
-               "finetune.delta": delta, "finetune.aug_multiplicity": aug_multiplicity,
-               "finetune.steps": finetune_steps, "finetune.batch_size": finetune_batch_size,
-               "sample.num_samples": num_samples, "sample.num_shards": num_shards,
-               "sample.batch_size": sample_batch_size, "tracking.experiment": mlflow_experiment}
-    sets += [f"{key}={json.dumps(value)}" for key, value in scalars.items() if value]
-    if seed >= 0:
-        sets.append(f"seed={seed}")
-    sets += list(overrides)
+    sets = list(overrides)
     if not (os.path.isabs(ledger_dir) or ledger_dir.startswith("s3://")):
         raise ValueError(f"ledger_dir={ledger_dir!r}: must be durable storage, an absolute "
                          "path (a PVC mount) or an s3:// prefix; the privacy ledger is the "

@@ -21,34 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import yaml
 from kfp import compiler, dsl, kubernetes
 
 from components import (audit, baseline, classify, fid, finetune, merge_shards, prepare,
                         pretrain, rank, report, resolve_config, sample_shard, shard_indices,
                         sweep)
-from dpsynth.config import load as load_config_file
+from dpsynth.submit import base_config_text
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_NAME = "dpsynth"
 DEFAULT_OUTPUT = REPO / "pipelines" / "dpsynth.yaml"
 
 
-def _one_line_yaml(path: Path) -> str:
-    """The config file `path`, resolved (every field explicit), as one line of YAML.
-
-    One line because the KFP compiler copies defaults into the comment header of
-    the compiled file unescaped: a multi-line default would turn its lines into
-    YAML keys there. A user's multi-line config text as a run argument is fine.
-    """
-    resolved = load_config_file(path).to_dict()
-    return yaml.safe_dump(resolved, default_flow_style=True, sort_keys=False,
-                          width=float("inf")).strip()
-
-
 # The default base config: the embedded default experiment (params.yaml), as `make run`
 # uses it.
-DEFAULT_BASE_CONFIG = _one_line_yaml(REPO / "params.yaml")
+DEFAULT_BASE_CONFIG = base_config_text(REPO / "params.yaml")
 
 
 @dataclass(frozen=True)
@@ -187,25 +174,6 @@ def configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
     "calls the dpsynth library, as `dvc repro` does."))
 def dpsynth_pipeline(
     base_config: str = DEFAULT_BASE_CONFIG,
-    private_kind: str = "",
-    private_path: str = "",
-    public_kind: str = "",
-    public_path: str = "",
-    test_kind: str = "",
-    test_path: str = "",
-    image_size: int = 0,
-    seed: int = -1,
-    pretrain_steps: int = 0,
-    pretrain_batch_size: int = 0,
-    epsilon: float = 0.0,
-    delta: float = 0.0,
-    aug_multiplicity: int = 0,
-    finetune_steps: int = 0,
-    finetune_batch_size: int = 0,
-    num_samples: int = 0,
-    num_shards: int = 0,
-    sample_batch_size: int = 0,
-    mlflow_experiment: str = "",
     overrides: list = [],  # noqa: B006 -- KFP reads the default; it is never mutated
     work_root: str = f"{STATE_MOUNT}/work",
     ledger_dir: str = f"{STATE_MOUNT}/ledger",
@@ -214,43 +182,17 @@ def dpsynth_pipeline(
 
     Args:
         base_config: a whole config file's YAML text (default: params.yaml).
-        private_kind: data.private source kind (digits, cifar10, imagenet32,
-            camelyon17, imagefolder, npz); empty keeps the base config's.
-        private_path: data.private path or s3:// URI; empty keeps the base config's.
-        public_kind: data.public source kind; `none` carves it out of the private pool.
-        public_path: data.public path or s3:// URI.
-        test_kind: data.test source kind; `none` carves it out of the private pool.
-        test_path: data.test path or s3:// URI.
-        image_size: data.image_size; 0 keeps the base config's.
-        seed: seed; -1 keeps the base config's.
-        pretrain_steps: pretrain.steps; 0 keeps the base config's.
-        pretrain_batch_size: pretrain.batch_size; 0 keeps the base config's.
-        epsilon: finetune.epsilon, the target epsilon; 0 keeps the base config's.
-        delta: finetune.delta; 0 keeps the base config's.
-        aug_multiplicity: finetune.aug_multiplicity (K); 0 keeps the base config's.
-        finetune_steps: finetune.steps; 0 keeps the base config's.
-        finetune_batch_size: finetune.batch_size (expected batch); 0 keeps the base config's.
-        num_samples: sample.num_samples; 0 keeps the base config's.
-        num_shards: sample.num_shards, the sampling tasks in parallel; 0 keeps the base
-            config's.
-        sample_batch_size: sample.batch_size; 0 keeps the base config's.
-        mlflow_experiment: tracking.experiment; empty keeps the base config's.
-        overrides: more `key=value` overrides, as `dpsynth --set`, applied after the above.
+        overrides: `key=value` settings over base_config, the same strings as
+            `dpsynth --set` and `dvc exp run -S`, applied in order, e.g.
+            ["finetune.epsilon=5", "data.private={kind: cifar10, path: s3://b/c.tar.gz}",
+            "data.test=null"]; `dpsynth submit --set KEY=VALUE` adds one.
         work_root: durable location of the stages' resumable state: a folder on the
             state PVC or an s3:// prefix.
         ledger_dir: durable location of the privacy ledger: an absolute folder on the
             state PVC or an s3:// prefix.
     """
-    resolved = configure(resolve_config(
-        base_config=base_config, ledger_dir=ledger_dir, overrides=overrides,
-        private_kind=private_kind, private_path=private_path, public_kind=public_kind,
-        public_path=public_path, test_kind=test_kind, test_path=test_path,
-        image_size=image_size, seed=seed, pretrain_steps=pretrain_steps,
-        pretrain_batch_size=pretrain_batch_size, epsilon=epsilon, delta=delta,
-        aug_multiplicity=aug_multiplicity, finetune_steps=finetune_steps,
-        finetune_batch_size=finetune_batch_size, num_samples=num_samples,
-        num_shards=num_shards, sample_batch_size=sample_batch_size,
-        mlflow_experiment=mlflow_experiment), "resolve-config")
+    resolved = configure(resolve_config(base_config=base_config, ledger_dir=ledger_dir,
+                                        overrides=overrides), "resolve-config")
     config = resolved.outputs["config"]
 
     data = configure(prepare(config=config), "prepare")

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from dpsynth import cli
+from dpsynth.config import load as load_config
 from dpsynth.errors import InputError
 from dpsynth.submit import check_host, normalize_cron, submit
 
@@ -294,6 +295,55 @@ def test_unknown_parameter_message_lists_the_known_ones(kfp_server: FakeKfp, pac
     assert _run(kfp_server, package, "--param", "source=x", "--param", "noise=1") == 2
     assert ("known: dp (BOOLEAN), epsilon (NUMBER_DOUBLE), source (STRING), steps "
             "(NUMBER_INTEGER), tag (STRING)") in capsys.readouterr().err
+
+
+REPO = Path(__file__).resolve().parents[1]
+DPSYNTH_PACKAGE = REPO / "pipelines" / "dpsynth.yaml"  # the compiled pipeline, kept current
+
+
+def test_set_appends_config_settings_to_the_overrides(kfp_server: FakeKfp) -> None:
+    code = _run(kfp_server, DPSYNTH_PACKAGE, "--param", "overrides=[seed=3]",
+                "--set", "finetune.epsilon=5", "--set", "data.test=null")
+    assert code == 0
+    parameters = kfp_server.sent("POST", "/runs")[0]["body"]["runtime_config"]["parameters"]
+    # after the ones given with --param, in order; everything else: the package's defaults
+    assert parameters == {"overrides": ["seed=3", "finetune.epsilon=5", "data.test=null"]}
+
+
+def test_config_file_becomes_the_base_config(kfp_server: FakeKfp) -> None:
+    from dpsynth.config import from_dict
+    from dpsynth.submit import base_config_text
+
+    smoke = REPO / "configs" / "smoke.yaml"
+    assert _run(kfp_server, DPSYNTH_PACKAGE, "--config", str(smoke),
+                "--set", "sample.num_shards=2") == 0
+    parameters = kfp_server.sent("POST", "/runs")[0]["body"]["runtime_config"]["parameters"]
+    assert parameters["base_config"] == base_config_text(smoke)
+    assert from_dict(yaml.safe_load(parameters["base_config"])) == load_config(smoke)
+    assert parameters["overrides"] == ["sample.num_shards=2"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "finetune.epsilonn=5"], "--set: finetune: unknown key(s) ['epsilonn']"),
+    (["--set", "finetune.epsilon=-1"], "finetune.epsilon=-1"),
+    (["--set", "sample.num_shards"], "sample.num_shards"),
+    (["--config", "configs/smoke.yaml", "--param", "base_config=seed: 1"],
+     "give the base config once"),
+])
+def test_bad_settings_exit_2_before_any_request(kfp_server: FakeKfp, extra: list[str],
+                                                message: str,
+                                                capsys: pytest.CaptureFixture) -> None:
+    assert _run(kfp_server, DPSYNTH_PACKAGE, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dpsynth submit: error: ") and message in err, err
+    assert kfp_server.requests == []
+
+
+def test_set_needs_a_pipeline_with_overrides(kfp_server: FakeKfp, package: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    assert _run(kfp_server, package, "--param", "source=x", "--set", "seed=1") == 2
+    assert "--set needs a pipeline with an `overrides` parameter" in capsys.readouterr().err
+    assert kfp_server.requests == []
 
 
 def test_missing_token_file_and_missing_host_exit_2(kfp_server: FakeKfp, package: Path,

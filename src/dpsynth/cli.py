@@ -21,7 +21,7 @@ from dpsynth.submit import DEFAULT_EXPERIMENT, DEFAULT_PACKAGE
 from dpsynth.tracking import open_tracker
 
 EXAMPLES = {  # the stages' examples are in the registry (dpsynth.stages.registry)
-    "submit": "dpsynth submit --host http://localhost:8080 --param epsilon=10\n"
+    "submit": "dpsynth submit --host http://localhost:8080 --set finetune.epsilon=5\n"
               "  dpsynth submit --host https://kubeflow.example.com/pipeline --namespace team-a "
               "--schedule '0 3 * * *'   # daily at 03:00, scheduler time",
     "mlflow-server": "dpsynth mlflow-server --artifacts-destination s3://my-bucket/mlflow "
@@ -183,14 +183,19 @@ def _report(args: argparse.Namespace, cfg: config.Config) -> None:
 
 
 def _submit(args: argparse.Namespace) -> None:
-    from dpsynth.submit import parse_param_args, submit
+    from dpsynth.submit import base_config_text, parse_param_args, submit
 
     host = args.host or os.environ.get("KF_PIPELINES_ENDPOINT")
     if not host:
         raise InputError("--host URL of the KFP API is required (or set KF_PIPELINES_ENDPOINT)")
+    params = parse_param_args(args.param)
+    if args.config is not None:
+        if "base_config" in params:
+            raise InputError("give the base config once: --config FILE or --param base_config=")
+        params["base_config"] = base_config_text(args.config)
     result = submit(args.package, host=host, experiment=args.experiment,
-                    params=parse_param_args(args.param), schedule=args.schedule,
-                    run_name=args.run_name, namespace=args.namespace)
+                    params=params, schedule=args.schedule,
+                    run_name=args.run_name, namespace=args.namespace, sets=args.overrides)
     shown = ", ".join(f"{k}={v!r}" for k, v in result.params.items()) or "defaults"
     if result.kind == "run":
         print(f"submit: run {result.id} ({result.name}) in experiment {result.experiment} "
@@ -375,6 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="pipeline argument (repeatable); the value is read as YAML and must "
                         "match the parameter's type in the package")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="the run's base config (e.g. configs/cifar10.yaml), resolved here and "
+                        "sent as the pipeline's base_config (default: the package's, "
+                        "params.yaml at compile time)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config setting for the run (repeatable), as `dpsynth --set` and `dvc "
+                        "exp run -S`: appended to the pipeline's `overrides` and checked "
+                        "against its base config before anything is sent")
     p.add_argument("--schedule", default=None, metavar="CRON",
                    help="make a recurring run: cron with 5 fields ('0 3 * * *', a seconds "
                         "field 0 is prepended) or KFP's 6 with seconds first ('0 0 3 * * *')")

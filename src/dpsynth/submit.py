@@ -158,6 +158,25 @@ def _check_cron_part(expr: str, part: str, name: str, lowest: int, highest: int)
         raise InputError(bad + ": range start after its end")
 
 
+def base_config_text(path: str | Path) -> str:
+    """The config file `path`, resolved (every field explicit), as one line of YAML: the
+    pipeline's `base_config` (the compiled default is params.yaml's).
+
+    One line because the KFP compiler copies defaults into the comment header of
+    the compiled file unescaped: a multi-line default would turn its lines into
+    YAML keys there. Resolved because the pipeline's pods have no repository to
+    read a config's own base file from.
+
+    Raises:
+        ConfigError: the file is missing or invalid (the message names it).
+    """
+    from dpsynth import config
+
+    resolved = config.load(path).to_dict()
+    return yaml.safe_dump(resolved, default_flow_style=True, sort_keys=False,
+                          width=float("inf")).strip()
+
+
 def parse_param_args(items: Sequence[str]) -> dict[str, str]:
     """Split `--param KEY=VALUE` arguments into {KEY: VALUE} (values still text).
 
@@ -253,6 +272,44 @@ def _typed(name: str, value: Any, parameter_type: str) -> Any:
     return float(value) if parameter_type == "NUMBER_DOUBLE" else value
 
 
+def with_overrides(package: PipelinePackage, arguments: Mapping[str, Any],
+                   sets: Sequence[str]) -> dict[str, Any]:
+    """Append `--set KEY=VALUE` settings to the pipeline's `overrides` argument, after
+    any it already has, and check the result against the run's base config.
+
+    The check is the one the pipeline's first task makes (`config.load` of
+    `base_config` with the overrides), made here so that a misspelt field or a bad
+    value fails on the user's machine, before anything is sent.
+
+    Raises:
+        InputError: the package has no `overrides` parameter, or a setting is bad (the
+            message names it, and the fix).
+    """
+    if not sets:
+        return dict(arguments)
+    if "overrides" not in package.parameters:
+        raise InputError(f"--set needs a pipeline with an `overrides` parameter; "
+                         f"{package.path} has {sorted(package.parameters) or 'none'}")
+    given = arguments.get("overrides")
+    if given is None:
+        given = package.parameters["overrides"].get("defaultValue") or []
+    out = dict(arguments) | {"overrides": [*given, *sets]}
+    base = out.get("base_config", package.parameters.get("base_config", {}).get("defaultValue"))
+    if isinstance(base, str):
+        import tempfile
+
+        from dpsynth import config
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "base_config.yaml"
+            path.write_text(base)
+            try:
+                config.load(path, out["overrides"])
+            except InputError as err:
+                raise InputError(f"--set: {err}") from None
+    return out
+
+
 def _token_credentials() -> TokenCredentialsBase | None:
     """kfp credentials reading the token file named by $KF_PIPELINES_SA_TOKEN_PATH (or
     the in-pod default path), re-read before each request; None when there is none.
@@ -290,7 +347,8 @@ def _api_errors(host: str) -> Iterator[None]:
 
 
 def submit(package: Path, *, host: str, experiment: str, params: Mapping[str, Any],
-           schedule: str | None, run_name: str | None, namespace: str | None) -> SubmitResult:
+           schedule: str | None, run_name: str | None, namespace: str | None,
+           sets: Sequence[str] = ()) -> SubmitResult:
     """Create a run (or, with `schedule`, a recurring run) of a compiled pipeline package.
 
     All inputs are checked before the first request. The experiment is looked up by name
@@ -308,6 +366,8 @@ def submit(package: Path, *, host: str, experiment: str, params: Mapping[str, An
         run_name: display name; defaults to the pipeline name and the UTC time (or the
             schedule, for a recurring run).
         namespace: Kubernetes namespace of a multi-user deployment, else None.
+        sets: `KEY=VALUE` config settings (`dpsynth submit --set`), appended to the
+            pipeline's `overrides` argument and checked against its base config.
 
     Returns:
         The created run or recurring run, with its UI link.
@@ -319,7 +379,7 @@ def submit(package: Path, *, host: str, experiment: str, params: Mapping[str, An
     host = check_host(host)
     cron = normalize_cron(schedule) if schedule is not None else None
     pipeline = read_package(package)
-    arguments = check_params(pipeline, params)
+    arguments = with_overrides(pipeline, check_params(pipeline, params), sets)
     if not experiment.strip():
         raise InputError("--experiment must not be empty")
     if namespace is not None and not _NAMESPACE.match(namespace):

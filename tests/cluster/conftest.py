@@ -40,6 +40,7 @@ def kfp_local_smoke_run(tmp_path_factory: pytest.TempPathFactory,
     from kfp import local
     from kfp.local.orchestrator import task_executor
 
+    from dpsynth.submit import base_config_text
     from pipelines.dpsynth_pipeline import dpsynth_pipeline
 
     tmp = tmp_path_factory.mktemp("kfp-local")
@@ -61,7 +62,7 @@ def kfp_local_smoke_run(tmp_path_factory: pytest.TempPathFactory,
         mp.setattr(builtins, "print", builtins.print)
         local.init(runner=local.SubprocessRunner(use_venv=False),
                    pipeline_root=str(run.run_dir), workspace_root=str(tmp / "workspace"))
-        dpsynth_pipeline(base_config=(REPO / "configs" / "smoke.yaml").read_text(),
+        dpsynth_pipeline(base_config=base_config_text(REPO / "configs" / "smoke.yaml"),
                          work_root=str(run.work_root), ledger_dir=str(run.ledger_dir))
     (run_dir,) = run.run_dir.iterdir()
     yield KfpLocalRun(run_dir, run.work_root, run.ledger_dir, run.mlflow_uri, run.pipeline_id)

@@ -467,7 +467,8 @@ SUBMIT_VALUES = {"submit": {
     "kfpHost": "https://kfp.example.com/pipeline", "experiment": "nightly-eps5",
     "namespace": "team-a", "schedule": "15 1 * * *", "suspend": True,
     "successfulJobsHistoryLimit": 5, "failedJobsHistoryLimit": 7,
-    "params": {"epsilon": 5, "num_samples": 1000000, "tag": "007", "grid": [1, 2]}}}
+    "params": {"epsilon": 5, "num_samples": 1000000, "tag": "007", "grid": [1, 2]},
+    "set": ["finetune.epsilon=5", "data.private={kind: cifar10, path: s3://b/c.tar.gz}"]}}
 
 
 def _submit_container(docs: list[dict]) -> tuple[dict, dict]:
@@ -489,6 +490,8 @@ def test_cronjob_runs_dpsynth_submit_as_configured(chart: helm.Chart) -> None:
     params = [line[i + 1] for i in range(len(line) - 1) if line[i] == "--param"]
     # sorted by key; integers stay integers (Helm holds them as float64), lists are JSON
     assert params == ["epsilon=5", "grid=[1,2]", "num_samples=1000000", "tag=007"]
+    sets = [line[i + 1] for i in range(len(line) - 1) if line[i] == "--set"]
+    assert sets == SUBMIT_VALUES["submit"]["set"]  # in order, each one argument
     spec = cron["spec"]
     assert spec["schedule"] == "15 1 * * *" and spec["suspend"] is True
     assert spec["concurrencyPolicy"] == "Forbid"
