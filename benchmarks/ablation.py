@@ -99,7 +99,7 @@ def one_run(config: str, work: str, name: str, overrides: list[str], seed: int,
                work_dir=run_dir / "work-sample")
     acc = classify.run(cfg, synthetic_dir=run_dir / "sample", test_dir=prep / "test",
                        private_dir=None, out_dir=run_dir / "classify", tracker=NullTracker())
-    dist = fid.run(cfg, synthetic_dir=run_dir / "sample", reference_dir=prep / "test",
+    dist = fid.run(cfg, synthetic_dir=run_dir / "sample", test_dir=prep / "test",
                    public_dir=prep / "public", out_dir=run_dir / "fid", tracker=NullTracker(),
                    work_dir=work_dir / "fid-cache")
     return {"variant": name, "seed": seed, "epsilon": 0.0 if name == "public only" else epsilon,

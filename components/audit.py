@@ -22,9 +22,9 @@ def audit(config: Input[Artifact], model: Input[Model], dp_model: Input[Model],
     from dpsynth.drive import run_stage
 
     cfg = load_config(config.path)
-    run_stage("audit", cfg, inputs={"model": model.path, "generator": dp_model.path,
+    run_stage("audit", cfg, inputs={"model": model.path, "dp_model": dp_model.path,
                                     "synthetic": synthetic.path, "private": private.path,
-                                    "heldout": test.path}, out_dir=results.path)
+                                    "test": test.path}, out_dir=results.path)
     log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
     figures_html(roc, "Canary membership audit: DP twins vs non-private control",
                  [os.path.join(results.path, "roc.png")])

@@ -15,16 +15,16 @@ from components.runtime import figures_html, load_config, log_metrics_file
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False,
                additional_funcs=[load_config, log_metrics_file])
-def fid(config: Input[Artifact], synthetic: Input[Dataset], reference: Input[Dataset],
+def fid(config: Input[Artifact], synthetic: Input[Dataset], test: Input[Dataset],
         public: Input[Dataset], results: Output[Artifact], metrics: Output[Metrics]):
     """`dpsynth fid`: Frechet distance, KID, precision/recall between the synthetic
-    set and the real test split (`reference`); the domain CNN is trained on `public`."""
+    set and the real test split; the domain CNN is trained on `public`."""
     import os
 
     from dpsynth.drive import run_stage
 
     cfg = load_config(config.path)
-    run_stage("fid", cfg, inputs={"synthetic": synthetic.path, "reference": reference.path,
+    run_stage("fid", cfg, inputs={"synthetic": synthetic.path, "test": test.path,
                                   "public": public.path}, out_dir=results.path)
     log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
 
@@ -70,7 +70,7 @@ def baseline(config: Input[Artifact], model: Input[Model], public: Input[Dataset
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False,
                additional_funcs=[load_config, log_metrics_file, figures_html])
 def rank(config: Input[Artifact], synthetic: Input[Dataset], test: Input[Dataset],
-         generator: Input[Model], results: Output[Artifact], metrics: Output[Metrics],
+         dp_model: Input[Model], results: Output[Artifact], metrics: Output[Metrics],
          scatter: Output[HTML]):
     """`dpsynth rank`: train the classifier grid on synthetic data, choose on synthetic
     validation, measure the ranking on the real test split; registers the champion
@@ -81,7 +81,7 @@ def rank(config: Input[Artifact], synthetic: Input[Dataset], test: Input[Dataset
 
     cfg = load_config(config.path)
     run_stage("rank", cfg, inputs={"synthetic": synthetic.path, "test": test.path,
-                                   "generator": generator.path}, out_dir=results.path)
+                                   "dp_model": dp_model.path}, out_dir=results.path)
     log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
     figures_html(scatter, "Classifier configurations: synthetic validation vs real test "
                  "accuracy", [os.path.join(results.path, "scatter.png")])

@@ -212,7 +212,7 @@ def dpsynth_pipeline(
                                     work_root=work_root), "merge-shards")
     synthetic = merged.outputs["synthetic"]
 
-    fidelity = configure(fid(config=config, synthetic=synthetic, reference=test, public=public),
+    fidelity = configure(fid(config=config, synthetic=synthetic, test=test, public=public),
                          "fid")
     utility = configure(classify(config=config, synthetic=synthetic, test=test,
                                  private=private), "classify")
@@ -224,7 +224,7 @@ def dpsynth_pipeline(
                             classify=utility.outputs["results"], fid=fidelity.outputs["results"],
                             work_root=work_root, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
                       "sweep")
-    ranking = configure(rank(config=config, synthetic=synthetic, test=test, generator=dp_model),
+    ranking = configure(rank(config=config, synthetic=synthetic, test=test, dp_model=dp_model),
                         "rank")
     checked = configure(audit(config=config, model=pre.outputs["model"], dp_model=dp_model,
                               synthetic=synthetic, private=private, test=test), "audit")

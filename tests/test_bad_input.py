@@ -316,7 +316,7 @@ def sample_argv(*args: str, model: str = "inputs/model",
 
 def fid_argv(*sets: str, synthetic: str = "inputs/synthetic",
              public: str = "inputs/public") -> Callable[[Ctx], list[str]]:
-    return lambda c: c.argv("fid", "--synthetic", synthetic, "--reference", "inputs/test",
+    return lambda c: c.argv("fid", "--synthetic", synthetic, "--test", "inputs/test",
                             "--public", public, sets=sets)
 
 

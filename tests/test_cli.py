@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -124,8 +125,22 @@ def test_rank_prints_the_correlations_with_their_interval(
     monkeypatch.setattr(rank, "run", lambda cfg, **kw: result)
     code = cli.main(["rank", "--set", "tracking.enabled=false", "--set", "rank.confidence=0.9",
                      "--synthetic", str(tmp_path), "--test", str(tmp_path),
-                     "--generator", str(tmp_path), "--out", str(tmp_path / "rank")])
+                     "--dp-model", str(tmp_path), "--out", str(tmp_path / "rank")])
     assert code == 0
     out = capsys.readouterr().out
     assert ("rank: Spearman rho 0.900 (90% CI [0.612, 1.000]), Kendall tau 0.800 "
             "(90% CI [-0.250, 0.900]), regret 0.000; champion = config 1") in out
+
+
+@pytest.mark.parametrize("command, old, name", [
+    ("fid", "--reference", "test"), ("rank", "--generator", "dp_model"),
+    ("audit", "--generator", "dp_model"), ("audit", "--heldout", "test")])
+def test_older_input_flags_still_work(command: str, old: str, name: str,
+                                      capsys: pytest.CaptureFixture) -> None:
+    # one vocabulary (`--test`, `--dp-model`), with the flags of earlier releases kept
+    (sub,) = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    flags = {s: a.dest for a in sub.choices[command]._actions for s in a.option_strings}
+    assert flags[old] == flags["--" + name.replace("_", "-")] == name
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    assert old not in capsys.readouterr().out.split("usage:")[1].split("\n\n")[0]  # not shown

@@ -121,7 +121,7 @@ def _stages(bucket: str) -> list[list[str]]:
          "--public", f"{art}/prepare/public", "--out", f"{art}/finetune"],
         ["sample", "--model", f"{art}/finetune", "--out", f"{art}/sample"],
         ["rank", "--synthetic", f"{art}/sample", "--test", f"{art}/prepare/test",
-         "--generator", f"{art}/finetune", "--out", f"{art}/rank"],
+         "--dp-model", f"{art}/finetune", "--out", f"{art}/rank"],
     ]
 
 

@@ -110,7 +110,7 @@ def test_components_pass_typed_artifacts() -> None:
     for name in ("fid", "classify", "rank"):
         assert io(name)[0]["synthetic"] == dataset
         assert io(name)[1]["metrics"] == metrics
-    assert io("rank")[0]["generator"] == model
+    assert io("rank")[0]["dp_model"] == model
     # the public-only baseline: the pre-trained model, public and test splits; no private
     assert io("baseline") == (config | {"model": model, "public": dataset, "test": dataset},
                               {"results": "system.Artifact@0.0.1", "metrics": metrics})

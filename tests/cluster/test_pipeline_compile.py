@@ -107,9 +107,9 @@ def test_artifacts_flow_as_designed(spec) -> None:
     assert source("merge-shards", "shards") == (LOOP, "pipelinechannel--sample-shard-shard")
     for task in ("fid", "classify", "rank"):
         assert source(task, "synthetic") == ("merge-shards", "synthetic")
-    assert source("fid", "reference") == ("prepare", "test")
+    assert source("fid", "test") == ("prepare", "test")
     assert source("fid", "public") == ("prepare", "public")
-    assert source("rank", "generator") == ("finetune", "dp_model")
+    assert source("rank", "dp_model") == ("finetune", "dp_model")
     assert source("audit", "model") == ("pretrain", "model")
     assert source("audit", "dp_model") == ("finetune", "dp_model")
     assert source("audit", "synthetic") == ("merge-shards", "synthetic")

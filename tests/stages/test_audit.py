@@ -76,9 +76,9 @@ def audited(tmp_path_factory: pytest.TempPathFactory, make_cfg: Callable[..., Co
                      public_dir=digits_public_dir, out_dir=root / "finetune",
                      tracker=NullTracker())
         tracker = RecordingTracker()
-        result = audit.run(cfg, model_dir=pretrained_dir, generator_dir=root / "finetune",
+        result = audit.run(cfg, model_dir=pretrained_dir, dp_model_dir=root / "finetune",
                            synthetic_dir=sampled_dir, private_dir=private_dir,
-                           heldout_dir=heldout, out_dir=root / "audit", tracker=tracker)
+                           test_dir=heldout, out_dir=root / "audit", tracker=tracker)
     finally:
         torch.set_num_threads(before)
     return {"cfg": cfg, "result": result, "tracker": tracker, "root": root,
@@ -142,8 +142,8 @@ def test_memorization_sees_samples_that_copy_the_private_split(audited: dict,
     cfg = dataclasses.replace(audited["cfg"], audit=dataclasses.replace(
         audited["cfg"].audit, steps=1, control=False))
     result = audit.run(cfg, model_dir=audited["pretrained"],
-                       generator_dir=audited["root"] / "finetune", synthetic_dir=copies,
-                       private_dir=audited["private"], heldout_dir=audited["heldout"],
+                       dp_model_dir=audited["root"] / "finetune", synthetic_dir=copies,
+                       private_dir=audited["private"], test_dir=audited["heldout"],
                        out_dir=tmp_path / "audit", tracker=NullTracker())
     assert result.metrics["memorized_fraction"] == 1.0
     assert result.metrics["closer_to_private_fraction"] == 1.0
@@ -193,9 +193,9 @@ def test_a_model_without_privacy_json_is_refused(audited: dict, tmp_path: Path) 
     fake = tmp_path / "not-dp"
     shutil.copytree(audited["pretrained"], fake)
     with pytest.raises(InputError, match="no privacy.json"):
-        audit.run(audited["cfg"], model_dir=audited["pretrained"], generator_dir=fake,
+        audit.run(audited["cfg"], model_dir=audited["pretrained"], dp_model_dir=fake,
                   synthetic_dir=audited["sampled"], private_dir=audited["private"],
-                  heldout_dir=audited["heldout"], out_dir=tmp_path / "audit",
+                  test_dir=audited["heldout"], out_dir=tmp_path / "audit",
                   tracker=NullTracker())
     assert not (tmp_path / "audit").exists()
 
@@ -206,9 +206,9 @@ def test_a_model_made_with_other_dp_settings_is_refused(audited: dict, tmp_path:
     privacy = json.loads((other / "privacy.json").read_text())
     (other / "privacy.json").write_text(json.dumps(privacy | {"max_grad_norm": 5.0}))
     with pytest.raises(InputError, match="max_grad_norm"):
-        audit.run(audited["cfg"], model_dir=audited["pretrained"], generator_dir=other,
+        audit.run(audited["cfg"], model_dir=audited["pretrained"], dp_model_dir=other,
                   synthetic_dir=audited["sampled"], private_dir=audited["private"],
-                  heldout_dir=audited["heldout"], out_dir=tmp_path / "audit",
+                  test_dir=audited["heldout"], out_dir=tmp_path / "audit",
                   tracker=NullTracker())
     assert not (tmp_path / "audit").exists()
 
@@ -266,9 +266,9 @@ def _audit_at_ten(audited: dict, tmp_path: Path, name: str) -> audit.AuditResult
     with torch.random.fork_rng():
         torch.set_num_threads(1)
         return audit.run(cfg, model_dir=audited["pretrained"],
-                         generator_dir=audited["root"] / "finetune",
+                         dp_model_dir=audited["root"] / "finetune",
                          synthetic_dir=audited["sampled"], private_dir=audited["private"],
-                         heldout_dir=audited["heldout"], out_dir=tmp_path / name,
+                         test_dir=audited["heldout"], out_dir=tmp_path / name,
                          tracker=NullTracker())
 
 
@@ -332,9 +332,9 @@ def test_a_model_fine_tuned_past_the_target_is_refused_without_its_epsilon(
     over = audited["cfg"].finetune.epsilon + 0.123456
     (other / "privacy.json").write_text(json.dumps(privacy | {"epsilon": over}))
     with pytest.raises(InputError, match="larger epsilon than finetune.epsilon=1") as info:
-        audit.run(audited["cfg"], model_dir=audited["pretrained"], generator_dir=other,
+        audit.run(audited["cfg"], model_dir=audited["pretrained"], dp_model_dir=other,
                   synthetic_dir=audited["sampled"], private_dir=audited["private"],
-                  heldout_dir=audited["heldout"], out_dir=tmp_path / "audit",
+                  test_dir=audited["heldout"], out_dir=tmp_path / "audit",
                   tracker=NullTracker())
     assert "1.12" not in str(info.value)  # the accounted epsilon gives N away
     assert not (tmp_path / "audit").exists()

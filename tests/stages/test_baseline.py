@@ -47,7 +47,7 @@ def test_the_public_only_point_is_the_dp_recipe_applied_to_the_pretrained_model(
     sample.run(cfg, model_dir=pretrained_dir, out_dir=tmp_path / "s", tracker=NullTracker())
     acc = classify.run(cfg, synthetic_dir=tmp_path / "s", test_dir=test, private_dir=None,
                        out_dir=tmp_path / "c", tracker=NullTracker())
-    dist = fid.run(cfg, synthetic_dir=tmp_path / "s", reference_dir=test,
+    dist = fid.run(cfg, synthetic_dir=tmp_path / "s", test_dir=test,
                    public_dir=digits_public_dir, out_dir=tmp_path / "f", tracker=NullTracker())
     assert published["public_only_real_test_accuracy"] == pytest.approx(acc.real_test_accuracy)
     assert published["public_only_num_synthetic"] == 20

@@ -69,7 +69,7 @@ def data(tmp_path_factory: pytest.TempPathFactory,
 
 def run(cfg: Config, data: dict[str, Path], public: Path, out: Path,
         synthetic: str = "synthetic") -> fid.FidResult:
-    return fid.run(cfg, synthetic_dir=data[synthetic], reference_dir=data["reference"],
+    return fid.run(cfg, synthetic_dir=data[synthetic], test_dir=data["reference"],
                    public_dir=public, out_dir=out, tracker=NullTracker())
 
 
@@ -79,7 +79,7 @@ def test_end_to_end_with_the_domain_cnn(make_cfg: Callable[..., Config], data: d
     cfg = make_cfg(*FID_SETTINGS)
     out, tracker = tmp_path / "fid", NullTracker()
     with caplog.at_level(logging.INFO):
-        result = fid.run(cfg, synthetic_dir=data["synthetic"], reference_dir=data["reference"],
+        result = fid.run(cfg, synthetic_dir=data["synthetic"], test_dir=data["reference"],
                          public_dir=digits_public_dir, out_dir=out, tracker=tracker)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == CNN_KEYS | {"num_synthetic"}
@@ -131,7 +131,7 @@ def test_no_accuracy_when_public_classes_differ(make_cfg: Callable[..., Config],
     public = tmp_path / "public"
     write_dataset(public, images[:400], labels[:400] % 5, [f"c{k}" for k in range(5)], "other")
     result = fid.run(make_cfg(*FID_SETTINGS), synthetic_dir=data["synthetic"],
-                     reference_dir=data["reference"], public_dir=public,
+                     test_dir=data["reference"], public_dir=public,
                      out_dir=tmp_path / "fid", tracker=NullTracker())
     assert set(result.metrics) == CNN_KEYS - {"domain_cnn_real_test_accuracy"} | {
         "num_synthetic"}
@@ -158,7 +158,7 @@ def test_both_extractors_on_a_few_images(make_cfg: Callable[..., Config], digits
     weights = random_inception_file(tmp_path / "inception.pth")
     cfg = make_cfg(*FID_SETTINGS, "fid.extractors=[domain-cnn, inception-v3-compat]",
                    f"fid.inception_weights={weights}", "fid.batch_size=4")
-    result = fid.run(cfg, synthetic_dir=tmp_path / "syn", reference_dir=tmp_path / "ref",
+    result = fid.run(cfg, synthetic_dir=tmp_path / "syn", test_dir=tmp_path / "ref",
                      public_dir=digits_public_dir, out_dir=tmp_path / "fid",
                      tracker=NullTracker())
     assert set(result.metrics) == CNN_KEYS | INCEPTION_KEYS | {"num_synthetic"}
@@ -177,7 +177,7 @@ def _dataset(root: Path, name: str, images: np.ndarray, labels: np.ndarray) -> P
     ("no_manifest", r"synthetic_dir=.*no manifest\.json there; pass the output folder of "
                     r"`dpsynth sample`"),
     ("empty", r"synthetic_dir=.*holds no images"),
-    ("rgb", r"synthetic_dir=.*\(8, 8, 3\) but reference_dir=.*\(8, 8, 1\)"),
+    ("rgb", r"synthetic_dir=.*\(8, 8, 3\) but test_dir=.*\(8, 8, 1\)"),
     ("too_few", r"synthetic_dir=.*holds 3 images; the metrics need at least 4"),
     ("public_shape", r"public_dir=.*\(4, 4, 1\).*must be trained on images of the evaluated"),
     ("no_public", r"public_dir=.*no manifest\.json there; pass the PUBLIC split"),
@@ -188,7 +188,7 @@ def test_bad_input_writes_nothing(case: str, match: str, make_cfg: Callable[...,
                                   data: dict[str, Path], digits_public_dir: Path,
                                   digits: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
     images, labels = digits[0][:20], digits[1][:20]
-    inputs = {"synthetic_dir": data["synthetic"], "reference_dir": data["reference"],
+    inputs = {"synthetic_dir": data["synthetic"], "test_dir": data["reference"],
               "public_dir": digits_public_dir}
     overrides = list(FID_SETTINGS)
     bad = tmp_path / "bad"

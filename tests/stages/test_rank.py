@@ -45,7 +45,7 @@ def finished(make_cfg: Callable[..., Config], digits_eval_dirs: dict[str, Path],
     tracker = NullTracker()
     result = rank.run(cfg, synthetic_dir=digits_eval_dirs["synthetic"],
                       test_dir=digits_eval_dirs["test"],
-                      generator_dir=digits_eval_dirs["generator"],
+                      dp_model_dir=digits_eval_dirs["generator"],
                       out_dir=tmp_path_factory.mktemp("rank") / "rank", tracker=tracker)
     return result, tracker, cfg
 
@@ -145,7 +145,7 @@ def test_the_choice_uses_synthetic_validation_only(
     _fake_grid(monkeypatch, cfg, digits_eval_dirs, val, _first_right(real, 300))
     result = rank.run(cfg, synthetic_dir=digits_eval_dirs["synthetic"],
                       test_dir=digits_eval_dirs["test"],
-                      generator_dir=digits_eval_dirs["generator"], out_dir=tmp_path / "rank",
+                      dp_model_dir=digits_eval_dirs["generator"], out_dir=tmp_path / "rank",
                       tracker=NullTracker())
     metrics = json.loads((tmp_path / "rank" / "metrics.json").read_text())
     assert result.chosen_config == metrics["chosen_config"] == 1
@@ -169,7 +169,7 @@ def test_constant_scores_give_null_correlations(
     monkeypatch.setattr(rank, "predict", lambda net, images: np.zeros(len(images), np.int64))
     result = rank.run(make_cfg(GRID), synthetic_dir=digits_eval_dirs["synthetic"],
                       test_dir=digits_eval_dirs["test"],
-                      generator_dir=digits_eval_dirs["generator"], out_dir=tmp_path / "rank",
+                      dp_model_dir=digits_eval_dirs["generator"], out_dir=tmp_path / "rank",
                       tracker=NullTracker())
     metrics = json.loads((tmp_path / "rank" / "metrics.json").read_text())
     assert metrics["spearman_rho"] is None and metrics["kendall_tau"] is None
@@ -194,7 +194,7 @@ def test_the_interval_resamples_the_real_test_examples_with_the_configured_draws
     tracker = NullTracker()
     result = rank.run(cfg, synthetic_dir=digits_eval_dirs["synthetic"],
                       test_dir=digits_eval_dirs["test"],
-                      generator_dir=digits_eval_dirs["generator"], out_dir=tmp_path / "rank",
+                      dp_model_dir=digits_eval_dirs["generator"], out_dir=tmp_path / "rank",
                       tracker=tracker)
     metrics = json.loads((tmp_path / "rank" / "metrics.json").read_text())
     assert metrics["ci_confidence"] == 0.8
@@ -263,7 +263,7 @@ def test_bad_input_is_refused_and_nothing_is_written(
         case: str, match: str, make_cfg: Callable[..., Config],
         digits_eval_dirs: dict[str, Path], tmp_path: Path) -> None:
     inputs = {"synthetic_dir": digits_eval_dirs["synthetic"],
-              "test_dir": digits_eval_dirs["test"], "generator_dir": digits_eval_dirs["generator"]}
+              "test_dir": digits_eval_dirs["test"], "dp_model_dir": digits_eval_dirs["generator"]}
     if case == "classes":
         inputs["test_dir"] = _write(tmp_path, "t", 20, classes=("cat", "dog"))
     elif case == "empty_test":
@@ -271,11 +271,11 @@ def test_bad_input_is_refused_and_nothing_is_written(
     elif case == "empty_val":  # one image per class: all go to train
         inputs["synthetic_dir"] = _write(tmp_path, "s", 10)
     elif case in ("not_a_model", "not_dp"):
-        inputs["generator_dir"] = tmp_path / "g"
-        inputs["generator_dir"].mkdir()
+        inputs["dp_model_dir"] = tmp_path / "g"
+        inputs["dp_model_dir"].mkdir()
         names = ["config.json"] + (["model.safetensors"] if case == "not_dp" else [])
         for name in names:
-            (inputs["generator_dir"] / name).write_text("{}")
+            (inputs["dp_model_dir"] / name).write_text("{}")
     elif case == "other_generator":
         inputs["synthetic_dir"] = _write(tmp_path, "s", 40,
                                          source="dpsynth-sample:0123456789abcdef")

@@ -274,50 +274,50 @@ def membership_audit(cfg: Config, model_dir: Path, device: str | torch.device | 
     return Twins(audit_epsilon, dp, check_epsilon, check, control, max_cert)
 
 
-def run(cfg: Config, *, model_dir: Path, generator_dir: Path, synthetic_dir: Path,
-        private_dir: Path, heldout_dir: Path, out_dir: Path, tracker: Tracker,
+def run(cfg: Config, *, model_dir: Path, dp_model_dir: Path, synthetic_dir: Path,
+        private_dir: Path, test_dir: Path, out_dir: Path, tracker: Tracker,
         device: str | torch.device | None = None) -> AuditResult:
     """Audit the fine-tuning mechanism and the generator; publish into `out_dir`.
 
     Args:
         cfg: resolved config (sections seed, diffusion, finetune, audit).
         model_dir: the pre-trained model the fine-tuning started from (the twin's start).
-        generator_dir: the DP model (`finetune` output): its `privacy.json`
+        dp_model_dir: the DP model (`finetune` output): its `privacy.json`
             mechanism settings must match `cfg.finetune`, and its accounted ε must
             not exceed `finetune.epsilon`, the claim the audit publishes.
         synthetic_dir: its samples (`sample` output), checked for memorization.
         private_dir: the private split (memorization only; aggregates leave).
-        heldout_dir: real data not trained on (the test split), the baseline.
+        test_dir: real data not trained on (the test split), the baseline.
         out_dir: gets metrics.json, roc_dp.csv, roc_check.csv, roc_control.csv,
             roc.png, params.json, version.json -- published atomically.
         device: where the twins train; default the GPU when there is one.
 
     Raises:
-        InputError: no `privacy.json` in `generator_dir`, a mechanism that differs
+        InputError: no `privacy.json` in `dp_model_dir`, a mechanism that differs
             from the config's, a model fine-tuned past `finetune.epsilon` (the
             message does not state its ε), or mismatched splits. Nothing is
             written then.
     """
     ac = cfg.audit
-    privacy = read_privacy(generator_dir)
+    privacy = read_privacy(dp_model_dir)
     if privacy is None:
-        raise InputError(f"{generator_dir}: no privacy.json, so no DP claim to audit; pass the "
-                         "folder `dpsynth finetune` wrote (--generator artifacts/finetune)")
+        raise InputError(f"{dp_model_dir}: no privacy.json, so no DP claim to audit; pass the "
+                         "folder `dpsynth finetune` wrote (--dp-model artifacts/finetune)")
     differs = [f"{k}: model {privacy[k]!r} vs finetune.{k}={getattr(cfg.finetune, k)!r}"
                for k in _MECHANISM if privacy.get(k) != getattr(cfg.finetune, k)]
     if differs:
-        raise InputError(f"{generator_dir} was fine-tuned with other DP settings than the "
+        raise InputError(f"{dp_model_dir} was fine-tuned with other DP settings than the "
                          f"config's ({'; '.join(differs)}); audit with the config that made it")
     if float(privacy["epsilon"]) > cfg.finetune.epsilon:  # the value itself is not shown
-        raise InputError(f"{generator_dir} was fine-tuned to a larger epsilon than "
+        raise InputError(f"{dp_model_dir} was fine-tuned to a larger epsilon than "
                          f"finetune.epsilon={cfg.finetune.epsilon:g}; audit with the config "
                          "that made it")
     syn_x, _, manifest = read_labelled(synthetic_dir, "synthetic set")
     like = (manifest, f"synthetic set {synthetic_dir}")
     private_x, _, _ = read_labelled(private_dir, "private split", like=like)
-    heldout_x, _, _ = read_labelled(heldout_dir, "held-out split", like=like)
+    heldout_x, _, _ = read_labelled(test_dir, "held-out split", like=like)
     if len(private_x) < 2 or len(heldout_x) < 2:
-        raise InputError(f"{private_dir} / {heldout_dir}: the memorization test needs at least "
+        raise InputError(f"{private_dir} / {test_dir}: the memorization test needs at least "
                          "two images in each")
     tracker.log_params(cfg.section(*SECTIONS))
 

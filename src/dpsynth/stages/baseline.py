@@ -120,7 +120,7 @@ def score_model(cfg: Config, *, model_dir: Path, public_dir: Path, test_dir: Pat
                work_dir=work / "sample-work")
     acc = classify.run(scoring, synthetic_dir=work / "sample", test_dir=test_dir,
                        private_dir=None, out_dir=work / "classify", tracker=quiet)
-    dist = fid.run(cfg, synthetic_dir=work / "sample", reference_dir=test_dir,
+    dist = fid.run(cfg, synthetic_dir=work / "sample", test_dir=test_dir,
                    public_dir=public_dir, out_dir=work / "fid", tracker=quiet,
                    work_dir=fid_work)
     scores = {"real_test_accuracy": acc.real_test_accuracy,

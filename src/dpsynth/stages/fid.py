@@ -87,7 +87,7 @@ def _check_inputs(cfg: Config, syn: Manifest, ref: Manifest, pub: Manifest | Non
     if syn.shape != ref.shape:
         raise InputError(
             f"synthetic_dir={str(dirs['synthetic'])!r} holds images of shape (H, W, C)="
-            f"{syn.shape} but reference_dir={str(dirs['reference'])!r} holds {ref.shape}; "
+            f"{syn.shape} but test_dir={str(dirs['reference'])!r} holds {ref.shape}; "
             "compare samples with the test split of the same dataset (data.image_size, "
             "data.channels)")
     if pub is not None:
@@ -103,7 +103,7 @@ def _check_inputs(cfg: Config, syn: Manifest, ref: Manifest, pub: Manifest | Non
     if cfg.fid.max_features < need:
         raise InputError(f"fid.max_features={cfg.fid.max_features}: must be >= {need} "
                          f"(fid.prc_neighborhood + 1)")
-    for role, m in (("synthetic_dir", syn), ("reference_dir", ref)):
+    for role, m in (("synthetic_dir", syn), ("test_dir", ref)):
         if m.count < need:
             raise InputError(f"{role}={str(dirs[role.removesuffix('_dir')])!r} holds {m.count} "
                              f"images; the metrics need at least {need} "
@@ -144,7 +144,7 @@ def _domain_cnn(cfg: Config, public_dir: Path, pub: Manifest, cache: Path,
     return DomainCnnExtractor(net, source_name(cfg), sha), from_cache
 
 
-def _reference_stats(cfg: Config, reference_dir: Path, ref: Manifest,
+def _reference_stats(cfg: Config, test_dir: Path, ref: Manifest,
                      extractor: FeatureExtractor, cache: Path,
                      classifier: DomainCnnExtractor | None
                      ) -> tuple[FeatureStats, dict[str, float], bool]:
@@ -166,7 +166,7 @@ def _reference_stats(cfg: Config, reference_dir: Path, ref: Manifest,
         assert classifier is not None
         correct[0] += int((classifier.predict(features).numpy() == labels).sum())
 
-    stats = extract_stats(reference_dir, extractor, batch_size=cfg.fid.batch_size,
+    stats = extract_stats(test_dir, extractor, batch_size=cfg.fid.batch_size,
                           max_features=cfg.fid.max_features,
                           seed=[_np_seed(cfg.seed), _REFERENCE],
                           desc=f"reference {extractor.name}",
@@ -190,14 +190,14 @@ def _metrics(cfg: Config, extractor: FeatureExtractor, syn: FeatureStats,
             f"recall_{name}": pr.recall}, kid.subset_size
 
 
-def run(cfg: Config, *, synthetic_dir: Path, reference_dir: Path, public_dir: Path,
+def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, public_dir: Path,
         out_dir: Path, tracker: Tracker, work_dir: Path | None = None) -> FidResult:
     """Measure how far the synthetic images are from the real test split.
 
     Args:
         cfg: resolved config (sections seed, fid; data for the source name).
         synthetic_dir: output of `dpsynth sample`.
-        reference_dir: the real test split (output of `dpsynth prepare`).
+        test_dir: the real test split (output of `dpsynth prepare`).
         public_dir: the PUBLIC split, the only data the domain CNN is trained on.
             Never pass the private split here (the split `dpsynth prepare` marks
             private is refused).
@@ -211,11 +211,11 @@ def run(cfg: Config, *, synthetic_dir: Path, reference_dir: Path, public_dir: Pa
         InputError: a missing, empty or mismatched input; nothing is written.
     """
     fc = cfg.fid
-    dirs = {"synthetic": Path(synthetic_dir), "reference": Path(reference_dir),
+    dirs = {"synthetic": Path(synthetic_dir), "reference": Path(test_dir),
             "public": Path(public_dir)}
     syn = _input("synthetic_dir", dirs["synthetic"],
                  "the output folder of `dpsynth sample` (e.g. artifacts/sample)")
-    ref = _input("reference_dir", dirs["reference"],
+    ref = _input("test_dir", dirs["reference"],
                  "the real test split of `dpsynth prepare` (e.g. artifacts/prepare/test)")
     use_cnn = "domain-cnn" in fc.extractors
     pub = _input("public_dir", dirs["public"], "the PUBLIC split of `dpsynth prepare` "

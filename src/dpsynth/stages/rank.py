@@ -89,24 +89,24 @@ def summary(result: RankResult, cfg: Config) -> str:
             f"(registered as dpsynth-classifier@champion)")
 
 
-def _check_generator(generator_dir: Path, synthetic_source: str) -> None:
+def _check_generator(dp_model_dir: Path, synthetic_source: str) -> None:
     """Refuse a folder that is not a DP model, or not the one that made the data."""
-    weights = generator_dir / (EMA_WEIGHTS if (generator_dir / EMA_WEIGHTS).is_file() else WEIGHTS)
-    if not ((generator_dir / GENERATOR_CONFIG).is_file() and weights.is_file()):
-        raise InputError(f"{generator_dir}: not a model folder ({GENERATOR_CONFIG} and {WEIGHTS} "
+    weights = dp_model_dir / (EMA_WEIGHTS if (dp_model_dir / EMA_WEIGHTS).is_file() else WEIGHTS)
+    if not ((dp_model_dir / GENERATOR_CONFIG).is_file() and weights.is_file()):
+        raise InputError(f"{dp_model_dir}: not a model folder ({GENERATOR_CONFIG} and {WEIGHTS} "
                          "expected); pass the output of `dpsynth finetune` (artifacts/finetune)")
-    if not (generator_dir / "privacy.json").is_file():
-        raise InputError(f"{generator_dir}: no privacy.json, so not a DP model; "
+    if not (dp_model_dir / "privacy.json").is_file():
+        raise InputError(f"{dp_model_dir}: no privacy.json, so not a DP model; "
                          "dpsynth-generator is the DP fine-tuned model (artifacts/finetune)")
     # `sample` names its model in the manifest's source: the weights' sha256 prefix
     prefix = "dpsynth-sample:"
     if synthetic_source.startswith(prefix) and not sha256_file(weights).startswith(
             synthetic_source[len(prefix):]):
-        raise InputError(f"{generator_dir}: the synthetic set was sampled from another model "
+        raise InputError(f"{dp_model_dir}: the synthetic set was sampled from another model "
                          f"({synthetic_source}); pass the model that made it, or re-run sample")
 
 
-def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, generator_dir: Path,
+def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, dp_model_dir: Path,
         out_dir: Path, tracker: Tracker) -> RankResult:
     """Train and score the grid, choose on synthetic validation, publish and register.
 
@@ -114,7 +114,7 @@ def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, generator_dir: Path
         cfg: resolved config (sections seed, rank).
         synthetic_dir: the synthetic set written by `sample`.
         test_dir: the real test split written by `prepare`; used for reporting only.
-        generator_dir: the DP model (`finetune` output) that made the synthetic set;
+        dp_model_dir: the DP model (`finetune` output) that made the synthetic set;
             registered as `dpsynth-generator`.
         out_dir: gets `metrics.json`, `scores.csv`, `scatter.png`, `classifier/`
             (the champion: `model.safetensors` + `config.json`), `params.json`,
@@ -128,11 +128,11 @@ def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, generator_dir: Path
             the DP model of this synthetic set. Nothing is written then.
     """
     rc = cfg.rank
-    synthetic_dir, generator_dir = Path(synthetic_dir), Path(generator_dir)
+    synthetic_dir, dp_model_dir = Path(synthetic_dir), Path(dp_model_dir)
     syn_x, syn_y, manifest = read_labelled(synthetic_dir, "synthetic set")
     test_x, test_y, _ = read_labelled(test_dir, "real test split",
                                       like=(manifest, f"synthetic set {synthetic_dir}"))
-    _check_generator(generator_dir, manifest.source)
+    _check_generator(dp_model_dir, manifest.source)
     split = stratified_split(syn_y, {"train": 1 - rc.val_fraction, "val": rc.val_fraction},
                              seed=cfg.seed)
     tr, va = split["train"], split["val"]
@@ -220,7 +220,7 @@ def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, generator_dir: Path
     tracker.log_artifact(out_dir / "scatter.png")
     classifier_version = tracker.log_model(out_dir / "classifier", kind="classifier",
                                            registered_name=CLASSIFIER_NAME, alias=ALIAS)
-    generator_version = tracker.log_model(generator_dir, kind="generator",
+    generator_version = tracker.log_model(dp_model_dir, kind="generator",
                                           registered_name=GENERATOR_NAME, alias=ALIAS)
     return RankResult(out_dir, tuple(val_scores), tuple(test_scores), rho, tau, rho_ci, tau_ci,
                       chosen, regret, classifier_version, generator_version)

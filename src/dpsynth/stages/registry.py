@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ast
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -165,8 +165,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                        "trained on the public split). Writes metrics.json and the domain CNN to "
                        "--out."),
           inputs=(
-        SYNTHETIC, Input(name="reference", kwarg="reference_dir", path=TEST.path,
-                         help=TEST.help),
+        SYNTHETIC, replace(TEST, aliases=("--reference",)),
         _split("public", "public split (trains the domain CNN; never the private one)"))),
     Stage(name="classify", module="classify",
           short="accuracy of classifiers trained on synthetic data only",
@@ -218,8 +217,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                        "dpsynth-generator in MLflow."),
           inputs=(
         SYNTHETIC, TEST,
-        Input(name="generator", kwarg="generator_dir", path=DP_MODEL.path,
-              help="the DP model (finetune output) to register as dpsynth-generator"))),
+        replace(DP_MODEL, help="the DP model (finetune output) to register as dpsynth-generator",
+                aliases=("--generator",)))),
     Stage(name="audit", module="audit",
           short="empirical privacy check: canary membership audit, memorization",
           description=("Check the DP guarantee empirically: a canary membership audit in one "
@@ -231,11 +230,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           gpu=True, reads_private=True, inputs=(
         _output("pretrain", "model", "model_dir",
                 "pre-trained model the fine-tuning started from (the twin's start)"),
-        Input(name="generator", kwarg="generator_dir", path=DP_MODEL.path,
-              help="the DP model (finetune output): its privacy.json is the claim"),
+        replace(DP_MODEL, help="the DP model (finetune output): its privacy.json is the claim",
+                aliases=("--generator",)),
         SYNTHETIC, _split("private", "private split (memorization only; aggregates leave)"),
-        Input(name="heldout", kwarg="heldout_dir", path=TEST.path,
-              help="real data not trained on (the test split from prepare)"))),
+        replace(TEST, help="real data not trained on (the test split from prepare)",
+                aliases=("--heldout",)))),
     Stage(name="report", module="report",
           short="one self-contained HTML report of the whole run, for the data owner",
           description=("Write one self-contained HTML page about the run for the data owner "
