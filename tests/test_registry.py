@@ -99,3 +99,42 @@ def test_every_run_keyword_of_a_registered_input_exists() -> None:
             # an optional input may be None; a required one may not
             takes_none = "None" in str(params[i.kwarg].annotation)
             assert takes_none == (not i.required), (row.name, i.kwarg)
+
+
+STAGE_MODULES = {f"dpsynth.stages.{row.module}" for row in STAGES.values()}
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_no_stage_imports_another(name: str) -> None:
+    """A stage runs another only through the registry, where `uses` declares it;
+    stage code shared by two stages lives in a neutral module, not in either."""
+    closure = set(registry.module_closure(f"dpsynth.stages.{STAGES[name].module}"))
+    assert closure & STAGE_MODULES == {f"dpsynth.stages.{STAGES[name].module}"}
+
+
+def _stages_called(path: Path) -> set[str]:
+    """Names passed as literals to `stage("...")` / `registry.stage("...")` in `path`."""
+    import ast
+
+    calls = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+                and getattr(node.func, "id", getattr(node.func, "attr", None)) == "stage"):
+            calls.add(node.args[0].value)
+    return calls
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_every_stage_a_stage_runs_is_declared_in_uses(name: str) -> None:
+    # what `code()` (and so dvc.yaml's deps) count as the stage's code
+    row = STAGES[name]
+    called = set().union(*(_stages_called(p) for p in
+                           registry.module_closure(f"dpsynth.stages.{row.module}").values()))
+    assert called <= set(row.uses), f"{name} runs {sorted(called - set(row.uses))} undeclared"
+    assert set(row.uses) <= set(STAGES)
+
+
+def test_a_stage_that_uses_others_depends_on_their_code() -> None:
+    baseline, sweep = STAGES["baseline"].code(), STAGES["sweep"].code()
+    assert STAGES["fid"].code() | STAGES["sample"].code() | STAGES["classify"].code() <= baseline
+    assert STAGES["finetune"].code() <= sweep

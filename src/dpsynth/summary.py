@@ -6,20 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-STAGES = ("prepare", "pretrain", "finetune", "sample", "fid", "classify", "baseline", "sweep",
-          "rank", "audit")
-WHAT = {
-    "prepare": "public/private/test shards + manifests",
-    "pretrain": "EMA diffusion model (safetensors + config.json), loss.csv",
-    "finetune": "DP model (safetensors + config.json), privacy.json",
-    "sample": "synthetic shards + manifest, grid.png",
-    "fid": "distances to the real test split, domain CNN",
-    "classify": "accuracy vs number of synthetic samples, curve.png",
-    "baseline": "the public-only point (epsilon 0): the pre-trained model, scored alike",
-    "sweep": "privacy-utility curve (curve.csv, curve.png), make sweep's extra DP points",
-    "rank": "synthetic vs real ranking, scatter.png, champion classifier",
-    "audit": "canary membership audit (epsilon lower bound vs claim), memorization, roc.png",
-}
+from dpsynth.stages.registry import STAGES as _REGISTRY
+
+# the stages whose outputs it lists, in pipeline order (the report has its own line)
+STAGES = tuple(name for name in _REGISTRY if name != "report")
+WHAT = {name: _REGISTRY[name].produces for name in STAGES}
 
 
 def summarize(artifacts: Path, seconds: float | None = None) -> str:

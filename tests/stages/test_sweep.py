@@ -11,6 +11,7 @@ from typing import Callable
 
 import pytest
 
+from dpsynth import scoring
 from dpsynth.config import Config
 from dpsynth.data.roles import carved_source
 from dpsynth.errors import InputError
@@ -113,9 +114,9 @@ def test_each_new_point_is_scored_like_the_baseline_and_is_one_ledger_run(
     assert sigmas[0] > sigmas[1]  # less budget, more noise
 
     # the point's score is the baseline's recipe applied to its model
-    again = baseline.score_model(c, model_dir=out / "eps-4" / "model", public_dir=dirs["public"],
-                                 test_dir=dirs["test"], work=tmp_path / "again",
-                                 fid_work=tmp_path / "fidwork")
+    again = scoring.score_model(c, model_dir=out / "eps-4" / "model", public_dir=dirs["public"],
+                                test_dir=dirs["test"], work=tmp_path / "again",
+                                fid_work=tmp_path / "fidwork")
     assert result.points[1].real_test_accuracy == pytest.approx(again["real_test_accuracy"])
     assert result.points[1].distance == pytest.approx(again[fd])
 

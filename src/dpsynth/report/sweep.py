@@ -10,7 +10,7 @@ from typing import Sequence
 
 from dpsynth.report import page
 from dpsynth.report.page import Section, figure, table
-from dpsynth.report.sections import read_json, read_png
+from dpsynth.report.values import read_json, read_png
 
 TITLE = "Privacy–utility curve"
 

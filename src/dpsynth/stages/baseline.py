@@ -29,9 +29,9 @@ from dpsynth.errors import InputError
 from dpsynth.io.atomic import atomic_dir
 from dpsynth.io.shards import read_manifest
 from dpsynth.provenance import write_run_info
-from dpsynth.stages import classify, fid, sample
+from dpsynth.scoring import score_model
 from dpsynth.stages.common import work_dir_for, write_metrics
-from dpsynth.tracking import NullTracker, Tracker
+from dpsynth.tracking import Tracker
 
 log = logging.getLogger(__name__)
 SECTIONS = ("seed", "data", "diffusion", "sample", "classify", "fid")
@@ -99,31 +99,3 @@ def run(cfg: Config, *, model_dir: Path, public_dir: Path, test_dir: Path, out_d
     shutil.rmtree(work, ignore_errors=True)
     log.info("public-only baseline: real test accuracy %.3f", scores["real_test_accuracy"])
     return BaselineResult(Path(out_dir), metrics)
-
-
-def score_model(cfg: Config, *, model_dir: Path, public_dir: Path, test_dir: Path, work: Path,
-                fid_work: Path) -> dict[str, float]:
-    """Sample `model_dir` with the `sample` settings and score the samples with the
-    `classify` recipe (at its largest size, on `test_dir`) and the `fid` distances
-    (the domain CNN cached in `fid_work`, the `fid` stage's own work folder, so
-    every model of a run is measured in one feature space).
-
-    Returns:
-        ``real_test_accuracy``, ``num_synthetic`` and the `fid` metrics (``fd_*``,
-        ``kid_*``, ...). The samples (and their ``grid.png``) stay in ``work/sample``.
-    """
-    largest = dataclasses.replace(cfg.classify, sizes=(cfg.classify.sizes[-1],),
-                                  real_baseline=False)
-    scoring = dataclasses.replace(cfg, classify=largest)
-    quiet = NullTracker()  # the caller's MLflow run logs the scores
-    sample.run(cfg, model_dir=model_dir, out_dir=work / "sample", tracker=quiet,
-               work_dir=work / "sample-work")
-    acc = classify.run(scoring, synthetic_dir=work / "sample", test_dir=test_dir,
-                       private_dir=None, out_dir=work / "classify", tracker=quiet)
-    dist = fid.run(cfg, synthetic_dir=work / "sample", test_dir=test_dir,
-                   public_dir=public_dir, out_dir=work / "fid", tracker=quiet,
-                   work_dir=fid_work)
-    scores = {"real_test_accuracy": acc.real_test_accuracy,
-              "num_synthetic": acc.num_synthetic}
-    return scores | {k: v for k, v in dist.metrics.items()
-                     if k != "num_synthetic" and v is not None}

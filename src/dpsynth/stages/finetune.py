@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from dpsynth.config import Config, FinetuneConfig
+from dpsynth.config import Config
 from dpsynth.data.roles import refuse_private_split
 from dpsynth.devices import default_device
 from dpsynth.diffusion.ema import EMA
@@ -39,13 +39,13 @@ from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import read_dataset, read_manifest, sha256_file
 from dpsynth.plots import plot_loss
 from dpsynth.privacy import accounting
-from dpsynth.privacy.accounting import Step
 from dpsynth.privacy.distributed import Workers
 from dpsynth.privacy.dp_sgd import DPStep, SecretRandomness, check_model, noisy_gradient
 from dpsynth.privacy.draws import disable_dropout, record_keys
+from dpsynth.privacy.history import planned_history
 from dpsynth.privacy.ledger import PrivacyLedger, dataset_key
 from dpsynth.privacy.per_example import use_vmap_friendly_attention
-from dpsynth.privacy.sampling import poisson_batch, sample_rate
+from dpsynth.privacy.sampling import poisson_batch
 from dpsynth.provenance import write_run_info
 from dpsynth.stages.common import (all_finite, fingerprint, kept_checkpoint, work_dir_for,
                                    write_metrics)
@@ -178,18 +178,6 @@ def _account_redone_steps(ledger: PrivacyLedger, work_dir: Path, run_id: str,
                        budget_delta=cfg.privacy.dataset_budget_delta)
         ledger.complete(redo_id, redone)
     marker.unlink()
-
-
-def planned_history(fc: FinetuneConfig, n: int) -> list[Step]:
-    """The run's accountant history ``[(sigma, q, steps)]`` on `n` private records:
-    sigma calibrated to ``finetune.epsilon`` at ``finetune.delta`` for Poisson
-    sampling at q = B / n over ``finetune.steps`` steps. What the privacy ledger
-    reserves; private (a function of n), never logged."""
-    q = sample_rate(fc.batch_size, n)
-    sigma = accounting.calibrate_noise_multiplier(
-        target_epsilon=fc.epsilon, delta=fc.delta, sample_rate=q, steps=fc.steps,
-        accountant=fc.accountant)
-    return [(sigma, q, fc.steps)]
 
 
 def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, out_dir: Path,

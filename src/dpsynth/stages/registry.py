@@ -24,6 +24,7 @@ import importlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 ARTIFACTS = "artifacts"
 SRC = Path(__file__).resolve().parents[2]  # the folder that holds the dpsynth package
@@ -70,6 +71,9 @@ class Stage:
             requests one).
         reads_private: whether it may read the private split.
         examples: more example commands for its --help, after the `dvc repro` one.
+        produces: what its output folder holds, in a few words (`make run`'s summary).
+        uses: the stages it runs as parts of itself, through this registry (never by
+            importing them): their code is its code (`code`).
     """
 
     name: str
@@ -80,6 +84,8 @@ class Stage:
     gpu: bool = False
     reads_private: bool = False
     examples: tuple[str, ...] = ()
+    produces: str = ""
+    uses: tuple[str, ...] = ()
 
     @property
     def example(self) -> str:
@@ -97,6 +103,11 @@ class Stage:
     def load(self) -> ModuleType:
         return importlib.import_module(f"dpsynth.stages.{self.module}")
 
+    def run(self, cfg: Any, **kwargs: Any) -> Any:
+        """Its ``run(cfg, **kwargs)`` on local folders (a stage that `uses` it calls
+        this; drivers go through `dpsynth.drive.run_stage`)."""
+        return self.load().run(cfg, **kwargs)
+
     @property
     def sections(self) -> tuple[str, ...]:
         """The config sections it reads (and records in its ``params.json``)."""
@@ -106,8 +117,9 @@ class Stage:
         """Every dpsynth source file the stage runs: its module and all the dpsynth
         modules it imports, directly or not (read from the source, not imported),
         relative to the repository (``src/dpsynth/...``)."""
-        return {path.relative_to(SRC.parent) for path in
-                module_closure(f"dpsynth.stages.{self.module}").values()}
+        files = {path.relative_to(SRC.parent) for path in
+                 module_closure(f"dpsynth.stages.{self.module}").values()}
+        return files.union(*(STAGES[name].code() for name in self.uses))
 
 
 def _split(role: str, help_: str, **kw: object) -> Input:
@@ -127,17 +139,20 @@ TEST = _split("test", "real test split from prepare")
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage(name="prepare", module="prepare",
+          produces="public/private/test shards + manifests",
           short="validate the raw sources; write public/private/test shards",
           description=("Read the raw sources (data.*) and write validated public/private/test "
                        "shards with manifests to --out."),
           reads_private=True),
     Stage(name="pretrain", module="pretrain",
+          produces="EMA diffusion model (safetensors + config.json), loss.csv",
           short="train the diffusion model on the public split (not private)",
           description=("Train the diffusion model (non-private) on the public split; writes the "
                        "EMA model (safetensors + config.json) and loss curve to --out."),
           gpu=True, inputs=(
         _split("public", "public split from prepare"),)),
     Stage(name="finetune", module="finetune",
+          produces="DP model (safetensors + config.json), privacy.json",
           short="DP-SGD fine-tuning on the private split (the only reader of it)",
           description=("Fine-tune the pre-trained model on the private split with DP-SGD (Poisson "
                        "sampling, per-example clipping of the K-averaged gradient, calibrated "
@@ -147,6 +162,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         MODEL, _split("private", "private split from prepare"),
         _split("public", "public split (only for the publishable monitoring loss)"))),
     Stage(name="sample", module="sample",
+          produces="synthetic shards + manifest, grid.png",
           short="generate the synthetic dataset (sharded, resumable)",
           description=("Sample a synthetic dataset from a model into --out as shards + manifest + "
                        "per-class grid; resumes finished shards."),
@@ -158,6 +174,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                 "the model to sample (artifacts/finetune; artifacts/pretrain for the "
                 "public-only samples)"),)),
     Stage(name="fid", module="fid",
+          produces="distances to the real test split, domain CNN",
           short="Frechet distance, KID, precision/recall vs the real test split",
           description=("Distribution distances between the synthetic set and the real test split: "
                        "Frechet distance, KID and precision/recall in each configured feature "
@@ -168,6 +185,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         SYNTHETIC, replace(TEST, aliases=("--reference",)),
         _split("public", "public split (trains the domain CNN; never the private one)"))),
     Stage(name="classify", module="classify",
+          produces="accuracy vs number of synthetic samples, curve.png",
           short="accuracy of classifiers trained on synthetic data only",
           description=("Train WRN classifiers on growing subsets of the synthetic set and measure "
                        "their accuracy on the real test split (accuracy vs number of synthetic "
@@ -178,7 +196,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         SYNTHETIC, TEST,
         _split("private", "private split, only for the non-private baseline",
                required=False))),
-    Stage(name="baseline", module="baseline",
+    Stage(name="baseline", module="baseline", uses=("sample", "classify", "fid"),
+          produces="the public-only point (epsilon 0): the pre-trained model, scored alike",
           short="the public-only point: the pre-trained model sampled and scored alike",
           description=("The public-only point, in the same run: sample the pre-trained model "
                        "(public data only, epsilon 0) with the sample stage's settings and score "
@@ -187,7 +206,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                        "--out."),
           gpu=True, inputs=(
         MODEL, _split("public", "public split (trains the domain CNN, as in fid)"), TEST)),
-    Stage(name="sweep", module="sweep",
+    Stage(name="sweep", module="sweep", uses=("finetune", "sample", "classify", "fid"),
+          produces="privacy-utility curve (curve.csv, curve.png), make sweep's extra DP points",
           short="the privacy-utility curve: fine-tune, sample and score at several epsilon",
           description=("The privacy-utility curve (paper Fig. 2): the public-only point (epsilon "
                        "0, from baseline), this run's DP model (from classify and fid), and one "
@@ -209,6 +229,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         _output("fid", "fid", "fid_dir",
                 "the fid stage's output: this run's point's Frechet distance"))),
     Stage(name="rank", module="rank",
+          produces="synthetic vs real ranking, scatter.png, champion classifier",
           short="rank classifier settings on synthetic data; register the champion",
           description=("Train the rank.grid of classifier configurations on synthetic data, "
                        "choose on synthetic validation, and report how well the synthetic ranking "
@@ -220,6 +241,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         replace(DP_MODEL, help="the DP model (finetune output) to register as dpsynth-generator",
                 aliases=("--generator",)))),
     Stage(name="audit", module="audit",
+          produces=("canary membership audit (epsilon lower bound vs claim), memorization, "
+                    "roc.png"),
           short="empirical privacy check: canary membership audit, memorization",
           description=("Check the DP guarantee empirically: a canary membership audit in one "
                        "training run (Steinke, Nasr & Jagielski 2023) of a twin of the "
@@ -236,6 +259,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         replace(TEST, help="real data not trained on (the test split from prepare)",
                 aliases=("--heldout",)))),
     Stage(name="report", module="report",
+          produces="one self-contained HTML page (index.html)",
           short="one self-contained HTML report of the whole run, for the data owner",
           description=("Write one self-contained HTML page about the run for the data owner "
                        "(index.html, every image embedded): the privacy guarantee in plain words "

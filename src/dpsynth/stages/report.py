@@ -28,19 +28,22 @@ from dpsynth.io.shards import Manifest, read_dataset, read_manifest
 from dpsynth.privacy.ledger import PrivacyLedger, dataset_key
 from dpsynth.provenance import write_run_info
 from dpsynth.report import page, sections
+from dpsynth.report.audit import audit_section, audit_warning
 from dpsynth.report.page import esc
-from dpsynth.report.sections import read_json
+from dpsynth.report.values import read_json
 from dpsynth.report.statement import Budget, epsilon_text, privacy_statement
 from dpsynth.report.sweep import curve_section
+from dpsynth.stages import registry
 from dpsynth.tracking import Tracker
 
 log = logging.getLogger(__name__)
 SECTIONS = ("data", "privacy", "report")
 INDEX = "index.html"
 # What the report reads, by name, and where `dvc repro` puts it under artifacts/.
-LAYOUT = {"public": "prepare/public", "test": "prepare/test", "pretrain": "pretrain",
-          "finetune": "finetune", "sample": "sample", "fid": "fid", "classify": "classify",
-          "baseline": "baseline", "sweep": "sweep", "rank": "rank", "audit": "audit"}
+# what it reads: the public and test splits, and every other stage's output (from the
+# registry: a new stage's output is the report's to show)
+LAYOUT = {"public": "prepare/public", "test": "prepare/test"} | {
+    name: name for name in registry.STAGES if name not in ("prepare", "report")}
 REQUIRED = ("finetune", "sample")  # the DP claim and the data it is about
 PRIVATE = "prepare/private"  # the private split: read only to key the ledger
 PRIVATE_MANIFEST = f"{PRIVATE}/manifest.json"  # what DVC depends on (it pins the shards)
@@ -198,7 +201,7 @@ def run(cfg: Config, *, artifacts: Mapping[str, Path], out_dir: Path, tracker: T
             curve_section(dirs.get("sweep")),
             sections.ranking_section(dirs.get("rank")),
             sections.training_section(dirs.get("pretrain"), dirs["finetune"]),
-            sections.audit_section(dirs.get("audit")),
+            audit_section(dirs.get("audit")),
             sections.provenance_section(cfg, dirs, synthetic, test, private_dir is not None,
                                         cfg.section(*SECTIONS))]
     text = page.render(
@@ -206,7 +209,7 @@ def run(cfg: Config, *, artifacts: Mapping[str, Path], out_dir: Path, tracker: T
         lede=" ".join(t for t in (statement.headline,
                                    sections.baseline_gain(dirs.get("classify"),
                                                           dirs.get("baseline"))) if t),
-        warnings=[w for w in (statement.warning, sections.audit_warning(dirs.get("audit")))
+        warnings=[w for w in (statement.warning, audit_warning(dirs.get("audit")))
                   if w],
         glance=sections.glance(privacy, target, synthetic, dirs),
         sections=body,

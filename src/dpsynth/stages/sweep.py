@@ -4,7 +4,7 @@ The curve's points: the public-only model (ε = 0, the `baseline` stage), the
 run's own DP model at ``finetune.epsilon`` (scored by the `classify` and `fid`
 stages), and one more DP fine-tuning run per other target ε in
 ``sweep.epsilons`` (every other setting is the run's), each sampled and scored
-exactly as the public-only baseline is (`baseline.score_model`: the `classify`
+exactly as the public-only baseline is (`dpsynth.scoring.score_model`: the `classify`
 recipe at its largest size and the `fid` distances in the same domain-CNN
 feature space, on the same real test split); the non-private real-data
 baseline (read from `classify`, evaluation only) is the reference line. With
@@ -50,10 +50,12 @@ from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import read_dataset, read_manifest, sha256_file
 from dpsynth.plots import plot_privacy_utility
 from dpsynth.privacy import accounting
+from dpsynth.privacy.history import planned_history
 from dpsynth.privacy.ledger import PlannedRun, PrivacyLedger, dataset_key
 from dpsynth.provenance import write_run_info
-from dpsynth.stages import baseline, finetune
+from dpsynth.scoring import score_model
 from dpsynth.stages.common import fingerprint, work_dir_for, write_metrics
+from dpsynth.stages.registry import stage
 from dpsynth.tracking import Tracker
 from dpsynth.training.checkpoint import load_latest
 
@@ -252,7 +254,7 @@ def _reserve(cfg: Config, targets: list[float], work: Path, *, model_dir: Path,
                         eps, rid)
             rid = None
         rid = rid or f"sweep-{secrets.token_hex(6)}-{point_name(eps)}"
-        runs.append(PlannedRun(rid, tuple(finetune.planned_history(fc, n)), fc.delta, eps))
+        runs.append(PlannedRun(rid, tuple(planned_history(fc, n)), fc.delta, eps))
     # the whole sweep at once, before any of it trains (refused whole, nothing recorded)
     ledger.reserve_all(runs, accountant=cfg.finetune.accountant,
                        budget_epsilon=cfg.privacy.dataset_budget_epsilon,
@@ -276,11 +278,11 @@ def _point(cfg: Config, run_id: str, point: Path, *, model_dir: Path, private_di
     if not (point / "model" / "privacy.json").is_file():  # else published, not yet scored
         point.mkdir(parents=True, exist_ok=True)
         (point / STARTED).write_text(run_id + "\n")  # from here on, never reused afresh
-        finetune.run(cfg, model_dir=model_dir, private_dir=private_dir,
-                     public_dir=public_dir, out_dir=point / "model", tracker=tracker,
-                     work_dir=point / "finetune-work", run_id=run_id)
-    scores = baseline.score_model(cfg, model_dir=point / "model", public_dir=public_dir,
-                                  test_dir=test_dir, work=point / "score", fid_work=fid_work)
+        stage("finetune").run(cfg, model_dir=model_dir, private_dir=private_dir,
+                              public_dir=public_dir, out_dir=point / "model", tracker=tracker,
+                              work_dir=point / "finetune-work", run_id=run_id)
+    scores = score_model(cfg, model_dir=point / "model", public_dir=public_dir,
+                         test_dir=test_dir, work=point / "score", fid_work=fid_work)
     shutil.copy(point / "score" / "sample" / "grid.png", point / "grid.png")
     shutil.rmtree(point / "score", ignore_errors=True)
     tracker.log_metrics({k: float(v) for k, v in scores.items()})
