@@ -23,6 +23,7 @@ from dpsynth.config import load
 from dpsynth.errors import ConfigError, InputError
 from dpsynth.io.shards import read_dataset
 from dpsynth.stages import pretrain as pretrain_stage
+from dpsynth.stages import registry
 from dpsynth.stages import sample as sample_stage
 from dpsynth.submit import base_config_text
 from dpsynth.tracking import NullTracker
@@ -74,6 +75,21 @@ def test_one_component_per_dvc_stage_calling_the_stage_function() -> None:
                 assert f"stage.{function}(" in source, name
             # wiring only: no model, optimizer or tensor code in a component
             assert not re.search(r"\btorch\b|\bnumpy\b|\.backward\(", source), name
+
+
+@pytest.mark.parametrize("stage", [n for n in registry.STAGES if n not in NOT_DRIVEN | {"sample"}])
+def test_a_driven_components_inputs_are_its_registered_inputs(stage: str) -> None:
+    """One vocabulary: the component's artifact inputs are the registry's names (the
+    Kubeflow UI shows them), and it requests a GPU exactly when the registry says."""
+    spec = getattr(components, stage).component_spec
+    artifacts = {k for k, v in spec.inputs.items() if v.type.startswith("system.")} - {"config"}
+    assert artifacts == {i.name for i in registry.stage(stage).inputs}
+    assert (stage in GPU_COMPONENTS) == registry.stage(stage).gpu
+
+
+def test_the_sampling_components_are_gpu_as_the_sample_stage() -> None:
+    assert registry.stage("sample").gpu and "sample_shard" in GPU_COMPONENTS
+    assert "merge_shards" not in GPU_COMPONENTS  # copies and verifies; samples nothing
 
 
 @pytest.mark.parametrize("name", sorted(components.__all__))
