@@ -280,3 +280,12 @@ def test_compile_time_settings_reach_the_yaml(tmp_path: Path) -> None:
         assert platform.get("tolerations", []) == (
             [{"key": "gpu", "operator": "Exists"}] if gpu else []), name
         assert "pvcMount" not in platform, name
+
+
+def test_the_resources_table_requests_gpus_as_the_registry_says() -> None:
+    from dpsynth.stages import registry
+    from pipelines.dpsynth_pipeline import RESOURCES
+
+    for name, row in registry.STAGES.items():
+        task = "sample-shard" if name == "sample" else name
+        assert (RESOURCES[task].gpus > 0) == row.gpu, name
