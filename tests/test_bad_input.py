@@ -321,10 +321,11 @@ def fid_argv(*sets: str, synthetic: str = "inputs/synthetic",
 
 
 def marked_private(c: Ctx) -> None:
-    """Give inputs/private the manifest `source` that `prepare` gives the private split."""
+    """Give inputs/private the manifest that `prepare` gives the private split."""
     path = c.inputs / "private" / MANIFEST
     raw = json.loads(path.read_text())
     raw["source"] = carved_source("sklearn-digits", "private", 0)
+    raw["role"] = "private"
     path.write_text(json.dumps(raw))
 
 

@@ -61,7 +61,7 @@ def test_it_refuses_the_private_split_and_a_dp_model(
     images, labels, manifest = read_dataset(digits_eval_dirs["private"])
     private = tmp_path / "private"
     write_dataset(private, images, labels, manifest.classes,
-                  source=carved_source("sklearn-digits", "private", 0))
+                  source=carved_source("sklearn-digits", "private", 0), role="private")
     test = digits_eval_dirs["test"]
     for public_dir, test_dir, name in [(private, test, "public_dir"),
                                        (digits_public_dir, private, "test_dir")]:

@@ -47,6 +47,7 @@ def test_digits_splits_verify_and_partition(digits_runs: dict) -> None:
     for role in ROLES:
         images, labels, manifest = data[role]
         assert manifest == getattr(result, role)
+        assert manifest.role == role  # what the stages that refuse the private split read
         assert images.shape[1:] == (8, 8, 1) and manifest.classes == tuple("0123456789")
         assert set(labels) == set(range(10))  # stratified: every class in every split
         share = len(labels) / 1797

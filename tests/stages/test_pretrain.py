@@ -507,4 +507,4 @@ def test_the_private_split_is_refused_as_public(tmp_path: Path, make_cfg: Callab
     assert not out.exists() and not work_dir_for(out).exists()
     # the public split of the same prepare is not taken for the private one
     refuse_private_split("public_dir", tmp_path / "prepare" / "public",
-                         read_manifest(tmp_path / "prepare" / "public").source, "")
+                         read_manifest(tmp_path / "prepare" / "public"), "")

@@ -229,7 +229,7 @@ def test_bad_inputs_are_named_before_the_ledger(
     images, labels, manifest = read_dataset(dirs["private"])
     carved = tmp_path / "carved"
     write_dataset(carved, images, labels, manifest.classes,
-                  source=carved_source("sklearn-digits", "private", 0))
+                  source=carved_source("sklearn-digits", "private", 0), role="private")
     with pytest.raises(InputError, match="test_dir"):
         _sweep(c, dirs | {"test": carved}, out, public_point, this_run)
     assert _ledger(c, dirs["private"]).entries() == [] and not out.exists()

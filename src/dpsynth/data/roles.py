@@ -1,44 +1,50 @@
 """The roles of a split (public, private, test) as its manifest records them: how
-`prepare` marks a split it carved out of the private pool, and how the stages
-that must only read public data refuse the private one."""
+`prepare` marks the splits it writes, and how the stages that must only read
+public data refuse the private one."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from dpsynth.errors import InputError
+from dpsynth.io.shards import Manifest
+
+ROLES = ("public", "private", "test")
 
 
 def carved_source(pool_source: str, role: str, seed: int) -> str:
-    """The manifest `source` of a split carved out of a pool: it names the role, so
-    later stages can refuse the private split where only public data may go."""
+    """The manifest `source` of a split carved out of a pool: it names the role for
+    people reading the manifest (the stages read its `role` field)."""
     return f"{pool_source} {role} (stratified, seed {seed})"
 
 
-def is_carved_private(source: str) -> bool:
-    """Whether a manifest's `source` says `prepare` carved it as the private split.
+def is_private(manifest: Manifest) -> bool:
+    """Whether `manifest` is of the private split `prepare` wrote.
 
-    Every private split `prepare` writes is carved (`gather_splits`): `data.private`
-    only ever supplies the pool, and the private role is cut from it even when
-    `data.public` and `data.test` come from their own sources (then it is the
-    whole pool), so its manifest always carries `carved_source(..., "private", ...)`.
+    Its `role` says so. Manifests written before dpsynth recorded the role have
+    none: for them, the private split is told by its `source`, which `prepare`
+    has always written as `carved_source(..., "private", ...)` (every private
+    split is carved from the pool, even when the public and test splits come
+    from their own sources).
     """
-    return " private (stratified" in source
+    if manifest.role is not None:
+        return manifest.role == "private"
+    return " private (stratified" in manifest.source  # a manifest without a role
 
 
-def refuse_private_split(name: str, data_dir: str | Path, source: str, why: str) -> None:
+def refuse_private_split(name: str, data_dir: str | Path, manifest: Manifest, why: str) -> None:
     """Refuse a folder that `prepare` marked private where only public data may go.
 
     Args:
         name: the argument that named the folder (e.g. `public_dir`), for the message.
         data_dir: the folder.
-        source: its manifest's `source`.
+        manifest: its manifest.
         why: what the public split is used for, e.g. "pre-training is not private".
 
     Raises:
         InputError: naming the folder and the fix (pass artifacts/prepare/public).
     """
-    if is_carved_private(source):
-        raise InputError(f"{name}={str(data_dir)!r} is the PRIVATE split (manifest source "
-                         f"{source!r}, as `dpsynth prepare` marks it); {why}: pass the "
-                         "public split, artifacts/prepare/public")
+    if is_private(manifest):
+        raise InputError(f"{name}={str(data_dir)!r} is the PRIVATE split (its manifest's role, "
+                         f"source {manifest.source!r}, as `dpsynth prepare` marks it); {why}: "
+                         "pass the public split, artifacts/prepare/public")

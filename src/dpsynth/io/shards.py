@@ -29,18 +29,24 @@ class ShardInfo:
 @dataclass(frozen=True)
 class Manifest:
     """The `manifest.json` schema: `{"count", "shape": [H, W, C], "classes",
-    "source", "shards": [{"file", "count", "sha256"}]}`."""
+    "source", "shards": [{"file", "count", "sha256"}]}`, and `"role"` (`public`,
+    `private` or `test`) in the splits `prepare` writes: what the stages that must
+    not read the private split check (`dpsynth.data.roles`). Other outputs (the
+    synthetic set) have no role, and no such key."""
 
     count: int
     shape: tuple[int, int, int]
     classes: tuple[str, ...]
     source: str
     shards: tuple[ShardInfo, ...]
+    role: str | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["shape"] = list(self.shape)
         d["classes"] = list(self.classes)
+        if self.role is None:
+            del d["role"]
         return d
 
     @property
@@ -96,8 +102,10 @@ def write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> ShardInfo
 
 
 def write_dataset(out_dir: str | Path, images: np.ndarray, labels: np.ndarray,
-                  classes: Sequence[str], source: str, shard_size: int = 10_000) -> Manifest:
-    """Write `images` (uint8 NHWC) and `labels` as shards + manifest into `out_dir`.
+                  classes: Sequence[str], source: str, shard_size: int = 10_000,
+                  role: str | None = None) -> Manifest:
+    """Write `images` (uint8 NHWC) and `labels` as shards + manifest into `out_dir`;
+    `role` is the split's (`prepare`'s splits), recorded in the manifest.
 
     `out_dir` should itself be inside an `atomic_dir`; the manifest is written last.
     """
@@ -108,7 +116,7 @@ def write_dataset(out_dir: str | Path, images: np.ndarray, labels: np.ndarray,
                           labels[start:start + shard_size])
               for i, start in enumerate(range(0, max(len(images), 1), shard_size))]
     manifest = Manifest(count=len(images), shape=tuple(images.shape[1:]),  # type: ignore[arg-type]
-                        classes=tuple(classes), source=source, shards=tuple(shards))
+                        classes=tuple(classes), source=source, shards=tuple(shards), role=role)
     write_manifest(out_dir, manifest)
     return manifest
 
@@ -131,7 +139,8 @@ def read_manifest(data_dir: str | Path) -> Manifest:
             count=int(raw["count"]), shape=tuple(int(v) for v in raw["shape"]),  # type: ignore[arg-type]
             classes=tuple(str(c) for c in raw["classes"]), source=str(raw["source"]),
             shards=tuple(ShardInfo(file=str(s["file"]), count=int(s["count"]),
-                                   sha256=str(s["sha256"])) for s in raw["shards"]))
+                                   sha256=str(s["sha256"])) for s in raw["shards"]),
+            role=None if raw.get("role") is None else str(raw["role"]))
     except (ValueError, KeyError, TypeError) as err:
         raise InputError(f"{path}: not a valid manifest ({err!r}); re-run the stage that "
                          "wrote it") from None

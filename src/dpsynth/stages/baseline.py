@@ -76,8 +76,8 @@ def run(cfg: Config, *, model_dir: Path, public_dir: Path, test_dir: Path, out_d
     """
     public_dir, test_dir, model_dir = Path(public_dir), Path(test_dir), Path(model_dir)
     why = "the public-only baseline must not read the private data"
-    refuse_private_split("public_dir", public_dir, read_manifest(public_dir).source, why)
-    refuse_private_split("test_dir", test_dir, read_manifest(test_dir).source, why)
+    refuse_private_split("public_dir", public_dir, read_manifest(public_dir), why)
+    refuse_private_split("test_dir", test_dir, read_manifest(test_dir), why)
     if (model_dir / "privacy.json").is_file():
         raise InputError(f"model_dir={str(model_dir)!r} is a DP fine-tuned model; the "
                          "public-only baseline samples the pre-trained model: pass "

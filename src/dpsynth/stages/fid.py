@@ -91,7 +91,7 @@ def _check_inputs(cfg: Config, syn: Manifest, ref: Manifest, pub: Manifest | Non
             "compare samples with the test split of the same dataset (data.image_size, "
             "data.channels)")
     if pub is not None:
-        refuse_private_split("public_dir", dirs["public"], pub.source,
+        refuse_private_split("public_dir", dirs["public"], pub,
                              "the domain CNN may only be trained on public data")
     if pub is not None and pub.shape != ref.shape:
         raise InputError(

@@ -242,7 +242,7 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     # public input must stop the run before it reserves any privacy budget.
     # The monitoring loss is published, so never on the private split: neither
     # the one `prepare` marked private nor any folder of the private images.
-    refuse_private_split("public_dir", public_dir, read_manifest(public_dir).source,
+    refuse_private_split("public_dir", public_dir, read_manifest(public_dir),
                          "the monitoring loss is published, so it is computed on public data")
     pub_images, pub_labels, pub_manifest = read_dataset(public_dir)
     private_key = dataset_key(images)  # the privacy ledger's key: the images, as a set

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from dpsynth.config import Config, SourceConfig
-from dpsynth.data.roles import carved_source
+from dpsynth.data.roles import ROLES, carved_source
 from dpsynth.data.sources import LabeledImages, load_source
 from dpsynth.data.splits import stratified_split
 from dpsynth.data.transforms import to_format
@@ -32,7 +32,6 @@ from dpsynth.tracking import Tracker
 log = logging.getLogger(__name__)
 SECTIONS = ("seed", "data")
 
-ROLES = ("public", "private", "test")
 
 
 @dataclass(frozen=True)
@@ -195,7 +194,8 @@ def run(cfg: Config, *, out_dir: Path, tracker: Tracker) -> PrepareResult:
     metrics = public_metrics(cfg, splits)
     with atomic_dir(out_dir) as tmp:
         manifests = {role: write_dataset(tmp / role, split.images, split.labels, split.classes,
-                                         split.source, shard_size=cfg.data.shard_size)
+                                         split.source, shard_size=cfg.data.shard_size,
+                                         role=role)
                      for role, split in splits.items()}
         write_run_info(tmp, "prepare", params)
         atomic_write_json(tmp / "metrics.json", metrics)

@@ -92,7 +92,7 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
     pc = cfg.pretrain
     work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
     # before reading any image: pre-training is not private, so never on the private split
-    refuse_private_split("public_dir", public_dir, read_manifest(public_dir).source,
+    refuse_private_split("public_dir", public_dir, read_manifest(public_dir),
                          "pre-training is not private: it may only see public data")
     images, labels, manifest = read_dataset(public_dir)
     if len(images) == 0:

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import dpsynth
 from dpsynth.config import Config
-from dpsynth.data.roles import is_carved_private
+from dpsynth.data.roles import is_private
 from dpsynth.errors import InputError
 from dpsynth.io.atomic import atomic_dir
 from dpsynth.io.shards import Manifest, read_dataset, read_manifest
@@ -120,7 +120,7 @@ def _check_inputs(dirs: Mapping[str, Path], privacy: Mapping[str, Any] | None,
     if test is not None:
         private_hash = (read_manifest(private_dir).content_hash
                         if private_dir is not None else None)
-        if is_carved_private(test.source) or test.content_hash == private_hash:
+        if is_private(test) or test.content_hash == private_hash:
             raise InputError(f"{dirs['test']}: this is the private split; the report shows "
                              "real images of the test split only (artifacts/prepare/test)")
         if test.classes != synthetic.classes or test.shape != synthetic.shape:

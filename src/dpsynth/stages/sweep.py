@@ -138,7 +138,7 @@ def run(cfg: Config, *, model_dir: Path, dp_model_dir: Path, private_dir: Path,
         raise InputError(f"model_dir={str(model_dir)!r} is a DP fine-tuned model; every point "
                          "of the sweep fine-tunes the pre-trained model: pass artifacts/pretrain")
     why = "the sweep publishes scores on it"
-    refuse_private_split("test_dir", test_dir, read_manifest(test_dir).source, why)
+    refuse_private_split("test_dir", test_dir, read_manifest(test_dir), why)
     public = _read_metrics(baseline_dir, "public_only_real_test_accuracy", "baseline_dir",
                            "the baseline stage's output (dpsynth baseline), artifacts/baseline")
     scored = _read_metrics(classify_dir, "real_test_accuracy", "classify_dir",
