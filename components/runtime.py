@@ -23,7 +23,7 @@ def work_dir(work_root: str, stage: str, *keys: object) -> str:
     durable `work_root` (a PVC path or an `s3://` prefix):
     `<work_root>/<stage>-<fingerprint of keys>`. A retried task computes the same
     location from the same keys and resumes from it (open it with
-    `dpsynth.io.storage.work_folder`)."""
+    `dpsynth.io.work.work_folder`)."""
     from dpsynth.stages.common import fingerprint
 
     return f"{work_root.rstrip('/')}/{stage}-{fingerprint(*keys)}"

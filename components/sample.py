@@ -29,12 +29,12 @@ def sample_shard(config: Input[Artifact], model: Input[Model], shard_index: int,
     import time
     from pathlib import Path
 
-    from dpsynth.io import storage
+    from dpsynth.io import work
     from dpsynth.stages import sample as stage
 
     cfg = load_config(config.path)
     location = f"{work_dir(work_root, 'sample', cfg.to_dict(), model.uri)}/{shard_index}"
-    with storage.work_folder(location) as shard_dir:
+    with work.work_folder(location) as shard_dir:
         t0 = time.perf_counter()
         made, _ = stage.make_shards(cfg, model_dir=Path(model.path), shard_dir=shard_dir,
                                     indices=[shard_index])
@@ -65,7 +65,7 @@ def merge_shards(config: Input[Artifact], model: Input[Model], shards: Input[Lis
     import os
     from pathlib import Path
 
-    from dpsynth.io import storage
+    from dpsynth.io import work
     from dpsynth.stages import sample as stage
     from dpsynth.tracking import open_tracker
 
@@ -78,7 +78,7 @@ def merge_shards(config: Input[Artifact], model: Input[Model], shards: Input[Lis
         stage.publish(cfg, shard_dirs=[Path(s.path) for s in shards],
                       model_dir=Path(model.path), out_dir=Path(synthetic.path), tracker=tracker,
                       made=made, skipped=skipped, seconds=seconds)
-    storage.remove_work(work_dir(work_root, "sample", cfg.to_dict(), model.uri))
+    work.remove_work(work_dir(work_root, "sample", cfg.to_dict(), model.uri))
     log_metrics_file(os.path.join(synthetic.path, "metrics.json"), metrics)
     figures_html(grid, "Synthetic samples, one row per class",
                  [os.path.join(synthetic.path, "grid.png")])

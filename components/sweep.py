@@ -27,14 +27,14 @@ def sweep(config: Input[Artifact], model: Input[Model], dp_model: Input[Model],
     import os
 
     from dpsynth.drive import run_stage
-    from dpsynth.io import storage
+    from dpsynth.io import work
 
     cfg = load_config(config.path)
-    with storage.work_folder(work_dir(work_root, "sweep", pipeline_run_id)) as work:
+    with work.work_folder(work_dir(work_root, "sweep", pipeline_run_id)) as folder:
         run_stage("sweep", cfg, inputs={
             "model": model.path, "dp_model": dp_model.path, "private": private.path,
             "public": public.path, "test": test.path, "baseline": baseline.path,
-            "classify": classify.path, "fid": fid.path}, out_dir=results.path, work_dir=work)
+            "classify": classify.path, "fid": fid.path}, out_dir=results.path, work_dir=folder)
     log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
     figures_html(curve_plot, "Privacy-utility curve: accuracy and Frechet distance vs epsilon",
                  [os.path.join(results.path, "curve.png")])

@@ -52,12 +52,12 @@ def pretrain(config: Input[Artifact], public: Input[Dataset], work_root: str,
     import os
 
     from dpsynth.drive import run_stage
-    from dpsynth.io import storage
+    from dpsynth.io import work
 
     cfg = load_config(config.path)
-    with storage.work_folder(work_dir(work_root, "pretrain", cfg.to_dict(), public.uri)) as work:
+    with work.work_folder(work_dir(work_root, "pretrain", cfg.to_dict(), public.uri)) as folder:
         run_stage("pretrain", cfg, inputs={"public": public.path}, out_dir=model.path,
-                  work_dir=work)
+                  work_dir=folder)
     log_metrics_file(os.path.join(model.path, "metrics.json"), metrics)
     figures_html(loss_plot, "Pre-training loss (public split)",
                  [os.path.join(model.path, "loss.png")])
@@ -80,13 +80,13 @@ def finetune(config: Input[Artifact], model: Input[Model], private: Input[Datase
     import os
 
     from dpsynth.drive import run_stage
-    from dpsynth.io import storage
+    from dpsynth.io import work
 
     cfg = load_config(config.path)
-    with storage.work_folder(work_dir(work_root, "finetune", pipeline_run_id)) as work:
+    with work.work_folder(work_dir(work_root, "finetune", pipeline_run_id)) as folder:
         run_stage("finetune", cfg, inputs={"model": model.path, "private": private.path,
                                            "public": public.path}, out_dir=dp_model.path,
-                  work_dir=work)
+                  work_dir=folder)
     log_metrics_file(os.path.join(dp_model.path, "metrics.json"), metrics)
     figures_html(loss_plot, "DP fine-tuning: loss of the DP model on public data",
                  [os.path.join(dp_model.path, "loss.png")])

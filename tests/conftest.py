@@ -126,15 +126,15 @@ def s3_env_vars() -> Iterator[dict[str, str]]:
 def s3(s3_env_vars: dict[str, str], monkeypatch: pytest.MonkeyPatch,
        tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Bucket]:
     """A new empty bucket for one test, the S3 variables in the environment, a fresh
-    dpsynth download cache, and dpsynth.io.storage's settings reset afterwards."""
+    dpsynth download cache, and dpsynth.io.s3's settings reset afterwards."""
     import boto3
 
     from dpsynth.config import StorageConfig
-    from dpsynth.io import storage
+    from dpsynth.io import cache, s3 as s3_io
 
     for name, value in s3_env_vars.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path_factory.mktemp("dpsynth-cache")))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path_factory.mktemp("dpsynth-cache")))
     client = boto3.client("s3", endpoint_url=s3_env_vars["AWS_ENDPOINT_URL"],
                           region_name="us-east-1",
                           aws_access_key_id=s3_env_vars["AWS_ACCESS_KEY_ID"],
@@ -146,4 +146,4 @@ def s3(s3_env_vars: dict[str, str], monkeypatch: pytest.MonkeyPatch,
                        key_id=s3_env_vars["AWS_ACCESS_KEY_ID"],
                        secret=s3_env_vars["AWS_SECRET_ACCESS_KEY"], client=client)
     finally:
-        storage.configure(StorageConfig())
+        s3_io.configure(StorageConfig())

@@ -48,7 +48,7 @@ INPUT_ARGS = tuple(sorted({i.name for row in registry.STAGES.values() for i in r
 
 def _location(value: str) -> str | Path:
     """A folder argument: `s3://` URIs stay strings (a Path would turn `//` into `/`)."""
-    from dpsynth.io.storage import is_s3
+    from dpsynth.io.s3 import is_s3
 
     return value if is_s3(value) else Path(value)
 
@@ -57,21 +57,21 @@ def _location(value: str) -> str | Path:
 def _stage_io(args: argparse.Namespace, cfg: config.Config) -> Iterator[None]:
     """Stage the I/O of an unchanged stage: each s3:// input becomes its verified
     local copy and --out a local folder published to S3 when the stage succeeds,
-    with the stage's work folder mirrored for resumption (dpsynth.io.storage).
+    with the stage's work folder mirrored for resumption (dpsynth.io.work).
     Local paths pass through untouched."""
-    from dpsynth.io import storage
+    from dpsynth.io import published, s3, work
 
-    storage.configure(cfg.storage)
+    s3.configure(cfg.storage)
     with contextlib.ExitStack() as stack:
         for name in INPUT_ARGS:
             if getattr(args, name, None) is not None:
-                setattr(args, name, stack.enter_context(storage.local_input(getattr(args, name))))
+                setattr(args, name, stack.enter_context(published.local_input(getattr(args, name))))
         if getattr(args, "merge", None):
-            args.merge = [stack.enter_context(storage.local_input(m)) for m in args.merge]
+            args.merge = [stack.enter_context(published.local_input(m)) for m in args.merge]
         uri = args.out
-        args.out = stack.enter_context(storage.publish(uri))
+        args.out = stack.enter_context(work.publish(uri))
         yield
-    if storage.is_s3(uri):
+    if s3.is_s3(uri):
         print(f"{args.command}: published {uri}")
 
 
@@ -89,7 +89,7 @@ def _run_stage(args: argparse.Namespace, cfg: config.Config) -> None:
     """A stage command: its registered inputs from their flags, through the one
     driver path (`dpsynth.drive`), and the stage's one-line summary."""
     from dpsynth import drive
-    from dpsynth.io.storage import is_s3
+    from dpsynth.io.s3 import is_s3
 
     row = registry.stage(args.command)
     options = {"resume": args.resume} if "resume" in vars(args) else {}
@@ -131,32 +131,32 @@ def _sample(args: argparse.Namespace, cfg: config.Config) -> None:
 def _published(root: str, rel: str) -> bool:
     """Whether the stage output `rel` exists under an artifacts root: a folder, or on
     S3 the completion marker of the output that holds it (`prepare` for `prepare/test`)."""
-    from dpsynth.io import storage
+    from dpsynth.io import published, s3, work
 
-    if not storage.is_s3(root):
+    if not s3.is_s3(root):
         return (Path(root) / rel).is_dir()
-    top = f"{root}/{rel.split('/')[0]}/{storage.MARKER}"
-    return storage.read_versioned(top)[0] is not None
+    top = f"{root}/{rel.split('/')[0]}/{published.MARKER}"
+    return s3.read_versioned(top)[0] is not None
 
 
 def _copy_split(uri: str, folder: Path) -> None:
     """Copy the manifest and shards of the split at `uri` into `folder` (the reader,
     `read_dataset`, verifies each shard against the manifest)."""
-    from dpsynth.io import storage
+    from dpsynth.io import published, s3, work
     from dpsynth.io.shards import MANIFEST, read_manifest
 
-    (folder / MANIFEST).write_bytes(storage.read_bytes(f"{uri}/{MANIFEST}"))
+    (folder / MANIFEST).write_bytes(s3.read_bytes(f"{uri}/{MANIFEST}"))
     for shard in read_manifest(folder).shards:
         if Path(shard.file).name != shard.file or shard.file in ("", ".", ".."):
             raise InputError(f"{uri}/{MANIFEST}: shard file {shard.file!r} is not a plain "
                              "file name; re-run the stage that wrote it")
-        (folder / shard.file).write_bytes(storage.read_bytes(f"{uri}/{shard.file}"))
+        (folder / shard.file).write_bytes(s3.read_bytes(f"{uri}/{shard.file}"))
 
 
 def _report(args: argparse.Namespace, cfg: config.Config) -> None:
     import tempfile
 
-    from dpsynth.io import storage
+    from dpsynth.io import published, s3, work
     from dpsynth.stages import report
 
     root = str(args.artifacts).rstrip("/")
@@ -164,10 +164,10 @@ def _report(args: argparse.Namespace, cfg: config.Config) -> None:
         # every stage output the root holds (s3: a verified local copy); the private
         # split only to key the privacy ledger by its images (s3: a temporary copy,
         # removed on exit, never the shared cache)
-        folders = {name: stack.enter_context(storage.local_input(f"{root}/{rel}"))
+        folders = {name: stack.enter_context(published.local_input(f"{root}/{rel}"))
                    for name, rel in report.LAYOUT.items() if _published(root, rel)}
         private: Path | None = Path(root) / report.PRIVATE
-        if storage.is_s3(root):
+        if s3.is_s3(root):
             private = None
             if _published(root, report.PRIVATE):
                 private = Path(stack.enter_context(tempfile.TemporaryDirectory()))

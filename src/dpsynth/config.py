@@ -587,7 +587,7 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    """Object storage for `s3://` paths (AWS S3, MinIO, ...), used by `dpsynth.io.storage`.
+    """Object storage for `s3://` paths (AWS S3, MinIO, ...), used by `dpsynth.io.s3`.
 
     Credentials are never configured here: boto3's standard chain finds them
     (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws, a pod's role).

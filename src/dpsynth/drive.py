@@ -44,7 +44,7 @@ def run_stage(name: str, cfg: Config, *, inputs: Mapping[str, str | Path | None]
     Raises:
         ValueError: an input the stage does not take, or a required one missing.
     """
-    from dpsynth.io import storage
+    from dpsynth.io import published, s3, work
 
     row = registry.stage(name)
     known = {i.name for i in row.inputs}
@@ -52,13 +52,13 @@ def run_stage(name: str, cfg: Config, *, inputs: Mapping[str, str | Path | None]
         raise ValueError(f"{name}: unknown input(s) {unknown}; it takes {sorted(known)}")
     if missing := [i.name for i in row.inputs if i.required and inputs.get(i.name) is None]:
         raise ValueError(f"{name}: input(s) {missing} are required")
-    storage.configure(cfg.storage)
+    s3.configure(cfg.storage)
     main = is_main_process()
     with contextlib.ExitStack() as stack:
         kwargs = {i.kwarg: (None if inputs.get(i.name) is None else
-                            stack.enter_context(storage.local_input(inputs[i.name])))
+                            stack.enter_context(published.local_input(inputs[i.name])))
                   for i in row.inputs}
-        local_out = stack.enter_context(storage.publish(out_dir))
+        local_out = stack.enter_context(work.publish(out_dir))
         if tracker is None:
             tracker = stack.enter_context(open_tracker(cfg.tracking, name) if main
                                           else contextlib.nullcontext(NullTracker()))

@@ -374,19 +374,19 @@ def test_merge_refuses_a_missing_shard(prepared: dict[str, Any]) -> None:
 def test_retried_tasks_resume_from_an_s3_work_root_on_a_fresh_machine(
         prepared: dict[str, Any], s3: Any, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from dpsynth.io import storage
+    from dpsynth.io import cache, work as work_io
 
     tmp, config, public = prepared["tmp"], prepared["config"], prepared["splits"]["public"]
     model = prepared["model"]
     cfg = runtime.load_config(config.path)
     work_root = f"s3://{s3.bucket}/work"
     # a killed attempt on machine A: 10 of 20 steps, checkpoints mirrored to S3
-    with storage.work_folder(runtime.work_dir(work_root, "pretrain", cfg.to_dict(),
+    with work_io.work_folder(runtime.work_dir(work_root, "pretrain", cfg.to_dict(),
                                               public.uri)) as work:
         pretrain_stage.run(cfg, public_dir=Path(public.path), out_dir=tmp_path / "killed",
                            tracker=NullTracker(), stop_after=10, work_dir=work)
     # machine B, with nothing local: resumes from S3 and ends as if never interrupted
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "machine-b"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "machine-b"))
     resumed = Model(uri=str(tmp_path / "resumed"))
     metrics = Metrics(uri=str(tmp_path / "resumed-metrics"))
     components.pretrain.python_func(config=config, public=public, work_root=work_root,
@@ -403,7 +403,7 @@ def test_retried_tasks_resume_from_an_s3_work_root_on_a_fresh_machine(
     components.sample_shard.python_func(config=config, model=model, shard_index=0,
                                         work_root=work_root, shard=shard,
                                         metrics=Metrics(uri=str(tmp_path / "m0")))
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "machine-c"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "machine-c"))
     again = Dataset(uri=str(tmp_path / "again"))
     components.sample_shard.python_func(config=config, model=model, shard_index=0,
                                         work_root=work_root, shard=again,

@@ -1,5 +1,5 @@
-"""`dpsynth.io.storage` against a real S3 server on loopback (moto's, see the `s3`
-fixture): URIs, atomic publish (a reader never sees a half-written output, even
+"""`dpsynth.io` object storage (`s3`, `cache`, `published`, `work`) against a real S3
+server on loopback (moto's, see the `s3` fixture): URIs, atomic publish (a reader never sees a half-written output, even
 when the writer is killed), verified and cached reads, multipart transfers,
 retries, conditional writes, and errors that name the URI and the fix."""
 
@@ -18,7 +18,7 @@ import pytest
 
 from dpsynth.config import StorageConfig
 from dpsynth.errors import InputError
-from dpsynth.io import storage
+from dpsynth.io import cache, published, s3 as s3_io, work as work_io
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -46,27 +46,27 @@ V2 = {"manifest.json": b'{"v": 2}', "shard-00000.npz": b"b" * 2000}
 
 
 def test_uris_parse_and_work_locations() -> None:
-    uri = storage.S3Uri.parse("s3://my-bucket/a/b/")
+    uri = s3_io.S3Uri.parse("s3://my-bucket/a/b/")
     assert (uri.bucket, uri.key, uri.name) == ("my-bucket", "a/b", "b")
     assert str(uri) == "s3://my-bucket/a/b"
     assert str(uri.child("x/y.json")) == "s3://my-bucket/a/b/x/y.json"
-    assert storage.is_s3("s3://b/k") and not storage.is_s3(Path("s3://b/k"))
-    assert storage.work_location("s3://bkt/art/finetune") == "s3://bkt/art/.work/finetune"
-    assert storage.work_location("s3://bkt/finetune") == "s3://bkt/.work/finetune"
-    assert storage.work_location(Path("art/sample")) == Path("art/.work/sample")
+    assert s3_io.is_s3("s3://b/k") and not s3_io.is_s3(Path("s3://b/k"))
+    assert work_io.work_location("s3://bkt/art/finetune") == "s3://bkt/art/.work/finetune"
+    assert work_io.work_location("s3://bkt/finetune") == "s3://bkt/.work/finetune"
+    assert work_io.work_location(Path("art/sample")) == Path("art/.work/sample")
     for bad in ("s3://", "s3://B_ad/k", "s3://ok-bucket//k", "http://x/y"):
         with pytest.raises(InputError, match="s3://"):
-            storage.S3Uri.parse(bad)
+            s3_io.S3Uri.parse(bad)
     with pytest.raises(InputError, match="needs a key under the bucket"):
-        storage.work_location("s3://bkt")
+        work_io.work_location("s3://bkt")
 
 
 def test_local_paths_pass_through(tmp_path: Path) -> None:
-    with storage.local_input(tmp_path) as got:
+    with published.local_input(tmp_path) as got:
         assert got == tmp_path
-    with storage.publish(tmp_path / "out") as out:
+    with work_io.publish(tmp_path / "out") as out:
         assert out == tmp_path / "out"  # the stage's own atomic_dir publishes it
-    assert storage.fetch(str(tmp_path)) == tmp_path
+    assert cache.fetch(str(tmp_path)) == tmp_path
 
 
 # --------------------------------------------------------------------------- publish and read
@@ -74,44 +74,44 @@ def test_local_paths_pass_through(tmp_path: Path) -> None:
 
 def test_publish_then_read_back_verified(s3, tmp_path: Path) -> None:
     uri = s3.uri("art/prepare")
-    with storage.publish(uri) as out:
+    with work_io.publish(uri) as out:
         assert not out.exists()  # like a local target: the stage creates it
         _make(out, V1)
-    assert _keys(s3, "art/") == sorted(f"art/prepare/{k}" for k in [*V1, storage.MARKER])
+    assert _keys(s3, "art/") == sorted(f"art/prepare/{k}" for k in [*V1, published.MARKER])
     marker = json.loads(s3.client.get_object(Bucket=s3.bucket,
-                                             Key=f"art/prepare/{storage.MARKER}")["Body"].read())
+                                             Key=f"art/prepare/{published.MARKER}")["Body"].read())
     assert {f["path"]: f["sha256"] for f in marker["files"]} == {
         k: hashlib.sha256(v).hexdigest() for k, v in V1.items()}
-    with storage.local_input(uri) as local:
+    with published.local_input(uri) as local:
         assert _tree(local) == V1
     # cached by the marker's content hash: no object is read again
     s3.client.delete_object(Bucket=s3.bucket, Key="art/prepare/shard-00000.npz")
-    with storage.local_input(uri) as again:
+    with published.local_input(uri) as again:
         assert again == local and _tree(again) == V1
 
 
 def test_a_stage_that_writes_nothing_publishes_nothing(s3) -> None:
-    with storage.publish(s3.uri("art/sample")):
+    with work_io.publish(s3.uri("art/sample")):
         pass  # e.g. a non-zero rank, or a run stopped early
     assert _keys(s3) == []
 
 
 def test_failed_stage_publishes_nothing_and_leaves_no_staging(s3, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
-        with storage.publish(s3.uri("art/x")) as out:
+        with work_io.publish(s3.uri("art/x")) as out:
             _make(out, V1)
             raise RuntimeError("stage failed")
     assert _keys(s3) == []
-    assert list((storage.cache_root() / "staging").iterdir()) == []
+    assert list((cache.cache_root() / "staging").iterdir()) == []
 
 
 def test_republish_replaces_the_whole_output(s3) -> None:
     uri = s3.uri("out")
     for files in (V1, V2):
-        with storage.publish(uri) as out:
+        with work_io.publish(uri) as out:
             _make(out, files)
-    assert _keys(s3) == sorted(f"out/{k}" for k in [*V2, storage.MARKER])  # stale files gone
-    with storage.local_input(uri) as local:
+    assert _keys(s3) == sorted(f"out/{k}" for k in [*V2, published.MARKER])  # stale files gone
+    with published.local_input(uri) as local:
         assert _tree(local) == V2
 
 
@@ -119,34 +119,34 @@ def test_reader_refuses_a_prefix_without_marker(s3) -> None:
     s3.client.put_object(Bucket=s3.bucket, Key="half/manifest.json", Body=b"{}")
     with pytest.raises(InputError, match=rf"s3://{s3.bucket}/half: no _SUCCESS.json, so not a "
                                          "complete output"):
-        storage.download_published(s3.uri("half"))
+        published.download_published(s3.uri("half"))
     with pytest.raises(InputError, match="nothing there"):
-        storage.download_published(s3.uri("never-written"))
+        published.download_published(s3.uri("never-written"))
 
 
 def test_reader_detects_a_changed_file(s3) -> None:
-    with storage.publish(s3.uri("out")) as out:
+    with work_io.publish(s3.uri("out")) as out:
         _make(out, V1)
     s3.client.put_object(Bucket=s3.bucket, Key="out/shard-00000.npz", Body=b"x" * 1000)
     with pytest.raises(InputError, match="shard-00000.npz: sha256 differs from _SUCCESS.json"):
-        storage.download_published(s3.uri("out"))
-    assert not list((storage.cache_root() / "inputs").iterdir())  # nothing half-cached
+        published.download_published(s3.uri("out"))
+    assert not list((cache.cache_root() / "inputs").iterdir())  # nothing half-cached
 
 
 def test_marker_paths_cannot_escape_the_cache(s3) -> None:
     bad = {"schema": 1, "files": [{"path": "../../evil", "size": 1, "sha256": "0" * 64}]}
-    s3.client.put_object(Bucket=s3.bucket, Key=f"out/{storage.MARKER}",
+    s3.client.put_object(Bucket=s3.bucket, Key=f"out/{published.MARKER}",
                          Body=json.dumps(bad).encode())
     with pytest.raises(InputError, match="bad file path '../../evil'"):
-        storage.download_published(s3.uri("out"))
+        published.download_published(s3.uri("out"))
 
 
 _SLOW_PUBLISHER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from dpsynth.io import storage
+    from dpsynth.io import cache, published, s3 as s3_io, work as work_io
 
-    real = storage._upload
+    real = s3_io.upload_file
     done = []
     def upload_then_hang(c, path, uri):
         real(c, path, uri)
@@ -154,8 +154,8 @@ _SLOW_PUBLISHER = textwrap.dedent("""
         if len(done) == 2:  # two files are up; the writer dies here
             print("two files uploaded", flush=True)
             time.sleep(300)
-    storage._upload = upload_then_hang
-    storage.upload_published(Path(sys.argv[1]), sys.argv[2])
+    s3_io.upload_file = upload_then_hang
+    published.upload_published(Path(sys.argv[1]), sys.argv[2])
 """)
 
 
@@ -163,7 +163,7 @@ _SLOW_PUBLISHER = textwrap.dedent("""
 def test_writer_killed_mid_upload_is_never_read(s3, tmp_path: Path, republish: bool) -> None:
     uri = s3.uri("art/sample")
     if republish:
-        with storage.publish(uri) as out:
+        with work_io.publish(uri) as out:
             _make(out, V1)
     new = _make(tmp_path / "new", {"a.npz": b"1" * 10, "b.npz": b"2" * 10, "c.json": b"{}"})
     child = subprocess.Popen([sys.executable, "-c", _SLOW_PUBLISHER, str(new), uri],
@@ -176,22 +176,22 @@ def test_writer_killed_mid_upload_is_never_read(s3, tmp_path: Path, republish: b
         child.wait(timeout=30)
     keys = _keys(s3, "art/sample/")
     assert "art/sample/a.npz" in keys and "art/sample/b.npz" in keys  # half-written...
-    assert f"art/sample/{storage.MARKER}" not in keys  # ...and not marked complete
+    assert f"art/sample/{published.MARKER}" not in keys  # ...and not marked complete
     with pytest.raises(InputError, match="no _SUCCESS.json, so not a complete output"):
-        storage.download_published(uri)
+        published.download_published(uri)
 
 
 # --------------------------------------------------------------------------- transfers
 
 
 def test_large_files_go_in_parts_and_verify(s3, tmp_path: Path) -> None:
-    storage.configure(StorageConfig(multipart_threshold_mb=5, multipart_chunksize_mb=5))
+    s3_io.configure(StorageConfig(multipart_threshold_mb=5, multipart_chunksize_mb=5))
     big = os.urandom(11 * 1024 * 1024)  # 5 + 5 + 1 MiB
-    with storage.publish(s3.uri("big")) as out:
+    with work_io.publish(s3.uri("big")) as out:
         _make(out, {"weights.bin": big})
     head = s3.client.head_object(Bucket=s3.bucket, Key="big/weights.bin")
     assert head["ETag"].strip('"').endswith("-3")  # a 3-part multipart upload
-    with storage.local_input(s3.uri("big")) as local:
+    with published.local_input(s3.uri("big")) as local:
         assert (local / "weights.bin").read_bytes() == big
 
 
@@ -203,7 +203,7 @@ def test_transient_errors_are_retried(s3, monkeypatch: pytest.MonkeyPatch) -> No
         def stream(self):
             return iter([b""])
 
-    storage.configure(StorageConfig(max_attempts=3))
+    s3_io.configure(StorageConfig(max_attempts=3))
     s3.client.put_object(Bucket=s3.bucket, Key="k", Body=b"v")
     # botocore backs off up to seconds between attempts; not worth waiting for here
     monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.01)
@@ -215,29 +215,29 @@ def test_transient_errors_are_retried(s3, monkeypatch: pytest.MonkeyPatch) -> No
             return AWSResponse(request.url, 503, {}, NoBody())
         return None  # send for real
 
-    c = storage.new_client()
+    c = s3_io.new_client()
     c.meta.events.register("before-send.s3", unavailable)
-    monkeypatch.setattr(storage, "client", lambda: c)
+    monkeypatch.setattr(s3_io, "client", lambda: c)
     fail = 2
-    assert storage.read_bytes(s3.uri("k")) == b"v" and len(calls) == 3
+    assert s3_io.read_bytes(s3.uri("k")) == b"v" and len(calls) == 3
     calls.clear()
     fail = 3  # more failures than attempts: a clear error, not a hang
-    with pytest.raises(storage.StorageError, match=rf"s3://{s3.bucket}/k .*failed after 3 "
+    with pytest.raises(s3_io.StorageError, match=rf"s3://{s3.bucket}/k .*failed after 3 "
                                                    "attempts"):
-        storage.read_bytes(s3.uri("k"))
+        s3_io.read_bytes(s3.uri("k"))
     assert c.meta.config.retries == {"mode": "standard", "total_max_attempts": 3}
 
 
 def test_conditional_writes_detect_a_concurrent_writer(s3) -> None:
     uri = s3.uri("ledger/x.json")
-    assert storage.read_versioned(uri) == (None, None)
-    assert storage.write_if(uri, b"first", None)
-    assert not storage.write_if(uri, b"second creator", None)  # IfNoneMatch='*'
-    data, etag = storage.read_versioned(uri)
+    assert s3_io.read_versioned(uri) == (None, None)
+    assert s3_io.write_if(uri, b"first", None)
+    assert not s3_io.write_if(uri, b"second creator", None)  # IfNoneMatch='*'
+    data, etag = s3_io.read_versioned(uri)
     assert data == b"first"
-    assert storage.write_if(uri, b"update", etag)
-    assert not storage.write_if(uri, b"stale update", etag)  # IfMatch an old ETag
-    assert storage.read_versioned(uri)[0] == b"update"
+    assert s3_io.write_if(uri, b"update", etag)
+    assert not s3_io.write_if(uri, b"stale update", etag)  # IfMatch an old ETag
+    assert s3_io.read_versioned(uri)[0] == b"update"
 
 
 # --------------------------------------------------------------------------- raw sources
@@ -247,44 +247,44 @@ def test_fetch_an_object_and_a_prefix(s3) -> None:
     s3.client.put_object(Bucket=s3.bucket, Key="raw/data.npz", Body=b"npz bytes")
     for rel in ("cat/1.png", "cat/2.png", "dog/1.png"):
         s3.client.put_object(Bucket=s3.bucket, Key=f"raw/folder/{rel}", Body=rel.encode())
-    path = storage.fetch(s3.uri("raw/data.npz"))
+    path = cache.fetch(s3.uri("raw/data.npz"))
     assert path.name == "data.npz" and path.read_bytes() == b"npz bytes"
-    folder = storage.fetch(s3.uri("raw/folder"))
+    folder = cache.fetch(s3.uri("raw/folder"))
     assert folder.name == "folder" and _tree(folder) == {
         "cat/1.png": b"cat/1.png", "cat/2.png": b"cat/2.png", "dog/1.png": b"dog/1.png"}
-    assert storage.fetch(s3.uri("raw/data.npz")) == path  # cached
+    assert cache.fetch(s3.uri("raw/data.npz")) == path  # cached
     s3.client.put_object(Bucket=s3.bucket, Key="raw/data.npz", Body=b"new bytes")
-    assert storage.fetch(s3.uri("raw/data.npz")).read_bytes() == b"new bytes"  # changed: again
+    assert cache.fetch(s3.uri("raw/data.npz")).read_bytes() == b"new bytes"  # changed: again
     with pytest.raises(InputError, match=rf"s3://{s3.bucket}/raw/nope: no object or prefix"):
-        storage.fetch(s3.uri("raw/nope"))
+        cache.fetch(s3.uri("raw/nope"))
 
 
 # --------------------------------------------------------------------------- errors
 
 
 def test_missing_bucket_names_the_uri_and_what_to_check(s3) -> None:
-    for call in (lambda: storage.fetch("s3://no-such-bucket-dpsynth/raw.npz"),
-                 lambda: storage.download_published("s3://no-such-bucket-dpsynth/out"),
-                 lambda: storage.read_bytes("s3://no-such-bucket-dpsynth/w.pth")):
+    for call in (lambda: cache.fetch("s3://no-such-bucket-dpsynth/raw.npz"),
+                 lambda: published.download_published("s3://no-such-bucket-dpsynth/out"),
+                 lambda: s3_io.read_bytes("s3://no-such-bucket-dpsynth/w.pth")):
         with pytest.raises(InputError, match=r"s3://no-such-bucket-dpsynth/.*bucket "
                                              r"'no-such-bucket-dpsynth' does not exist; check"):
             call()
     with pytest.raises(InputError, match="bucket 'no-such-bucket-dpsynth' does not exist"):
-        with storage.publish("s3://no-such-bucket-dpsynth/out") as out:
+        with work_io.publish("s3://no-such-bucket-dpsynth/out") as out:
             _make(out, V1)
 
 
 def test_denied_access_names_the_credentials_to_check(s3, monkeypatch) -> None:
     from botocore.stub import Stubber
 
-    c = storage.new_client()
+    c = s3_io.new_client()
     stub = Stubber(c)
     stub.add_client_error("get_object", service_error_code="AccessDenied",
                           service_message="Access Denied", http_status_code=403)
-    monkeypatch.setattr(storage, "client", lambda: c)
+    monkeypatch.setattr(s3_io, "client", lambda: c)
     with stub, pytest.raises(InputError, match=rf"s3://{s3.bucket}/k \(read, .*access denied "
                                               r"\(AccessDenied\); check the credentials"):
-        storage.read_bytes(s3.uri("k"))
+        s3_io.read_bytes(s3.uri("k"))
 
 
 def test_missing_credentials_say_where_they_come_from(s3, monkeypatch) -> None:
@@ -292,27 +292,27 @@ def test_missing_credentials_say_where_they_come_from(s3, monkeypatch) -> None:
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(InputError, match="no usable S3 credentials. Set AWS_ACCESS_KEY_ID.*never "
                                          "takes credentials from params.yaml"):
-        storage.read_bytes(s3.uri("k"))
+        s3_io.read_bytes(s3.uri("k"))
 
 
 def test_endpoint_from_config_unless_the_environment_sets_one(s3, monkeypatch) -> None:
-    storage.configure(StorageConfig(endpoint_url="http://config-endpoint:9000"))
-    assert storage.client().meta.endpoint_url == s3.endpoint  # AWS_ENDPOINT_URL wins
+    s3_io.configure(StorageConfig(endpoint_url="http://config-endpoint:9000"))
+    assert s3_io.client().meta.endpoint_url == s3.endpoint  # AWS_ENDPOINT_URL wins
     monkeypatch.delenv("AWS_ENDPOINT_URL")
-    c = storage.client()
+    c = s3_io.client()
     assert c.meta.endpoint_url == "http://config-endpoint:9000"
     assert c.meta.config.s3["addressing_style"] == "path"  # what MinIO serves
 
 
 def test_a_folder_inside_a_published_output_is_readable(s3) -> None:
     # prepare publishes one output with public/, private/, test/; later stages read one
-    with storage.publish(s3.uri("art/prepare")) as out:
+    with work_io.publish(s3.uri("art/prepare")) as out:
         _make(out, {"metrics.json": b"{}", "public/manifest.json": b"p",
                     "private/manifest.json": b"q", "private/shard-00000.npz": b"x"})
-    with storage.local_input(s3.uri("art/prepare/private")) as local:
+    with published.local_input(s3.uri("art/prepare/private")) as local:
         assert _tree(local) == {"manifest.json": b"q", "shard-00000.npz": b"x"}
     with pytest.raises(InputError, match="has no folder 'nope'"):
-        storage.download_published(s3.uri("art/prepare/nope"))
+        published.download_published(s3.uri("art/prepare/nope"))
 
 
 def test_work_mirror_pulls_the_latest_checkpoint_and_pushes_the_pointer_last(
@@ -324,7 +324,7 @@ def test_work_mirror_pulls_the_latest_checkpoint_and_pushes_the_pointer_last(
               "shard-00001.npz": b"s", "shard-00001.json": b"{}"}
     for rel, data in remote.items():
         s3.client.put_object(Bucket=s3.bucket, Key=work + rel, Body=data)
-    mirror = storage.WorkMirror(s3.uri(work), tmp_path / "work")
+    mirror = work_io.WorkMirror(s3.uri(work), tmp_path / "work")
     mirror.pull()
     assert sorted(_tree(tmp_path / "work")) == sorted(k for k in remote if "00000008" not in k)
 
@@ -335,16 +335,16 @@ def test_work_mirror_pulls_the_latest_checkpoint_and_pushes_the_pointer_last(
     for old in (tmp_path / "work" / "ckpt-00000004").iterdir():  # pruned by the trainer
         old.unlink()
     uploaded = []
-    real = storage._upload
-    monkeypatch.setattr(storage, "_upload", lambda c, p, u: (uploaded.append(u.key[len(work):]),
+    real = s3_io.upload_file
+    monkeypatch.setattr(s3_io, "upload_file", lambda c, p, u: (uploaded.append(u.key[len(work):]),
                                                              real(c, p, u)))
-    storage._mirrors.append(mirror)
+    work_io._mirrors.append(mirror)
     try:
-        storage.checkpoint_saved(tmp_path / "work")  # what save_checkpoint calls
+        work_io.checkpoint_saved(tmp_path / "work")  # what save_checkpoint calls
     finally:
-        storage._mirrors.remove(mirror)
+        work_io._mirrors.remove(mirror)
     assert uploaded == ["ckpt-00000006/model.safetensors", "ckpt-00000006/state.json",
                         "latest.json"]  # data, then sidecars, the pointer last
     left = [k[len(work):] for k in _keys(s3, work)]
     assert "ckpt-00000004/state.json" not in left and ".ckpt-00000007.tmp-1234" not in str(left)
-    storage.checkpoint_saved(tmp_path / "elsewhere")  # not a mirrored folder: nothing
+    work_io.checkpoint_saved(tmp_path / "elsewhere")  # not a mirrored folder: nothing

@@ -491,11 +491,11 @@ def test_a_schema_1_ledger_on_s3_is_refused(s3) -> None:
 def test_ledger_on_s3_loses_no_entry_to_a_concurrent_writer(s3, monkeypatch, budget) -> None:
     """Run A reads the ledger, run B (another machine) reserves, then A writes: A's
     conditional write must fail, and A must re-read and re-check against B's entry."""
-    from dpsynth.io import storage
+    from dpsynth.io import s3 as s3_io
 
     budget = budget or one_run_budget("rdp")
     ledger_dir = s3.uri("ledgers")
-    real_read = storage.read_versioned
+    real_read = s3_io.read_versioned
     reads = []
 
     def read_then_b_reserves(uri: str):
@@ -505,7 +505,7 @@ def test_ledger_on_s3_loses_no_entry_to_a_concurrent_writer(s3, monkeypatch, bud
             reserve(PrivacyLedger(ledger_dir, DATASET), "run-b", PLAN, budget=budget)
         return got
 
-    monkeypatch.setattr(storage, "read_versioned", read_then_b_reserves)
+    monkeypatch.setattr(s3_io, "read_versioned", read_then_b_reserves)
     ledger_a = PrivacyLedger(ledger_dir, DATASET)
     if budget == 100.0:
         reserve(ledger_a, "run-a", PLAN, budget=budget)

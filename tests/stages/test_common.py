@@ -53,7 +53,7 @@ def test_work_dir_for_is_a_sibling_of_the_output(tmp_path: Path) -> None:
 
 
 def test_work_dir_for_an_s3_output_is_a_sibling_prefix() -> None:
-    # storage.publish mirrors it, so a stage retried on another machine resumes
+    # work.publish mirrors it, so a stage retried on another machine resumes
     assert work_dir_for("s3://bucket/runs/7/finetune") == "s3://bucket/runs/7/.work/finetune"
     assert work_dir_for("s3://bucket/sample/") == "s3://bucket/.work/sample"
 

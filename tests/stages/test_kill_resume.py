@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 from dpsynth.config import Config
 from dpsynth.diffusion.unet import EMA_WEIGHTS, WEIGHTS
 from dpsynth.errors import InputError
-from dpsynth.io import storage
+from dpsynth.io import cache, published, s3 as s3_io, work as work_io
 from dpsynth.io.shards import MANIFEST, read_dataset, read_manifest, sha256_file, shard_name
 from dpsynth.privacy.ledger import PrivacyLedger, dataset_key
 from dpsynth.stages import finetune
@@ -728,31 +728,31 @@ def test_a_reader_racing_a_republish_never_gets_a_mix(
     V2 (and finishes, or dies after one file): it must return all of V2, or refuse
     -- never V1's first file with V2's others."""
     uri = s3.uri("art/sample")
-    with storage.publish(uri) as out:
+    with work_io.publish(uri) as out:
         _write(out, V1)
     new = _write(tmp_path / "v2", V2)
-    real_download = storage._download
+    real_download = s3_io.download_file
     raced: list[str] = []
 
-    def download_then_race(c: Any, src: storage.S3Uri, path: Path) -> None:
+    def download_then_race(c: Any, src: s3_io.S3Uri, path: Path) -> None:
         real_download(c, src, path)
         if raced:
             return
         raced.append(src.name)
         if writer == "finishes":
-            storage.upload_published(new, uri)
+            published.upload_published(new, uri)
         else:  # upload_published's first steps, then a crash: no marker, one new file
-            s3.client.delete_object(Bucket=s3.bucket, Key=f"art/sample/{storage.MARKER}")
+            s3.client.delete_object(Bucket=s3.bucket, Key=f"art/sample/{published.MARKER}")
             s3.client.put_object(Bucket=s3.bucket, Key="art/sample/shard-00001.npz",
                                  Body=V2["shard-00001.npz"])
 
-    monkeypatch.setattr(storage, "_download", download_then_race)
+    monkeypatch.setattr(s3_io, "download_file", download_then_race)
     if writer == "finishes":
-        with storage.local_input(uri) as local:
+        with published.local_input(uri) as local:
             assert _tree(local) == V2
     else:
         with pytest.raises(InputError, match="no _SUCCESS.json, so not a complete output"):
-            storage.download_published(uri)
+            published.download_published(uri)
     assert raced == ["manifest.json"]  # the race did happen after the first file
-    cached = storage.cache_root() / "inputs"
+    cached = cache.cache_root() / "inputs"
     assert all(_tree(d) == V2 for d in cached.iterdir()), "a mixed or partial copy is cached"

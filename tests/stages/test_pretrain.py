@@ -160,7 +160,7 @@ def test_retry_on_another_machine_resumes_from_the_s3_work_folder(
     """--out s3://...: each checkpoint is uploaded as it is saved (what a Kubeflow
     retry on another node needs); the retry, with an empty local disk, resumes
     from it and publishes the same model as an uninterrupted run."""
-    from dpsynth.io import storage
+    from dpsynth.io import cache, published, work as work_io
 
     uri, work = s3.uri("art/pretrain"), "art/.work/pretrain/"
 
@@ -177,20 +177,20 @@ def test_retry_on_another_machine_resumes_from_the_s3_work_folder(
         def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
             seen.append((step, remote_latest()))
 
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "node-1"))
-    with storage.publish(uri) as out:
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "node-1"))
+    with work_io.publish(uri) as out:
         run(tiny_cfg, digits_public_dir, out, tracker=Watcher(), stop_after=7)
     assert (6, 4) in seen  # checkpoint 4 was on S3 before step 7 ran
     assert remote_latest() == 7
-    assert f"art/pretrain/{storage.MARKER}" not in str(s3.client.list_objects_v2(
+    assert f"art/pretrain/{published.MARKER}" not in str(s3.client.list_objects_v2(
         Bucket=s3.bucket).get("Contents"))  # a stopped run publishes nothing
 
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "node-2"))  # another machine
-    with storage.publish(uri) as out:
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "node-2"))  # another machine
+    with work_io.publish(uri) as out:
         resumed = run(tiny_cfg, digits_public_dir, out)
     assert resumed.resumed_from == 7
     assert "Contents" not in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=work)
-    with storage.local_input(uri) as local:
+    with published.local_input(uri) as local:
         assert_same_model(local, pretrained_dir)
 
 

@@ -521,20 +521,20 @@ def test_cli_reads_the_stage_outputs_from_s3(cfg, layout, tmp_path, s3) -> None:
     """`--artifacts s3://...`: each published stage output is read through its verified
     local copy, the private split only into a temporary folder to key the ledger (never
     the shared cache); a stage never published is "not run"; --out publishes the report."""
-    from dpsynth.io import storage
+    from dpsynth.io import cache, published
 
     for stage in ("prepare", "finetune", "sample", "classify"):
-        storage.upload_published(layout["art"] / stage, s3.uri(f"run/{stage}"))
+        published.upload_published(layout["art"] / stage, s3.uri(f"run/{stage}"))
     config = tmp_path / "params.yaml"
     config.write_text(yaml.safe_dump(cfg("tracking.enabled=false").to_dict()))
     assert cli.main(["report", "--config", str(config), "--artifacts", s3.uri("run"),
                      "--out", s3.uri("run/report"), "-q"]) == 0
-    local = storage.download_published(s3.uri("run/report"))
+    local = published.download_published(s3.uri("run/report"))
     text = _text((local / "index.html").read_text())
     # read now (found by the images' key), not the count the fine-tuning recorded
     assert "1 run on record" in text and "as the ledger stood" not in text
     assert "81.2%" in text and "Not run: no output of the fid stage" in text
-    copies = {p.parent.name.split("-")[0] for p in storage.cache_root().rglob("*.npz")}
+    copies = {p.parent.name.split("-")[0] for p in cache.cache_root().rglob("*.npz")}
     assert copies == {"public", "test", "sample"}  # never the private shards
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from dpsynth.config import SourceConfig
 from dpsynth.errors import InputError
-from dpsynth.io import storage
+from dpsynth.io import cache, s3
 from dpsynth.io.shards import check_images
 
 
@@ -105,15 +105,15 @@ def load_source(spec: SourceConfig) -> dict[str, LabeledImages]:
 def local_path(spec: SourceConfig) -> Path:
     """The existing local file or folder that `spec.path` names; for an `s3://`
     object (a tarball, an npz) or prefix (a folder source), its local copy in the
-    storage cache, downloaded first if needed (`dpsynth.io.storage.fetch`).
+    storage cache, downloaded first if needed (`dpsynth.io.cache.fetch`).
 
     Raises:
         InputError: the path is unset or does not exist (locally or in the bucket).
     """
     if not spec.path:
         raise InputError(f"{spec.kind} source needs a path (a file or folder); set data.*.path")
-    if storage.is_s3(spec.path):
-        return storage.fetch(spec.path)
+    if s3.is_s3(spec.path):
+        return cache.fetch(spec.path)
     path = Path(spec.path).expanduser()
     if not path.exists():
         raise InputError(f"{path}: not found; check the {spec.kind} source's path "

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from dpsynth.errors import DpsynthError, InputError
-from dpsynth.io import storage
+from dpsynth.io import s3
 from dpsynth.io.shards import iter_shards, read_manifest
 
 log = logging.getLogger(__name__)
@@ -183,10 +183,10 @@ def extract_stats(data_dir: Path, extractor: FeatureExtractor, *, batch_size: in
 
 
 def read_weights_bytes(uri: str) -> bytes:
-    """The bytes of a local file or `s3://bucket/key` object (`dpsynth.io.storage`)."""
-    if storage.is_s3(uri):
+    """The bytes of a local file or `s3://bucket/key` object (`dpsynth.io.s3`)."""
+    if s3.is_s3(uri):
         try:
-            return storage.read_bytes(uri)
+            return s3.read_bytes(uri)
         except DpsynthError as err:  # missing object or bucket, no credentials, ...
             raise InputError(f"fid.inception_weights={uri!r}: cannot read it ({err}); "
                              f"or {_HOW_TO_GET_WEIGHTS}") from None

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from dpsynth.errors import DpsynthError, InputError
-from dpsynth.io import storage
+from dpsynth.io import s3
 from dpsynth.io.atomic import atomic_write_bytes
 from dpsynth.privacy.accounting import Step, normalize_history
 
@@ -88,10 +88,10 @@ class LedgerFile:
     def __init__(self, ledger_dir: str | Path, dataset: str, *,
                  legacy_key: str | None = None) -> None:
         self.dataset = dataset
-        self.s3 = storage.is_s3(ledger_dir)
+        self.s3 = s3.is_s3(ledger_dir)
         self.legacy_path: Path | str | None = None
         if self.s3:
-            root = storage.S3Uri.parse(str(ledger_dir))
+            root = s3.S3Uri.parse(str(ledger_dir))
             self.path: Path | str = str(root.child(f"{dataset}.json"))
             if legacy_key is not None:
                 self.legacy_path = str(root.child(f"{legacy_key}.json"))
@@ -112,9 +112,9 @@ class LedgerFile:
                     self._write(new)
                 return result
         for attempt in range(CAS_ATTEMPTS):
-            data, etag = storage.read_versioned(str(self.path))
+            data, etag = s3.read_versioned(str(self.path))
             new, result = change(self._parse(data))
-            if new is None or storage.write_if(str(self.path), self._encode(new), etag):
+            if new is None or s3.write_if(str(self.path), self._encode(new), etag):
                 return result
             # another run changed the ledger between our read and write: re-read,
             # re-check the budget against its entry too, and try again
@@ -140,7 +140,7 @@ class LedgerFile:
 
     def _read_bytes(self, path: Path | str) -> bytes | None:
         if self.s3:
-            return storage.read_versioned(str(path))[0]
+            return s3.read_versioned(str(path))[0]
         path = Path(path)
         try:
             return path.read_bytes() if path.exists() else None

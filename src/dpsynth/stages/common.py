@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import torch
 
-from dpsynth.io import storage
+from dpsynth.io import work
 from dpsynth.io.atomic import atomic_write_json
 
 
@@ -22,9 +22,9 @@ def fingerprint(*parts: Any) -> str:
 def work_dir_for(out_dir: str | Path) -> Path | str:
     """Where a stage keeps resumable state (checkpoints, finished shards) while it
     runs: `<parent>/.work/<name>`, outside the atomically published output. For
-    an `s3://` output the URI `s3://.../.work/<name>`, which `storage.publish`
+    an `s3://` output the URI `s3://.../.work/<name>`, which `work.publish`
     mirrors to the local work folder the stage actually writes."""
-    return storage.work_location(out_dir)
+    return work.work_location(out_dir)
 
 
 def write_metrics(out_dir: str | Path, metrics: Mapping[str, Any]) -> None:

@@ -29,7 +29,7 @@ from dpsynth.diffusion.loss import make_noise_schedule
 from dpsynth.diffusion.samplers import make_sampler, sample, to_uint8
 from dpsynth.diffusion.unet import WEIGHTS, EMA_WEIGHTS, load_model
 from dpsynth.errors import InputError
-from dpsynth.io import storage
+from dpsynth.io import work
 from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import (Manifest, ShardInfo, read_dataset, sha256_file, shard_name,
                                write_manifest, write_shard)
@@ -138,7 +138,7 @@ def make_shards(cfg: Config, *, model_dir: Path, shard_dir: Path,
         atomic_write_json(_sidecar(shard_dir, i), {
             "index": i, "count": info.count, "sha256": info.sha256, "run_id": run_id,
             "classes": model_cfg["classes"], "shape": list(images.shape[1:])})
-        storage.checkpoint_saved(shard_dir)  # an s3:// output's work folder: upload it now
+        work.checkpoint_saved(shard_dir)  # an s3:// output's work folder: upload it now
         made.append(i)
     bar.close()
     return made, skipped

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dpsynth.errors import InputError
-from dpsynth.io import storage
+from dpsynth.io import work
 from dpsynth.io.atomic import atomic_write_json
 
 LATEST = "latest.json"
@@ -125,7 +125,7 @@ def save_checkpoint(ckpt_dir: str | Path, state: TrainState, keep: int = 2) -> P
             shutil.rmtree(old, ignore_errors=True)
     # an s3:// output's work folder is mirrored: upload this checkpoint now, so a
     # retry on another machine resumes from it (no-op for local runs)
-    storage.checkpoint_saved(ckpt_dir)
+    work.checkpoint_saved(ckpt_dir)
     return final
 
 
