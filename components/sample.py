@@ -34,10 +34,11 @@ def sample_shard(config: Input[Artifact], model: Input[Model], shard_index: int,
 
     cfg = load_config(config.path)
     location = f"{work_dir(work_root, 'sample', cfg.to_dict(), model.uri)}/{shard_index}"
-    with work.work_folder(location) as shard_dir:
+    with work.work_folder(location) as folder:
+        shard_dir = folder.path
         t0 = time.perf_counter()
         made, _ = stage.make_shards(cfg, model_dir=Path(model.path), shard_dir=shard_dir,
-                                    indices=[shard_index])
+                                    indices=[shard_index], sync=folder.sync)
         seconds = time.perf_counter() - t0
         # the shard and its sidecar; not the temporary files of an interrupted attempt
         shutil.copytree(shard_dir, shard.path, ignore=shutil.ignore_patterns(".*"),

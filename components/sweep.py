@@ -34,7 +34,8 @@ def sweep(config: Input[Artifact], model: Input[Model], dp_model: Input[Model],
         run_stage("sweep", cfg, inputs={
             "model": model.path, "dp_model": dp_model.path, "private": private.path,
             "public": public.path, "test": test.path, "baseline": baseline.path,
-            "classify": classify.path, "fid": fid.path}, out_dir=results.path, work_dir=folder)
+            "classify": classify.path, "fid": fid.path}, out_dir=results.path,
+            work_dir=folder.path, sync_work=folder.sync)
     log_metrics_file(os.path.join(results.path, "metrics.json"), metrics)
     figures_html(curve_plot, "Privacy-utility curve: accuracy and Frechet distance vs epsilon",
                  [os.path.join(results.path, "curve.png")])

@@ -57,7 +57,7 @@ def pretrain(config: Input[Artifact], public: Input[Dataset], work_root: str,
     cfg = load_config(config.path)
     with work.work_folder(work_dir(work_root, "pretrain", cfg.to_dict(), public.uri)) as folder:
         run_stage("pretrain", cfg, inputs={"public": public.path}, out_dir=model.path,
-                  work_dir=folder)
+                  work_dir=folder.path, sync_work=folder.sync)
     log_metrics_file(os.path.join(model.path, "metrics.json"), metrics)
     figures_html(loss_plot, "Pre-training loss (public split)",
                  [os.path.join(model.path, "loss.png")])
@@ -86,7 +86,7 @@ def finetune(config: Input[Artifact], model: Input[Model], private: Input[Datase
     with work.work_folder(work_dir(work_root, "finetune", pipeline_run_id)) as folder:
         run_stage("finetune", cfg, inputs={"model": model.path, "private": private.path,
                                            "public": public.path}, out_dir=dp_model.path,
-                  work_dir=folder)
+                  work_dir=folder.path, sync_work=folder.sync)
     log_metrics_file(os.path.join(dp_model.path, "metrics.json"), metrics)
     figures_html(loss_plot, "DP fine-tuning: loss of the DP model on public data",
                  [os.path.join(dp_model.path, "loss.png")])

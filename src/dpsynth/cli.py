@@ -69,7 +69,8 @@ def _stage_io(args: argparse.Namespace, cfg: config.Config) -> Iterator[None]:
         if getattr(args, "merge", None):
             args.merge = [stack.enter_context(published.local_input(m)) for m in args.merge]
         uri = args.out
-        args.out = stack.enter_context(work.publish(uri))
+        staged = stack.enter_context(work.publish(uri))
+        args.out, args.sync_work = staged.path, staged.sync
         yield
     if s3.is_s3(uri):
         print(f"{args.command}: published {uri}")
@@ -123,7 +124,8 @@ def _sample(args: argparse.Namespace, cfg: config.Config) -> None:
         print(f"sample: made shards {made}, skipped finished {skipped}, in {args.out}")
         return
     with open_tracker(cfg.tracking, "sample") as tracker:
-        result = sample.run(cfg, model_dir=args.model, out_dir=args.out, tracker=tracker)
+        result = sample.run(cfg, model_dir=args.model, out_dir=args.out, tracker=tracker,
+                            sync_work=args.sync_work)
     print(f"sample: {result.manifest.count} images in {len(result.manifest.shards)} shards "
           f"({len(result.shards_skipped)} resumed), grid at {result.out_dir / 'grid.png'}")
 

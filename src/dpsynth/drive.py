@@ -39,7 +39,10 @@ def run_stage(name: str, cfg: Config, *, inputs: Mapping[str, str | Path | None]
         out_dir: the output folder or ``s3://`` URI, published atomically.
         tracker: where to report (default: the stage's MLflow run, on the main
             process only).
-        options: the stage's other keywords (``resume``, ``work_dir``...).
+        options: the stage's other keywords (``resume``, ``work_dir``,
+            ``sync_work``...). A resumable stage (the registry's ``resumable``) gets
+            ``sync_work``, the upload of its output's mirrored work folder, unless
+            given here (a driver that chose the work folder itself).
 
     Raises:
         ValueError: an input the stage does not take, or a required one missing.
@@ -58,8 +61,10 @@ def run_stage(name: str, cfg: Config, *, inputs: Mapping[str, str | Path | None]
         kwargs = {i.kwarg: (None if inputs.get(i.name) is None else
                             stack.enter_context(published.local_input(inputs[i.name])))
                   for i in row.inputs}
-        local_out = stack.enter_context(work.publish(out_dir))
+        staged = stack.enter_context(work.publish(out_dir))
+        if row.resumable:  # a driver that chose the work folder passes its own sync
+            options = {"sync_work": staged.sync} | dict(options)
         if tracker is None:
             tracker = stack.enter_context(open_tracker(cfg.tracking, name) if main
                                           else contextlib.nullcontext(NullTracker()))
-        return row.load().run(cfg, **kwargs, out_dir=local_out, tracker=tracker, **options)
+        return row.load().run(cfg, **kwargs, out_dir=staged.path, tracker=tracker, **options)

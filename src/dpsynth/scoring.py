@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 from dpsynth.config import Config
 from dpsynth.stages.registry import stage
@@ -22,11 +23,13 @@ USES = ("sample", "classify", "fid")  # what `score_model` runs
 
 
 def score_model(cfg: Config, *, model_dir: Path, public_dir: Path, test_dir: Path, work: Path,
-                fid_work: Path) -> dict[str, float]:
+                fid_work: Path, sync_work: Callable[[], None] | None = None
+                ) -> dict[str, float]:
     """Sample `model_dir` with the `sample` settings and score the samples with the
     `classify` recipe (at its largest size, on `test_dir`) and the `fid` distances
     (the domain CNN cached in `fid_work`, the `fid` stage's own work folder, so
-    every model of a run is measured in one feature space).
+    every model of a run is measured in one feature space). `sync_work` is called
+    after each finished sampling shard (the caller's work-folder upload).
 
     Returns:
         ``real_test_accuracy``, ``num_synthetic`` and the `fid` metrics (``fd_*``,
@@ -37,7 +40,7 @@ def score_model(cfg: Config, *, model_dir: Path, public_dir: Path, test_dir: Pat
     scoring = dataclasses.replace(cfg, classify=largest)
     quiet = NullTracker()  # the caller's MLflow run logs the scores
     stage("sample").run(cfg, model_dir=model_dir, out_dir=work / "sample", tracker=quiet,
-                        work_dir=work / "sample-work")
+                        work_dir=work / "sample-work", sync_work=sync_work)
     acc = stage("classify").run(scoring, synthetic_dir=work / "sample", test_dir=test_dir,
                                 private_dir=None, out_dir=work / "classify", tracker=quiet)
     dist = stage("fid").run(cfg, synthetic_dir=work / "sample", test_dir=test_dir,

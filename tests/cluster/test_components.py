@@ -384,7 +384,8 @@ def test_retried_tasks_resume_from_an_s3_work_root_on_a_fresh_machine(
     with work_io.work_folder(runtime.work_dir(work_root, "pretrain", cfg.to_dict(),
                                               public.uri)) as work:
         pretrain_stage.run(cfg, public_dir=Path(public.path), out_dir=tmp_path / "killed",
-                           tracker=NullTracker(), stop_after=10, work_dir=work)
+                           tracker=NullTracker(), stop_after=10, work_dir=work.path,
+                           sync_work=work.sync)
     # machine B, with nothing local: resumes from S3 and ends as if never interrupted
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "machine-b"))
     resumed = Model(uri=str(tmp_path / "resumed"))

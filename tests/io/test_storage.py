@@ -64,7 +64,8 @@ def test_uris_parse_and_work_locations() -> None:
 def test_local_paths_pass_through(tmp_path: Path) -> None:
     with published.local_input(tmp_path) as got:
         assert got == tmp_path
-    with work_io.publish(tmp_path / "out") as out:
+    with work_io.publish(tmp_path / "out") as staged:
+        out = staged.path
         assert out == tmp_path / "out"  # the stage's own atomic_dir publishes it
     assert cache.fetch(str(tmp_path)) == tmp_path
 
@@ -74,7 +75,8 @@ def test_local_paths_pass_through(tmp_path: Path) -> None:
 
 def test_publish_then_read_back_verified(s3, tmp_path: Path) -> None:
     uri = s3.uri("art/prepare")
-    with work_io.publish(uri) as out:
+    with work_io.publish(uri) as staged:
+        out = staged.path
         assert not out.exists()  # like a local target: the stage creates it
         _make(out, V1)
     assert _keys(s3, "art/") == sorted(f"art/prepare/{k}" for k in [*V1, published.MARKER])
@@ -98,7 +100,8 @@ def test_a_stage_that_writes_nothing_publishes_nothing(s3) -> None:
 
 def test_failed_stage_publishes_nothing_and_leaves_no_staging(s3, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
-        with work_io.publish(s3.uri("art/x")) as out:
+        with work_io.publish(s3.uri("art/x")) as staged:
+            out = staged.path
             _make(out, V1)
             raise RuntimeError("stage failed")
     assert _keys(s3) == []
@@ -108,7 +111,8 @@ def test_failed_stage_publishes_nothing_and_leaves_no_staging(s3, tmp_path: Path
 def test_republish_replaces_the_whole_output(s3) -> None:
     uri = s3.uri("out")
     for files in (V1, V2):
-        with work_io.publish(uri) as out:
+        with work_io.publish(uri) as staged:
+            out = staged.path
             _make(out, files)
     assert _keys(s3) == sorted(f"out/{k}" for k in [*V2, published.MARKER])  # stale files gone
     with published.local_input(uri) as local:
@@ -125,7 +129,8 @@ def test_reader_refuses_a_prefix_without_marker(s3) -> None:
 
 
 def test_reader_detects_a_changed_file(s3) -> None:
-    with work_io.publish(s3.uri("out")) as out:
+    with work_io.publish(s3.uri("out")) as staged:
+        out = staged.path
         _make(out, V1)
     s3.client.put_object(Bucket=s3.bucket, Key="out/shard-00000.npz", Body=b"x" * 1000)
     with pytest.raises(InputError, match="shard-00000.npz: sha256 differs from _SUCCESS.json"):
@@ -163,7 +168,8 @@ _SLOW_PUBLISHER = textwrap.dedent("""
 def test_writer_killed_mid_upload_is_never_read(s3, tmp_path: Path, republish: bool) -> None:
     uri = s3.uri("art/sample")
     if republish:
-        with work_io.publish(uri) as out:
+        with work_io.publish(uri) as staged:
+            out = staged.path
             _make(out, V1)
     new = _make(tmp_path / "new", {"a.npz": b"1" * 10, "b.npz": b"2" * 10, "c.json": b"{}"})
     child = subprocess.Popen([sys.executable, "-c", _SLOW_PUBLISHER, str(new), uri],
@@ -187,7 +193,8 @@ def test_writer_killed_mid_upload_is_never_read(s3, tmp_path: Path, republish: b
 def test_large_files_go_in_parts_and_verify(s3, tmp_path: Path) -> None:
     s3_io.configure(StorageConfig(multipart_threshold_mb=5, multipart_chunksize_mb=5))
     big = os.urandom(11 * 1024 * 1024)  # 5 + 5 + 1 MiB
-    with work_io.publish(s3.uri("big")) as out:
+    with work_io.publish(s3.uri("big")) as staged:
+        out = staged.path
         _make(out, {"weights.bin": big})
     head = s3.client.head_object(Bucket=s3.bucket, Key="big/weights.bin")
     assert head["ETag"].strip('"').endswith("-3")  # a 3-part multipart upload
@@ -270,7 +277,8 @@ def test_missing_bucket_names_the_uri_and_what_to_check(s3) -> None:
                                              r"'no-such-bucket-dpsynth' does not exist; check"):
             call()
     with pytest.raises(InputError, match="bucket 'no-such-bucket-dpsynth' does not exist"):
-        with work_io.publish("s3://no-such-bucket-dpsynth/out") as out:
+        with work_io.publish("s3://no-such-bucket-dpsynth/out") as staged:
+            out = staged.path
             _make(out, V1)
 
 
@@ -306,7 +314,8 @@ def test_endpoint_from_config_unless_the_environment_sets_one(s3, monkeypatch) -
 
 def test_a_folder_inside_a_published_output_is_readable(s3) -> None:
     # prepare publishes one output with public/, private/, test/; later stages read one
-    with work_io.publish(s3.uri("art/prepare")) as out:
+    with work_io.publish(s3.uri("art/prepare")) as staged:
+        out = staged.path
         _make(out, {"metrics.json": b"{}", "public/manifest.json": b"p",
                     "private/manifest.json": b"q", "private/shard-00000.npz": b"x"})
     with published.local_input(s3.uri("art/prepare/private")) as local:
@@ -338,13 +347,29 @@ def test_work_mirror_pulls_the_latest_checkpoint_and_pushes_the_pointer_last(
     real = s3_io.upload_file
     monkeypatch.setattr(s3_io, "upload_file", lambda c, p, u: (uploaded.append(u.key[len(work):]),
                                                              real(c, p, u)))
-    work_io._mirrors.append(mirror)
-    try:
-        work_io.checkpoint_saved(tmp_path / "work")  # what save_checkpoint calls
-    finally:
-        work_io._mirrors.remove(mirror)
+    mirror.push()  # the `sync` the driver hands the stage, which calls it at checkpoints
     assert uploaded == ["ckpt-00000006/model.safetensors", "ckpt-00000006/state.json",
                         "latest.json"]  # data, then sidecars, the pointer last
     left = [k[len(work):] for k in _keys(s3, work)]
     assert "ckpt-00000004/state.json" not in left and ".ckpt-00000007.tmp-1234" not in str(left)
-    work_io.checkpoint_saved(tmp_path / "elsewhere")  # not a mirrored folder: nothing
+    mirror.push()  # nothing changed since: nothing sent
+    assert len(uploaded) == 3
+
+
+def test_the_work_folder_is_synced_only_through_the_sync_it_comes_with(
+        s3, tmp_path: Path) -> None:
+    """No module-global registry of mirrors: a stage's checkpoints reach S3 when it
+    calls the `sync` its driver handed it, and not otherwise (until the end)."""
+    assert not [name for name, value in vars(work_io).items()
+                if isinstance(value, (list, dict, set)) and not name.startswith("__")]
+    work = "art/.work/sample/"
+    with work_io.publish(s3.uri("art/sample")) as staged:
+        _make(work_io.work_location(staged.path), {"shard-00000.npz": b"s"})
+        assert _keys(s3, work) == []  # written, not synced
+        staged.sync()
+        assert [k[len(work):] for k in _keys(s3, work)] == ["shard-00000.npz"]
+        _make(work_io.work_location(staged.path), {"shard-00001.npz": b"t"})
+    # the block ended without output: the work folder is kept for a retry, all of it
+    assert [k[len(work):] for k in _keys(s3, work)] == ["shard-00000.npz", "shard-00001.npz"]
+    with work_io.publish(tmp_path / "local") as local:
+        assert local.sync is work_io.no_sync and local.path == tmp_path / "local"

@@ -728,7 +728,8 @@ def test_a_reader_racing_a_republish_never_gets_a_mix(
     V2 (and finishes, or dies after one file): it must return all of V2, or refuse
     -- never V1's first file with V2's others."""
     uri = s3.uri("art/sample")
-    with work_io.publish(uri) as out:
+    with work_io.publish(uri) as staged:
+        out = staged.path
         _write(out, V1)
     new = _write(tmp_path / "v2", V2)
     real_download = s3_io.download_file

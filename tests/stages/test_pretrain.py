@@ -178,16 +178,19 @@ def test_retry_on_another_machine_resumes_from_the_s3_work_folder(
             seen.append((step, remote_latest()))
 
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "node-1"))
-    with work_io.publish(uri) as out:
-        run(tiny_cfg, digits_public_dir, out, tracker=Watcher(), stop_after=7)
+    with work_io.publish(uri) as staged:
+        out = staged.path
+        run(tiny_cfg, digits_public_dir, out, tracker=Watcher(), stop_after=7,
+            sync_work=staged.sync)  # the driver's explicit upload, called at checkpoints
     assert (6, 4) in seen  # checkpoint 4 was on S3 before step 7 ran
     assert remote_latest() == 7
     assert f"art/pretrain/{published.MARKER}" not in str(s3.client.list_objects_v2(
         Bucket=s3.bucket).get("Contents"))  # a stopped run publishes nothing
 
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "node-2"))  # another machine
-    with work_io.publish(uri) as out:
-        resumed = run(tiny_cfg, digits_public_dir, out)
+    with work_io.publish(uri) as staged:
+        out = staged.path
+        resumed = run(tiny_cfg, digits_public_dir, out, sync_work=staged.sync)
     assert resumed.resumed_from == 7
     assert "Contents" not in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=work)
     with published.local_input(uri) as local:

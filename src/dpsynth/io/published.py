@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from dpsynth.errors import InputError
-from dpsynth.io import cache
-from dpsynth.io import s3
+from dpsynth.io import cache, s3
 from dpsynth.io.shards import sha256_file
 
 log = logging.getLogger(__name__)

@@ -13,13 +13,12 @@ import logging
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from dpsynth.errors import DpsynthError, InputError
-from dpsynth.io import cache
-from dpsynth.io import published
-from dpsynth.io import s3
+from dpsynth.io import cache, published, s3
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +28,6 @@ _CHECKPOINT = re.compile(r"ckpt-\d+")
 _LATEST = "latest.json"  # training.checkpoint's pointer to the newest complete checkpoint
 
 
-_mirrors: list[WorkMirror] = []
 
 
 def work_location(out: str | Path) -> str | Path:
@@ -122,13 +120,24 @@ class WorkMirror:
         s3.delete_keys(c, self.uri, list(s3.list_objects(c, self.uri)))
 
 
-def checkpoint_saved(ckpt_dir: str | Path) -> None:
-    """Hook for `training.checkpoint.save_checkpoint`: upload a new checkpoint when
-    its folder is a mirrored work folder (or inside one)."""
-    path = Path(ckpt_dir).resolve()
-    for mirror in _mirrors:
-        if path == mirror.local.resolve() or mirror.local.resolve() in path.parents:
-            mirror.push()
+def no_sync() -> None:
+    """The `sync` of a local work folder: it is already where a retry looks."""
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A local folder a driver hands a stage, and how to save its resumable state.
+
+    Attributes:
+        path: the local folder (the output to write, or the work folder itself).
+        sync: uploads the work folder's changes now (a mirrored `s3://` work
+            folder), else does nothing; the driver passes it to the stage, which
+            calls it after each checkpoint and finished shard, so a retry on
+            another machine resumes from there.
+    """
+
+    path: Path
+    sync: Callable[[], None] = no_sync
 
 
 def staging_dir(prefix: str) -> Path:
@@ -139,28 +148,26 @@ def staging_dir(prefix: str) -> Path:
 
 
 @contextlib.contextmanager
-def work_folder(location: str | Path) -> Iterator[Path]:
+def work_folder(location: str | Path) -> Iterator[Staged]:
     """A resumable work folder (checkpoints, finished shards) at `location`, as a
     local folder: for drivers that choose the work folder themselves (the Kubeflow
     components' `work_root`).
 
-    Local: the path itself. `s3://`: a local copy, pulled before; pushed at every
-    checkpoint (`checkpoint_saved`) and when the block ends, error or not, so a
-    retry on another machine resumes; deleted remotely when the stage removed its
-    local copy (it finished and published).
+    Local: the path itself. `s3://`: a local copy, pulled before; pushed by the
+    `sync` it comes with (which the stage calls at every checkpoint) and when the
+    block ends, error or not, so a retry on another machine resumes; deleted
+    remotely when the stage removed its local copy (it finished and published).
     """
     if not s3.is_s3(location):
-        yield Path(location)
+        yield Staged(Path(location))
         return
     uri = s3.S3Uri.parse(str(location))
     root = staging_dir("work-")
     mirror = WorkMirror(str(uri), root / uri.name)
     mirror.pull()
-    _mirrors.append(mirror)
     try:
-        yield mirror.local
+        yield Staged(mirror.local, mirror.push)
     finally:
-        _mirrors.remove(mirror)
         try:
             if mirror.local.exists():
                 mirror.push()
@@ -179,18 +186,20 @@ def remove_work(location: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def publish(location: str | Path, *, mirror_work: bool = True) -> Iterator[Path]:
-    """The local folder a stage writes `location` into.
+def publish(location: str | Path, *, mirror_work: bool = True) -> Iterator[Staged]:
+    """The local folder a stage writes `location` into, and the `sync` of its work
+    folder.
 
     Local: the path itself (the stage renames its output into place, `atomic_dir`).
     `s3://`: a fresh staging folder; when the block ends without an error and
     the stage wrote the folder, it is published with `published.upload_published`. With
     `mirror_work`, the work folder `work_location(location)` is pulled before,
-    kept up to date at each checkpoint (`checkpoint_saved`) and at the end, and
+    pushed by `sync` (at each checkpoint: the driver hands it to the stage) and at
+    the end, and
     deleted once the output is published if the stage removed its local copy.
     """
     if not s3.is_s3(location):
-        yield Path(location)
+        yield Staged(Path(location))
         return
     uri = s3.S3Uri.parse(str(location))
     work_uri = str(work_location(str(uri)))  # also refuses a bucket-root output
@@ -208,12 +217,7 @@ def publish(location: str | Path, *, mirror_work: bool = True) -> Iterator[Path]
     try:
         if mirror is not None:
             mirror.pull()
-            _mirrors.append(mirror)
-        try:
-            yield out
-        finally:
-            if mirror in _mirrors:
-                _mirrors.remove(mirror)
+        yield Staged(out, mirror.push if mirror is not None else no_sync)
         wrote = out.is_dir()  # no folder: nothing to publish (e.g. a non-zero rank)
         if wrote:
             published.upload_published(out, str(uri))

@@ -21,7 +21,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -183,7 +183,8 @@ def _account_redone_steps(ledger: PrivacyLedger, work_dir: Path, run_id: str,
 def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, out_dir: Path,
         tracker: Tracker, resume: bool = True, work_dir: Path | None = None,
         stop_after: int | None = None, device: str | torch.device | None = None,
-        run_id: str | None = None) -> FinetuneResult:
+        run_id: str | None = None, sync_work: Callable[[], None] | None = None
+        ) -> FinetuneResult:
     """Fine-tune `model_dir` on `private_dir` with DP-SGD; publish into `out_dir`.
 
     Args:
@@ -204,6 +205,8 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
             already (`dpsynth sweep` reserves all its runs at once); it must be an
             id no attempt has trained under, or that of the checkpoint resumed.
             Default: a fresh random id (a checkpoint's own on resume).
+        sync_work: called after each checkpoint: the driver's upload of a mirrored
+            `s3://` work folder (`dpsynth.io.work.Staged.sync`).
 
     Raises:
         InputError: bad model or data, delta >= 1/N, batch larger than the data,
@@ -386,7 +389,7 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
                 secret_rng=rng.get_state() if seeded_for_test else None,
                 meta={"config_id": config_id, "run_id": run_id, "history": history,
                       "ema_num_updates": ema.num_updates,
-                      "accountant_history": [[sigma, q, step + 1]]}))
+                      "accountant_history": [[sigma, q, step + 1]]}), on_saved=sync_work)
             ledger.record_progress(run_id, step + 1)
             last_saved = step + 1
         if log_now:

@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -67,8 +68,8 @@ def _diverged(cfg: Config, step: int, what: str, work_dir: Path,
 
 def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
         resume: bool = True, work_dir: Path | None = None,
-        stop_after: int | None = None, device: str | torch.device | None = None
-        ) -> PretrainResult:
+        stop_after: int | None = None, device: str | torch.device | None = None,
+        sync_work: Callable[[], None] | None = None) -> PretrainResult:
     """Train the UNet on `public_dir` and publish the EMA model into `out_dir`.
 
     Args:
@@ -77,6 +78,8 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
         out_dir: published atomically when training completes.
         resume: continue from the latest compatible checkpoint in `work_dir`.
         work_dir: checkpoints; default `<out_dir parent>/.work/<out_dir name>`.
+        sync_work: called after each checkpoint: the driver's upload of a mirrored
+            `s3://` work folder (`dpsynth.io.work.Staged.sync`).
         stop_after: stop (without publishing) after this many steps -- tests use
             it to simulate a killed run.
         device: where the net, its EMA and the optimizer live; default the GPU when
@@ -169,7 +172,7 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
                 step=step + 1, net=net.state_dict(), ema=ema.shadow.state_dict(),
                 optimizer=opt.state_dict(), generator=gen.get_state(),
                 torch_rng=torch.get_rng_state(), meta={"run_id": run_id, "ema_num_updates": ema.num_updates,
-                      "history": history, "window": window}))
+                      "history": history, "window": window}), on_saved=sync_work)
             last_saved = step + 1
     bar.close()
     if end < pc.steps:

@@ -74,6 +74,9 @@ class Stage:
         produces: what its output folder holds, in a few words (`make run`'s summary).
         uses: the stages it runs as parts of itself, through this registry (never by
             importing them): their code is its code (`code`).
+        resumable: whether it keeps resumable state (checkpoints, finished shards)
+            in its work folder: its ``run`` takes ``sync_work``, which the driver
+            sets to the upload of a mirrored ``s3://`` work folder.
     """
 
     name: str
@@ -86,6 +89,7 @@ class Stage:
     examples: tuple[str, ...] = ()
     produces: str = ""
     uses: tuple[str, ...] = ()
+    resumable: bool = False
 
     @property
     def example(self) -> str:
@@ -144,14 +148,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           description=("Read the raw sources (data.*) and write validated public/private/test "
                        "shards with manifests to --out."),
           reads_private=True),
-    Stage(name="pretrain", module="pretrain",
+    Stage(name="pretrain", module="pretrain", resumable=True,
           produces="EMA diffusion model (safetensors + config.json), loss.csv",
           short="train the diffusion model on the public split (not private)",
           description=("Train the diffusion model (non-private) on the public split; writes the "
                        "EMA model (safetensors + config.json) and loss curve to --out."),
           gpu=True, inputs=(
         _split("public", "public split from prepare"),)),
-    Stage(name="finetune", module="finetune",
+    Stage(name="finetune", module="finetune", resumable=True,
           produces="DP model (safetensors + config.json), privacy.json",
           short="DP-SGD fine-tuning on the private split (the only reader of it)",
           description=("Fine-tune the pre-trained model on the private split with DP-SGD (Poisson "
@@ -161,7 +165,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           gpu=True, reads_private=True, inputs=(
         MODEL, _split("private", "private split from prepare"),
         _split("public", "public split (only for the publishable monitoring loss)"))),
-    Stage(name="sample", module="sample",
+    Stage(name="sample", module="sample", resumable=True,
           produces="synthetic shards + manifest, grid.png",
           short="generate the synthetic dataset (sharded, resumable)",
           description=("Sample a synthetic dataset from a model into --out as shards + manifest + "
@@ -206,7 +210,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                        "--out."),
           gpu=True, inputs=(
         MODEL, _split("public", "public split (trains the domain CNN, as in fid)"), TEST)),
-    Stage(name="sweep", module="sweep", uses=("finetune", "sample", "classify", "fid"),
+    Stage(name="sweep", module="sweep", resumable=True,
+          uses=("finetune", "sample", "classify", "fid"),
           produces="privacy-utility curve (curve.csv, curve.png), make sweep's extra DP points",
           short="the privacy-utility curve: fine-tune, sample and score at several epsilon",
           description=("The privacy-utility curve (paper Fig. 2): the public-only point (epsilon "

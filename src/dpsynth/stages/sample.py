@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,6 @@ from dpsynth.diffusion.loss import make_noise_schedule
 from dpsynth.diffusion.samplers import make_sampler, sample, to_uint8
 from dpsynth.diffusion.unet import WEIGHTS, EMA_WEIGHTS, load_model
 from dpsynth.errors import InputError
-from dpsynth.io import work
 from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import (Manifest, ShardInfo, read_dataset, sha256_file, shard_name,
                                write_manifest, write_shard)
@@ -89,12 +88,16 @@ def _is_complete(shard_dir: Path, index: int, run_id: str) -> bool:
 
 def make_shards(cfg: Config, *, model_dir: Path, shard_dir: Path,
                 indices: Iterable[int] | None = None,
-                device: str | torch.device | None = None) -> tuple[list[int], list[int]]:
+                device: str | torch.device | None = None,
+                sync: Callable[[], None] | None = None) -> tuple[list[int], list[int]]:
     """Make the given shards (default: all) in `shard_dir`, skipping finished ones.
 
     Args:
         device: where the net runs; default the GPU when there is one. The noise is
             drawn on the CPU from each shard's seeded generator (`samplers.sample`).
+        sync: called after each finished shard: the driver's upload of a mirrored
+            `s3://` work folder (`dpsynth.io.work.Staged.sync`), so a retry on
+            another machine skips it.
 
     Returns:
         (made, skipped) shard indices.
@@ -138,7 +141,8 @@ def make_shards(cfg: Config, *, model_dir: Path, shard_dir: Path,
         atomic_write_json(_sidecar(shard_dir, i), {
             "index": i, "count": info.count, "sha256": info.sha256, "run_id": run_id,
             "classes": model_cfg["classes"], "shape": list(images.shape[1:])})
-        work.checkpoint_saved(shard_dir)  # an s3:// output's work folder: upload it now
+        if sync is not None:
+            sync()
         made.append(i)
     bar.close()
     return made, skipped
@@ -241,16 +245,17 @@ def publish(cfg: Config, *, shard_dirs: Sequence[Path], model_dir: Path, out_dir
 
 
 def run(cfg: Config, *, model_dir: Path, out_dir: Path, tracker: Tracker,
-        work_dir: Path | None = None, device: str | torch.device | None = None
-        ) -> SampleResult:
+        work_dir: Path | None = None, device: str | torch.device | None = None,
+        sync_work: Callable[[], None] | None = None) -> SampleResult:
     """Make every shard (resuming finished ones) and publish them with a manifest,
     a per-class sample grid and metrics into `out_dir`, atomically. `device`: as
-    for `make_shards`."""
+    for `make_shards`; `sync_work`: its `sync`."""
     model_dir = Path(model_dir)
     work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
     tracker.log_params(tracked_params(cfg, model_dir))
     t0 = time.perf_counter()
-    made, skipped = make_shards(cfg, model_dir=model_dir, shard_dir=work_dir, device=device)
+    made, skipped = make_shards(cfg, model_dir=model_dir, shard_dir=work_dir, device=device,
+                                sync=sync_work)
     result = publish(cfg, shard_dirs=[work_dir], model_dir=model_dir, out_dir=out_dir,
                      tracker=tracker, made=made, skipped=skipped,
                      seconds=time.perf_counter() - t0)

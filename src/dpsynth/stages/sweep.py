@@ -39,7 +39,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from dpsynth.config import Config
 from dpsynth.data.roles import refuse_private_split
@@ -48,6 +48,7 @@ from dpsynth.errors import InputError
 from dpsynth.eval.names import distance_key
 from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import read_dataset, read_manifest, sha256_file
+from dpsynth.io.work import no_sync
 from dpsynth.plots import plot_privacy_utility
 from dpsynth.privacy import accounting
 from dpsynth.privacy.history import planned_history
@@ -105,8 +106,8 @@ def point_name(epsilon: float) -> str:
 
 def run(cfg: Config, *, model_dir: Path, dp_model_dir: Path, private_dir: Path,
         public_dir: Path, test_dir: Path, baseline_dir: Path, classify_dir: Path,
-        fid_dir: Path, out_dir: Path, tracker: Tracker, work_dir: Path | None = None
-        ) -> SweepResult:
+        fid_dir: Path, out_dir: Path, tracker: Tracker, work_dir: Path | None = None,
+        sync_work: Callable[[], None] | None = None) -> SweepResult:
     """Score the run's points, fine-tune, sample and score at every other
     ``sweep.epsilons``; publish the curve.
 
@@ -125,6 +126,9 @@ def run(cfg: Config, *, model_dir: Path, dp_model_dir: Path, private_dir: Path,
         out_dir: published atomically: ``curve.csv``, ``curve.png``, ``metrics.json``
             and ``eps-<ε>/`` per trained point (its DP model and ``grid.png``).
         work_dir: resumable scratch (default ``artifacts/.work/sweep``).
+        sync_work: uploads the work folder's changes (a mirrored ``s3://`` one; the
+            driver's `dpsynth.io.work.Staged.sync`): called when a point starts,
+            after each of its checkpoints and shards, and when it is scored.
 
     Raises:
         LedgerExceeded: the points together would exceed the dataset's budget;
@@ -162,7 +166,8 @@ def run(cfg: Config, *, model_dir: Path, dp_model_dir: Path, private_dir: Path,
             scores = _point(dataclasses.replace(cfg, finetune=dataclasses.replace(
                 cfg.finetune, epsilon=eps)), planned.run_id, work / point_name(eps),
                 model_dir=model_dir, private_dir=private_dir, public_dir=public_dir,
-                test_dir=test_dir, fid_work=fid_work, tracker=child)
+                test_dir=test_dir, fid_work=fid_work, tracker=child,
+                sync_work=sync_work or no_sync)
         trained.append(SweepPoint(eps, float(scores["real_test_accuracy"]),
                                   None if fd is None or fd not in scores else float(scores[fd]),
                                   planned.run_id, SWEPT))
@@ -267,8 +272,8 @@ def _reserve(cfg: Config, targets: list[float], work: Path, *, model_dir: Path,
 
 
 def _point(cfg: Config, run_id: str, point: Path, *, model_dir: Path, private_dir: Path,
-           public_dir: Path, test_dir: Path, fid_work: Path, tracker: Tracker
-           ) -> dict[str, Any]:
+           public_dir: Path, test_dir: Path, fid_work: Path, tracker: Tracker,
+           sync_work: Callable[[], None]) -> dict[str, Any]:
     """Fine-tune (or resume) one point under its reserved ledger entry, then score it;
     a point already scored by an interrupted sweep is read back."""
     if (point / SCORES).is_file():
@@ -278,16 +283,20 @@ def _point(cfg: Config, run_id: str, point: Path, *, model_dir: Path, private_di
     if not (point / "model" / "privacy.json").is_file():  # else published, not yet scored
         point.mkdir(parents=True, exist_ok=True)
         (point / STARTED).write_text(run_id + "\n")  # from here on, never reused afresh
+        sync_work()  # a retry elsewhere must see it too, before any step is taken
         stage("finetune").run(cfg, model_dir=model_dir, private_dir=private_dir,
                               public_dir=public_dir, out_dir=point / "model", tracker=tracker,
-                              work_dir=point / "finetune-work", run_id=run_id)
+                              work_dir=point / "finetune-work", run_id=run_id,
+                              sync_work=sync_work)
     scores = score_model(cfg, model_dir=point / "model", public_dir=public_dir,
-                         test_dir=test_dir, work=point / "score", fid_work=fid_work)
+                         test_dir=test_dir, work=point / "score", fid_work=fid_work,
+                         sync_work=sync_work)
     shutil.copy(point / "score" / "sample" / "grid.png", point / "grid.png")
     shutil.rmtree(point / "score", ignore_errors=True)
     tracker.log_metrics({k: float(v) for k, v in scores.items()})
     tracker.log_artifact(point / "grid.png")
     atomic_write_json(point / SCORES, {"run_id": run_id, **scores})
+    sync_work()
     return {"run_id": run_id, **scores}
 
 

@@ -14,14 +14,13 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dpsynth.errors import InputError
-from dpsynth.io import work
 from dpsynth.io.atomic import atomic_write_json
 
 LATEST = "latest.json"
@@ -82,8 +81,14 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def save_checkpoint(ckpt_dir: str | Path, state: TrainState, keep: int = 2) -> Path:
-    """Write `ckpt_dir/ckpt-<step>` atomically, point `latest.json` at it, prune old ones."""
+def save_checkpoint(ckpt_dir: str | Path, state: TrainState, keep: int = 2, *,
+                    on_saved: Callable[[], None] | None = None) -> Path:
+    """Write `ckpt_dir/ckpt-<step>` atomically, point `latest.json` at it, prune old ones.
+
+    `on_saved` runs once the checkpoint is complete: the driver's `sync` of a
+    mirrored `s3://` work folder (`dpsynth.io.work.Staged`), which uploads it so a
+    retry on another machine resumes from it.
+    """
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"ckpt-{state.step:08d}"
@@ -123,9 +128,8 @@ def save_checkpoint(ckpt_dir: str | Path, state: TrainState, keep: int = 2) -> P
     for old in ckpt_dir.glob(".ckpt-*"):  # those, and what crashed writes left
         if old.is_dir() and old != tmp:
             shutil.rmtree(old, ignore_errors=True)
-    # an s3:// output's work folder is mirrored: upload this checkpoint now, so a
-    # retry on another machine resumes from it (no-op for local runs)
-    work.checkpoint_saved(ckpt_dir)
+    if on_saved is not None:
+        on_saved()
     return final
 
 
