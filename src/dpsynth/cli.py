@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from dpsynth import __version__, config, threads
+from dpsynth.choices import ACCOUNTANTS
 from dpsynth.errors import DpsynthError, InputError
 from dpsynth.stages import registry
 from dpsynth.submit import DEFAULT_EXPERIMENT, DEFAULT_PACKAGE
@@ -290,7 +291,7 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
     target.add_argument("--noise-multiplier", type=float, metavar="SIGMA",
                         help="the inverse: report epsilon for this sigma")
     p.add_argument("--delta", type=float, help="finetune.delta")
-    p.add_argument("--accountant", choices=("prv", "rdp"), help="finetune.accountant")
+    p.add_argument("--accountant", choices=tuple(ACCOUNTANTS), help="finetune.accountant")
     p.add_argument("--max-grad-norm", type=float, metavar="C", help="finetune.max_grad_norm")
     p.add_argument("--num-classes", type=int, default=10,
                    help="classes of the private data (default: %(default)s)")

@@ -21,14 +21,11 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from dpsynth.choices import (EMBEDDED_KINDS, AccountantKind, ExtractorKind, SamplerKind,
+                             SourceKind)
 from dpsynth.errors import ConfigError
 
-SourceKind = Literal["digits", "printed-digits", "cifar10", "imagenet32", "camelyon17",
-                     "imagefolder", "npz"]
-# Sources built into dpsynth: they need no path.
-EMBEDDED_KINDS = ("digits", "printed-digits")
 SplitRole = Literal["public", "private", "test"]
-SamplerKind = Literal["ddpm", "ddim", "dpmsolver++"]
 
 
 def _check(ok: bool, name: str, value: Any, why: str) -> None:
@@ -217,7 +214,7 @@ class FinetuneConfig:
 
     epsilon: float = 10.0
     delta: float = 1e-5
-    accountant: Literal["prv", "rdp"] = "prv"
+    accountant: AccountantKind = "prv"
     # Poisson sampling is what the accountants assume; "shuffle" (fixed-size
     # shuffled batches) is refused: reported with Poisson accounting it can
     # understate epsilon many times over (Chua et al. 2024; Lebeda et al. 2024).
@@ -350,7 +347,7 @@ class FidConfig:
     ... (a Frechet distance in another feature space is not "FID").
     """
 
-    extractors: tuple[Literal["inception-v3-compat", "domain-cnn"], ...] = ("domain-cnn",)
+    extractors: tuple[ExtractorKind, ...] = ("domain-cnn",)
     # torch-fidelity's Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth),
     # a local path or s3:// URI: nothing is downloaded at run time.
     inception_weights: str | None = None

@@ -11,7 +11,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 
-from dpsynth.config import DiffusionConfig, SamplerKind
+from dpsynth.choices import SamplerKind
+from dpsynth.config import DiffusionConfig
 from dpsynth.diffusion.loss import make_noise_schedule
 from dpsynth.diffusion.samplers import from_uint8, guided_model, make_sampler, sample, to_uint8
 

@@ -72,6 +72,23 @@ class DataSource(Protocol):
         ...
 
 
+def readers() -> dict[str, DataSource]:
+    """The reader of each source kind (the kinds and their descriptions:
+    `dpsynth.choices.SOURCE_KINDS`); the only kind -> reader mapping."""
+    # Imported here because every format module imports `LabeledImages` from this one.
+    from dpsynth.data import camelyon17, cifar10, digits, imagefolder, imagenet32, npz, printed
+
+    return {
+        "digits": digits.DigitsSource(),
+        "printed-digits": printed.PrintedDigitsSource(),
+        "cifar10": cifar10.Cifar10Source(),
+        "imagenet32": imagenet32.ImageNet32Source(),
+        "camelyon17": camelyon17.Camelyon17Source(),
+        "imagefolder": imagefolder.ImageFolderSource(),
+        "npz": npz.NpzSource(),
+    }
+
+
 def load_source(spec: SourceConfig) -> dict[str, LabeledImages]:
     """Load `spec` with the reader for `spec.kind`.
 
@@ -81,22 +98,10 @@ def load_source(spec: SourceConfig) -> dict[str, LabeledImages]:
     Returns:
         The reader's named subsets (see `DataSource.load`).
     """
-    # Imported here because every format module imports `LabeledImages` from
-    # this one; the table below is the only kind -> reader mapping.
-    from dpsynth.data import camelyon17, cifar10, digits, imagefolder, imagenet32, npz, printed
-
-    readers: dict[str, DataSource] = {
-        "digits": digits.DigitsSource(),
-        "printed-digits": printed.PrintedDigitsSource(),
-        "cifar10": cifar10.Cifar10Source(),
-        "imagenet32": imagenet32.ImageNet32Source(),
-        "camelyon17": camelyon17.Camelyon17Source(),
-        "imagefolder": imagefolder.ImageFolderSource(),
-        "npz": npz.NpzSource(),
-    }
-    if spec.kind not in readers:
-        raise InputError(f"source kind {spec.kind!r} is unknown; use one of {sorted(readers)}")
-    return readers[spec.kind].load(spec)
+    table = readers()
+    if spec.kind not in table:
+        raise InputError(f"source kind {spec.kind!r} is unknown; use one of {sorted(table)}")
+    return table[spec.kind].load(spec)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -10,15 +10,10 @@ import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        SchedulerMixin)
 
-from dpsynth.config import SamplerKind
+from dpsynth.choices import SamplerKind
 
 
-def make_sampler(kind: SamplerKind, schedule: DDPMScheduler) -> SchedulerMixin:
-    """A fresh (stateful) sampling scheduler sharing `schedule`'s betas."""
-    if kind == "ddpm":
-        return DDPMScheduler.from_config(schedule.config)
-    if kind == "ddim":
-        return DDIMScheduler.from_config(schedule.config)
+def _dpm_solver(schedule: DDPMScheduler) -> SchedulerMixin:
     # DPM-Solver++ predicts x0 = (x_t - sigma_t eps) / alpha_t. Near t = T of the
     # cosine schedule alpha_t ~ 1e-2, so any error in eps is amplified ~100x and
     # samples saturate. Two guards, as for DDPM/DDIM's `clip_sample`: clip the
@@ -27,6 +22,19 @@ def make_sampler(kind: SamplerKind, schedule: DDPMScheduler) -> SchedulerMixin:
     return DPMSolverMultistepScheduler.from_config(
         schedule.config, algorithm_type="dpmsolver++", solver_order=2,
         thresholding=True, sample_max_value=1.0, lambda_min_clipped=-5.1)
+
+
+# The samplers by name (the names and their descriptions: `dpsynth.choices`).
+SCHEDULERS: dict[str, Callable[[DDPMScheduler], SchedulerMixin]] = {
+    "ddpm": lambda schedule: DDPMScheduler.from_config(schedule.config),
+    "ddim": lambda schedule: DDIMScheduler.from_config(schedule.config),
+    "dpmsolver++": _dpm_solver,
+}
+
+
+def make_sampler(kind: SamplerKind, schedule: DDPMScheduler) -> SchedulerMixin:
+    """A fresh (stateful) sampling scheduler sharing `schedule`'s betas."""
+    return SCHEDULERS[kind](schedule)
 
 
 def guided_model(net: torch.nn.Module, guidance_scale: float,

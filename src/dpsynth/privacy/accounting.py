@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
 
+from dpsynth.choices import AccountantKind
 from dpsynth.errors import InputError
 
-AccountantKind = Literal["prv", "rdp"]
 Step = tuple[float, float, int]  # (noise_multiplier, sample_rate, num_steps), Opacus' history
 
 # Opacus' PRVAccountant.get_epsilon defaults; ε is reported as the upper bound
@@ -79,12 +78,7 @@ def epsilon(history: Sequence[Step], delta: float, accountant: AccountantKind) -
     steps = list(normalize_history(history))
     if not steps:
         return 0.0
-    if accountant == "rdp":
-        acc = RDPAccountant()
-        acc.history = steps
-        eps = float(acc.get_epsilon(delta))
-    else:
-        eps = _prv_epsilon(steps, delta)
+    eps = EPSILON[accountant](steps, delta)
     if not math.isfinite(eps):
         raise EpsilonNotFinite(f"the {accountant.upper()} accountant returned epsilon={eps} "
                                "for this history: the noise multiplier is far too small; "
@@ -202,6 +196,12 @@ def check_delta(delta: float, dataset_size: int, name: str = "finetune.delta") -
                          f"the private split (not shown: it is private); lower {name}")
 
 
+def _rdp_epsilon(history: list[Step], delta: float) -> float:
+    acc = RDPAccountant()
+    acc.history = history
+    return float(acc.get_epsilon(delta))
+
+
 def _prv_epsilon(history: list[Step], delta: float) -> float:
     """Opacus' PRV ε, after checking the grid it would build is affordable."""
     delta_error = delta / 1000  # Opacus' default
@@ -231,6 +231,13 @@ def _prv_epsilon(history: list[Step], delta: float) -> float:
 
 class _Unreachable(Exception):
     pass
+
+
+# The accountants by name (the names and their descriptions: `dpsynth.choices`).
+EPSILON: dict[str, Callable[[list[Step], float], float]] = {
+    "prv": _prv_epsilon,  # Gopi, Lee & Wutschitz 2021: tighter
+    "rdp": _rdp_epsilon,  # Mironov 2017
+}
 
 
 def _smallest_sigma(f: Callable[[float], float], *, start: float, factor: float) -> float:
@@ -271,9 +278,9 @@ def _smallest_sigma(f: Callable[[float], float], *, start: float, factor: float)
 
 
 def _check_accountant(accountant: str) -> None:
-    if accountant not in ("prv", "rdp"):
-        raise InputError(f"{accountant=} must be 'prv' or 'rdp' (finetune.accountant); GDP is "
-                         "not offered: its epsilon can be an underestimate")
+    if accountant not in EPSILON:
+        raise InputError(f"{accountant=} must be one of {sorted(EPSILON)} (finetune.accountant); "
+                         "GDP is not offered: its epsilon can be an underestimate")
 
 
 def _check_open_unit(name: str, value: float) -> None:

@@ -17,11 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-ACCOUNTANTS = {
-    "rdp": "RDP: Rényi differential privacy (Mironov 2017), Opacus' accountant",
-    "prv": "PRV: privacy random variables (Gopi, Lee & Wutschitz 2021), Opacus' accountant",
-}
-
+from dpsynth.choices import ACCOUNTANTS
 
 def epsilon_text(epsilon: float) -> str:
     """ε as the report prints it (two decimals; the same everywhere on the page)."""
