@@ -259,3 +259,13 @@ def test_an_empty_micro_batch_gives_zeros(dp_net: UNet2DModel, dp_loss: Denoisin
     summed, norms = bookkeeping.clipped_sum(dp_net, dp_loss, x0[:0], labels[:0], t[:0],
                                             noise[:0], 1.0)
     assert norms.shape == (0,) and all(not s.any() for s in summed.values())
+
+
+def test_the_engine_is_a_validated_setting_vmap_by_default() -> None:
+    from dpsynth.errors import ConfigError
+
+    assert config.from_dict({}).finetune.per_example == "vmap"
+    assert config.from_dict({}, ["finetune.per_example=bookkeeping"]
+                            ).finetune.per_example == "bookkeeping"
+    with pytest.raises(ConfigError, match="finetune.per_example"):
+        config.from_dict({}, ["finetune.per_example=ghost"])

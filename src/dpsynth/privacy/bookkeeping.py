@@ -12,11 +12,15 @@ its weight gradient is sum over its K*T row-positions p of g_p a_p^T. That
 norm is taken either in the ghost form ||sum_p g_p a_p^T||^2 =
 sum_{p,q} (g_p . g_q)(a_p . a_q) (Li et al. 2022, "Large language models can be
 strong differentially private learners", ghost clipping; Gram matrices of
-(K*T)^2 entries) or by instantiating the layer's per-example gradient and
-discarding it, whichever is smaller (Bu et al. 2023's mixed rule). The clipped
-sum sum_i min(1, C/||g_i||) g_i is then formed from the kept activations and
-the row-rescaled output gradients: no second backward, and the autograd pass
-computes no weight gradient at all (the parameters are not its inputs).
+(K*T)^2 entries) or by instantiating the layer's per-example gradient,
+whichever takes fewer operations (`use_ghost`; Bu et al. 2023's mixed rule).
+An instantiated gradient is kept where it is smaller than the rows it comes
+from, and its rows freed; otherwise it is discarded. The clipped sum
+sum_i min(1, C/||g_i||) g_i is then formed from the kept per-example gradients,
+or from the kept activations and the row-rescaled output gradients: no second
+backward, and the autograd pass computes no weight gradient at all (the
+parameters are not its inputs). Per-example gradient memory is at most
+B x parameters whatever K.
 
 Supported trainable layers: Conv2d (groups=1, zero padding), Linear (inputs
 [N, d] or [N, T, d]), GroupNorm (affine), Embedding, and Linear/Conv2d weights
@@ -136,28 +140,13 @@ def _check_layer(name: str, m: nn.Module) -> None:
 
 
 def use_ghost(positions: int, d_in: int, d_out: int) -> bool:
-    """Ghost norm where its two [P, P] Gram matrices are smaller than the layer's
-    [d_out, d_in] per-example gradient (Bu et al. 2023, Sec. 3: 2T^2 < pd)."""
-    return 2 * positions * positions < d_in * d_out
-
-
-def _factor_norm2(a: torch.Tensor, g: torch.Tensor, mode: NormMode
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Squared norm of each example's sum_p g_p a_p^T, and the instantiated
-    per-example gradient when it was made.
-
-    Args:
-        a: [b, P, d_in] input positions; g: [b, P, d_out] output gradients.
-
-    Returns:
-        ([b] squared norms, [b, d_out, d_in] per-example gradients or None).
-    """
-    p, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-    if mode == "ghost" or (mode == "auto" and use_ghost(p, d_in, d_out)):
-        # Li et al. 2022, Sec. 4: ||G^T A||_F^2 = <A A^T, G G^T>, never forming G^T A
-        return (torch.bmm(a, a.mT) * torch.bmm(g, g.mT)).sum((1, 2)), None
-    w = torch.bmm(g.mT, a)
-    return w.pow(2).sum((1, 2)), w
+    """Ghost norm where it takes fewer operations than instantiating: P^2 (d_in + d_out)
+    for the two [P, P] Gram matrices against P d_in d_out for the [d_out, d_in]
+    per-example gradient (Bu et al. 2023, Sec. 3.2). Then P < min(d_in, d_out), so
+    the Grams are the smaller in memory too. Measured on the digits UNet (CPU, B=16,
+    K=4): 1.84x the non-private forward+backward with this rule, 2.06x with Bu et
+    al.'s memory rule 2 P^2 < d_in d_out, 1.99x instantiating every layer."""
+    return positions * (d_in + d_out) < d_in * d_out
 
 
 def _row_scale(c: torch.Tensor, k: int, like: torch.Tensor) -> torch.Tensor:
@@ -167,50 +156,56 @@ def _row_scale(c: torch.Tensor, k: int, like: torch.Tensor) -> torch.Tensor:
 
 def _linear_or_conv(layer: Layer, calls: list, b: int, k: int, mode: NormMode
                     ) -> tuple[torch.Tensor, Summer]:
-    """Linear and Conv2d (im2col for the conv), with or without a LoRA adapter."""
+    """Linear and Conv2d, with or without a LoRA adapter."""
     m, roles = layer.module, layer.params
     conv = isinstance(m, nn.Conv2d)
-
-    def positions(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[b, K*T, d_in], [b, K*T, d_out]: the K copies' T positions grouped."""
-        if conv:  # unfold: a conv is a Linear over its [C_in*kh*kw] patches
-            cols = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
-            return (cols.mT.reshape(b, -1, cols.shape[1]),
-                    g.flatten(2).mT.reshape(b, -1, g.shape[1]))
-        return a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
-
-    pos = [positions(a, g) for a, g in calls]
-    a_pos, g_pos = (torch.cat(x, 1) if len(pos) > 1 else x[0] for x in zip(*pos))
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    d_out, d_in = m.weight.shape[0], m.weight.shape[1:].numel()
+    p = sum(g.numel() for _, g in calls) // (b * d_out)  # K*T positions per example
     lora = parametrize.is_parametrized(m)
     if lora:
         delta = m.parametrizations.weight[0]
         lora_a, lora_b, s = delta.lora_A.detach(), delta.lora_B.detach(), delta.scale
-        if "lora_B" in roles:  # d/dB = s sum_p g_p (A a_p)^T
-            factors["lora_B"] = a_pos @ lora_a.T, s * g_pos
-        if "lora_A" in roles:  # d/dA = s sum_p (B^T g_p) a_p^T
-            factors["lora_A"] = a_pos, s * (g_pos @ lora_b)
-    if "weight" in roles:
-        factors["weight"] = a_pos, g_pos
-    norm2 = torch.zeros(b, dtype=g_pos.dtype, device=g_pos.device)
-    kept: dict[str, torch.Tensor] = {}
-    raw_size = sum(a.numel() + g.numel() for a, g in calls)
-    for role, (fa, fg) in factors.items():
-        n2, w = _factor_norm2(fa, fg, mode)
-        norm2 += n2
-        if w is not None and w.numel() <= raw_size:  # keep whichever is smaller
-            kept[role] = w
+    norm2 = torch.zeros(b, dtype=calls[0][1].dtype, device=calls[0][1].device)
+    kept: dict[str, torch.Tensor] = {}  # role -> per-example gradients [b, *shape]
+    if mode == "ghost" or (mode == "auto" and use_ghost(p, d_in, d_out)):
+        pos = [_positions(m, a, g, b) for a, g in calls]
+        a_pos, g_pos = (torch.cat(x, 1) if len(pos) > 1 else x[0] for x in zip(*pos))
+        factors = []
+        if lora and "lora_B" in roles:  # d/dB = s sum_p g_p (A a_p)^T
+            factors.append((a_pos @ lora_a.T, s * g_pos))
+        if lora and "lora_A" in roles:  # d/dA = s sum_p (B^T g_p) a_p^T
+            factors.append((a_pos, s * (g_pos @ lora_b)))
+        if "weight" in roles:
+            factors.append((a_pos, g_pos))
+        for fa, fg in factors:  # Li et al. 2022, Sec. 4: ||G^T A||^2 = <A A^T, G G^T>
+            norm2 += (torch.bmm(fa, fa.mT) * torch.bmm(fg, fg.mT)).sum((1, 2))
+        del pos, a_pos, g_pos, factors
+    elif roles.keys() - {"bias"}:
+        w = _instantiate(m, *calls[0], b, k)  # [b, d_out, d_in]
+        for a, g in calls[1:]:  # a module called more than once: its calls add up
+            w += _instantiate(m, a, g, b, k)
+        if "weight" in roles:
+            kept["weight"] = w
+        if lora and "lora_B" in roles:
+            kept["lora_B"] = s * w @ lora_a.T
+        if lora and "lora_A" in roles:
+            kept["lora_A"] = s * lora_b.T @ w
+        del w
+        for v in kept.values():
+            norm2 += _sq_norms(v)
+        # keep a per-example gradient only where it is smaller than the rows it
+        # would otherwise be recomputed from (Bu et al. 2023's book-keeping trade)
+        raw_size = sum(a.numel() + g.numel() for a, g in calls)
+        kept = {r: v for r, v in kept.items() if v.numel() <= raw_size}
     if "bias" in roles:
-        kept["bias"] = g_pos.sum(1)
-        norm2 += kept["bias"].pow(2).sum(1)
-    del pos, a_pos, g_pos, factors
-    if len(kept) < len(roles):
-        rows = calls  # the recorded activations and output gradients
-    else:
-        rows = []  # every role kept: free them now
+        kept["bias"] = _bias_grad(calls[0][1], b, k)
+        for _, g in calls[1:]:
+            kept["bias"] += _bias_grad(g, b, k)
+        norm2 += _sq_norms(kept["bias"])
+    rows = calls if len(kept) < len(roles) else []  # else: free them now
 
     def summer(c: torch.Tensor) -> Grads:
-        out = {roles[r]: torch.einsum("b,b...->...", c, w) for r, w in kept.items()}
+        out = {roles[r]: _weighted_sum(c, w) for r, w in kept.items()}
         if rows:
             total = 0
             for a, g in rows:  # sum_i c_i g_i = the weight gradient of the rescaled rows
@@ -232,6 +227,51 @@ def _linear_or_conv(layer: Layer, calls: list, b: int, k: int, mode: NormMode
     return norm2, summer
 
 
+def _positions(m: nn.Module, a: torch.Tensor, g: torch.Tensor, b: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[b, K*T, d_in] inputs and [b, K*T, d_out] output gradients of one call: the
+    K copies' T positions of each example grouped (a conv by im2col: a Linear over
+    its C_in*kh*kw patches)."""
+    if isinstance(m, nn.Conv2d):
+        cols = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
+        return cols.mT.reshape(b, -1, cols.shape[1]), g.flatten(2).mT.reshape(b, -1, g.shape[1])
+    return a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
+
+
+def _instantiate(m: nn.Module, a: torch.Tensor, g: torch.Tensor, b: int, k: int
+                 ) -> torch.Tensor:
+    """[b, d_out, d_in] each example's weight gradient from one call (summed over
+    its K copies and T positions)."""
+    if isinstance(m, nn.Conv2d):
+        # the examples as the groups of a grouped convolution, the K copies as its
+        # batch: one weight-gradient kernel, no im2col (Rochette et al. 2019)
+        (_, c_in, *hw), (c_out, *ohw) = a.shape, g.shape[1:]
+        a_g = a.reshape(b, k, c_in, *hw).transpose(0, 1).reshape(k, b * c_in, *hw)
+        g_g = g.reshape(b, k, c_out, *ohw).transpose(0, 1).reshape(k, b * c_out, *ohw)
+        w = torch.nn.grad.conv2d_weight(a_g, (b * c_out, c_in, *m.kernel_size), g_g,
+                                        m.stride, m.padding, m.dilation, groups=b)
+        return w.reshape(b, c_out, -1)
+    return torch.bmm(g.reshape(b, -1, g.shape[-1]).mT, a.reshape(b, -1, a.shape[-1]))
+
+
+def _sq_norms(v: torch.Tensor) -> torch.Tensor:
+    """[b] squared norms of [b, ...] per-example gradients."""
+    v = v.reshape(len(v), -1)
+    return torch.linalg.vecdot(v, v)
+
+
+def _weighted_sum(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum_i c_i v_i of [b, ...] per-example gradients, shape [...]."""
+    return (c @ v.reshape(len(v), -1)).view(v.shape[1:])
+
+
+def _bias_grad(g: torch.Tensor, b: int, k: int) -> torch.Tensor:
+    """[b, d_out] each example's bias gradient: its output gradients summed."""
+    if g.ndim == 4:  # conv: [N, C_out, H, W]
+        return g.sum((2, 3)).view(b, k, -1).sum(1)
+    return g.reshape(b, -1, g.shape[-1]).sum(1)
+
+
 def _group_norm(layer: Layer, calls: list, b: int, k: int, mode: NormMode
                 ) -> tuple[torch.Tensor, Summer]:
     """GroupNorm's affine weight and bias: per example, sum over its rows and
@@ -245,7 +285,7 @@ def _group_norm(layer: Layer, calls: list, b: int, k: int, mode: NormMode
             per["weight"] = per["weight"] + (g4 * x_hat).sum((1, 3))
         per["bias"] = per["bias"] + g4.sum((1, 3))
     kept = {r: per[r] for r in roles}
-    norm2 = sum(w.pow(2).sum(1) for w in kept.values())
+    norm2 = sum(_sq_norms(w) for w in kept.values())
     return norm2, lambda c: {roles[r]: c @ w for r, w in kept.items()}
 
 
@@ -319,7 +359,10 @@ class Tape:
         with torch.no_grad():
             norm2, summer = RULES[base_type(layer.module)](layer, calls, self.b, self.k,
                                                           self.mode)
-        self.norm2 = self.norm2 + norm2
+        if isinstance(self.norm2, torch.Tensor):
+            self.norm2 += norm2
+        else:
+            self.norm2 = norm2
         self.summers.append(summer)
 
     def finish(self) -> None:
