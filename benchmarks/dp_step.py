@@ -9,8 +9,13 @@ the same process, in alternating rounds:
 
 - `nonprivate`: that floor (diffusers' default SDPA attention);
 - `ours`: the real `dpsynth.privacy.dp_sgd.noisy_gradient` (physical batch = B,
-  sigma = 1, C = 1, one micro-batch) then Adam, with the vmap-friendly attention
-  processor that `dpsynth finetune` installs;
+  sigma = 1, C = 1, one micro-batch) then Adam, with the vmap engine
+  (`finetune.per_example=vmap`) and the vmap-friendly attention processor that
+  `dpsynth finetune` installs for it;
+- `bookkeeping`: the same `noisy_gradient` with the book-keeping engine
+  (`finetune.per_example=bookkeeping`, `dpsynth.privacy.bookkeeping`: one forward
+  and one backward over the B*K rows, ghost or instantiated norms per layer, the
+  clipped sum from the stored activations), diffusers' fused SDPA attention kept;
 - `opacus`: the established approach (DPDM, Dockhorn et al. 2023): Opacus
   `GradSampleModule` in hooks mode on the K-replicated B*K-row batch, per-sample
   gradients reshaped to [B, K, ...] and averaged over K, clipped per example,
@@ -27,8 +32,9 @@ a step, so a plain `ru_maxrss` would hide it),
 plus the bytes of the per-example gradient tensors the method materialises.
 
 Usage:
-    .venv/bin/python benchmarks/dp_step.py                  # 8x8x1 default UNet, B=16, K=4
-    .venv/bin/python benchmarks/dp_step.py --image-size 16  # ~0.69M-param UNet at 16x16
+    .venv/bin/python benchmarks/dp_step.py                  # smoke and digits UNets, B=16, K=4
+    .venv/bin/python benchmarks/dp_step.py --models default8  # ModelConfig() at 8x8x1 (1.11M)
+    .venv/bin/python benchmarks/dp_step.py --models unet16  # ~0.69M-param UNet at 16x16
     .venv/bin/python benchmarks/dp_step.py --quick          # a smoke run: checks the script
 
 Exit code 0 unless something fails; a missed target is reported, not fatal.
@@ -49,9 +55,11 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from dpsynth import config
 from dpsynth.config import DiffusionConfig, ModelConfig
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.diffusion.unet import UNetSpec, build_unet
@@ -63,16 +71,25 @@ from dpsynth.privacy.per_example import clipped_sum, per_example_grads, \
 NUM_CLASSES = 10  # the default `digits` source
 TARGET_OURS_OVER_FLOOR = 1.2  # a DP step may cost at most 1.2x the non-private B*K step
 TARGET_SPEEDUP_OVER_OPACUS = 1.5  # ... and must be at least 1.5x faster than Opacus hooks
-METHODS = ("nonprivate", "ours", "opacus", "ours-sdpa")
+METHODS = ("nonprivate", "ours", "bookkeeping", "opacus", "ours-sdpa")
+REPO = Path(__file__).resolve().parents[1]
+# name -> (image size, the config whose `model` section it is; None: see model_for)
+MODELS = {"smoke": (8, "configs/smoke.yaml"), "digits": (8, "params.yaml"),
+          "default8": (8, None), "unet16": (16, None)}
 SIGMA, CLIP, LR = 1.0, 1.0, 1e-4
 
 
-def model_for(image_size: int) -> ModelConfig:
-    """The default `ModelConfig` at 8x8; at 16x16 a smaller one (~0.69M parameters),
-    the size of the UNet behind the issue's orientation numbers."""
-    if image_size == 8:
-        return ModelConfig()
-    return ModelConfig(block_out_channels=(16, 32, 64))
+def model_for(name: str) -> tuple[int, ModelConfig]:
+    """(image size, model) of a benchmark model: the `model` section of the smoke
+    config or of params.yaml (the digits run) at 8x8; the default `ModelConfig` at
+    8x8; at 16x16 a smaller one (~0.69M parameters), the size of the UNet behind
+    the issue's orientation numbers."""
+    size, path = MODELS[name]
+    if path is not None:
+        return size, config.load(REPO / path).model
+    if size == 8:
+        return size, ModelConfig()
+    return size, ModelConfig(block_out_channels=(16, 32, 64))
 
 
 @dataclass
@@ -122,7 +139,7 @@ def make_bench(method: str, base: torch.nn.Module, loss: DenoisingLoss, x: torch
                y: torch.Tensor, k: int, seed: int) -> Bench:
     net = copy.deepcopy(base).train()
     if method == "ours":
-        use_vmap_friendly_attention(net)  # as `dpsynth finetune` does
+        use_vmap_friendly_attention(net)  # as `dpsynth finetune` does for vmap
     if method == "opacus":
         from opacus import GradSampleModule
 
@@ -146,10 +163,10 @@ def step_nonprivate(bn: Bench) -> None:
     bn.opt.step()
 
 
-def step_ours(bn: Bench) -> None:
+def step_ours(bn: Bench, engine: str = "vmap") -> None:
     """The real `noisy_gradient` (one micro-batch of B), then Adam, as in finetune."""
     step = DPStep(noise_multiplier=SIGMA, max_grad_norm=CLIP, expected_batch_size=float(bn.b),
-                  physical_batch_size=bn.b, aug_multiplicity=bn.k)
+                  physical_batch_size=bn.b, aug_multiplicity=bn.k, per_example=engine)
     draw_seed = int(torch.randint(0, 2**62, (1,), generator=bn.gen))
     grads = noisy_gradient(bn.net, bn.loss, bn.x, bn.y, torch.arange(bn.b), step,
                            keys=bn.keys, draw_seed=draw_seed, noise_generator=bn.noise_gen)
@@ -186,13 +203,13 @@ def step_opacus(bn: Bench) -> None:
 
 STEPS: dict[str, Callable[[Bench], None]] = {
     "nonprivate": step_nonprivate, "ours": step_ours, "opacus": step_opacus,
-    "ours-sdpa": step_ours}
+    "ours-sdpa": step_ours, "bookkeeping": functools.partial(step_ours, engine="bookkeeping")}
 
 
-def setup(image_size: int, b: int, seed: int) -> tuple[torch.nn.Module, DenoisingLoss,
-                                                        torch.Tensor, torch.Tensor]:
-    spec = UNetSpec(image_size=image_size, channels=1, num_classes=NUM_CLASSES,
-                    model=model_for(image_size))
+def setup(model: str, b: int, seed: int) -> tuple[torch.nn.Module, DenoisingLoss,
+                                                   torch.Tensor, torch.Tensor]:
+    image_size, model_cfg = model_for(model)
+    spec = UNetSpec(image_size=image_size, channels=1, num_classes=NUM_CLASSES, model=model_cfg)
     torch.manual_seed(seed)
     net = build_unet(spec)
     loss = DenoisingLoss.from_config(DiffusionConfig(), spec.null_label)
@@ -224,11 +241,11 @@ def time_steps(fn: Callable[[Bench], None], bn: Bench, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def benchmark(methods: tuple[str, ...], image_size: int, b: int, k: int, rounds: int,
+def benchmark(methods: tuple[str, ...], model: str, b: int, k: int, rounds: int,
               per_round: int, seed: int = 0) -> tuple[dict[str, list[float]], int, float]:
     """Seconds per step of each method, per round; methods alternate within each round
     (rotating the order) so that all see the same machine load."""
-    base, loss, x, y = setup(image_size, b, seed)
+    base, loss, x, y = setup(model, b, seed)
     n_params = sum(p.numel() for p in base.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus' full-backward-hook warning
@@ -284,10 +301,10 @@ def peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
-def measure(method: str, image_size: int, b: int, k: int, seed: int = 0) -> dict:
+def measure(method: str, model: str, b: int, k: int, seed: int = 0) -> dict:
     """Run in a child: peak RSS growth of one step after a warm-up step, and the bytes
     of the per-example gradient tensors the method holds at its peak."""
-    base, loss, x, y = setup(image_size, b, seed)
+    base, loss, x, y = setup(model, b, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bn = make_bench(method, base, loss, x, y, k, seed)
@@ -300,17 +317,19 @@ def measure(method: str, image_size: int, b: int, k: int, seed: int = 0) -> dict
     n_params = sum(p.numel() for p in base.parameters())
     # per-example gradient tensors: ours holds one [B, *shape] gradient per parameter
     # (vmap over examples, K averaged inside); Opacus holds [B*K, *shape] grad_samples
-    # plus the [B, *shape] K-sums; the non-private step holds none
-    rows = {"ours": b, "ours-sdpa": b, "opacus": b * k + b, "nonprivate": 0}[method]
+    # plus the [B, *shape] K-sums; the non-private step holds none; book-keeping holds
+    # per-example gradients of its instantiated layers only (not counted: see the RSS)
+    rows = {"ours": b, "ours-sdpa": b, "opacus": b * k + b, "nonprivate": 0,
+            "bookkeeping": None}[method]
     return {"peak_delta_kib": max(0, peak - before), "before_kib": before, "peak_kib": peak,
             "hwm_reset": reset,
-            "grad_bytes": rows * n_params * 4}
+            "grad_bytes": None if rows is None else rows * n_params * 4}
 
 
-def measure_in_child(method: str, image_size: int, b: int, k: int, threads: int | None
+def measure_in_child(method: str, model: str, b: int, k: int, threads: int | None
                      ) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--measure", method, "--k", str(k),
-           "--b", str(b), "--image-size", str(image_size)]
+           "--b", str(b), "--models", model]
     if threads:
         cmd += ["--threads", str(threads)]
     # a fixed mmap threshold: glibc's dynamic one would serve big tensors from the heap
@@ -344,10 +363,11 @@ def format_time_table(times: dict[str, list[float]], b: int, k: int) -> str:
         lines.append(f"{m:<11} {b:>3} {k:>3} {b * k:>5} {med(ts) * 1e3:>8.1f} "
                      f"{spread(ts):>6.0%} {ratio} {faster}")
     verdicts = []
-    if floor and "ours" in times:
-        r = med(times["ours"]) / floor
-        verdicts.append(f"ours / floor = {r:.2f}x (target <= {TARGET_OURS_OVER_FLOOR}x): "
-                        f"{'ok' if r <= TARGET_OURS_OVER_FLOOR else 'MISSED'}")
+    for m in ("ours", "bookkeeping"):
+        if floor and m in times:
+            r = med(times[m]) / floor
+            verdicts.append(f"{m} / floor = {r:.2f}x (target <= {TARGET_OURS_OVER_FLOOR}x): "
+                            f"{'ok' if r <= TARGET_OURS_OVER_FLOOR else 'MISSED'}")
     if "opacus" in times and "ours" in times:
         s = med(times["opacus"]) / med(times["ours"])
         verdicts.append(f"opacus / ours = {s:.2f}x (target >= {TARGET_SPEEDUP_OVER_OPACUS}x): "
@@ -356,12 +376,16 @@ def format_time_table(times: dict[str, list[float]], b: int, k: int) -> str:
 
 
 def format_mem_table(mem: dict[tuple[str, int], dict]) -> str:
-    head = (f"{'method':<11} {'K':>3} {'peak RSS delta MiB':>19} {'per-ex grads MiB':>17} "
-            f"{'process peak MiB':>17}")
+    head = (f"{'method':<11} {'K':>3} {'peak RSS delta MiB':>19} {'x nonprivate':>13} "
+            f"{'per-ex grads MiB':>17} {'process peak MiB':>17}")
     lines = [head, "-" * len(head)]
     for (m, k), r in mem.items():
-        lines.append(f"{m:<11} {k:>3} {r['peak_delta_kib'] / 1024:>19.1f} "
-                     f"{r['grad_bytes'] / 2**20:>17.1f} {r['peak_kib'] / 1024:>17.1f}")
+        floor = mem.get(("nonprivate", k), {}).get("peak_delta_kib")
+        ratio = f"{r['peak_delta_kib'] / floor:>12.2f}x" if floor else f"{'-':>13}"
+        grads = f"{r['grad_bytes'] / 2**20:>17.1f}" if r["grad_bytes"] is not None else \
+            f"{'-':>17}"
+        lines.append(f"{m:<11} {k:>3} {r['peak_delta_kib'] / 1024:>19.1f} {ratio} {grads} "
+                     f"{r['peak_kib'] / 1024:>17.1f}")
     return "\n".join(lines)
 
 
@@ -369,15 +393,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="B=4, 2 rounds, K in (1, 4) for memory: checks the script, not numbers")
-    p.add_argument("--image-size", type=int, default=8, choices=(8, 16),
-                   help="8: default ModelConfig (1.11M params); 16: a 0.69M-param UNet")
+    p.add_argument("--models", nargs="+", default=["smoke", "digits"], choices=MODELS,
+                   help="smoke, digits: the configs' UNets at 8x8; default8: ModelConfig() "
+                        "(1.11M params); unet16: a 0.69M-param UNet at 16x16")
+    p.add_argument("--image-size", type=int, default=None, choices=(8, 16),
+                   help="the former option: 8 = --models default8, 16 = --models unet16")
     p.add_argument("--b", type=int, default=None, help="examples per logical batch (16)")
     p.add_argument("--k", type=int, default=4, help="augmentation multiplicity K (4)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (median); default 7")
     p.add_argument("--per-round", type=int, default=3, help="steps per method per round")
     p.add_argument("--mem-ks", type=int, nargs="*", default=None,
                    help="K values of the memory table (default 1 4 16; none: skip it)")
-    p.add_argument("--methods", nargs="+", default=["nonprivate", "ours", "opacus"],
+    p.add_argument("--methods", nargs="+", default=["nonprivate", "ours", "bookkeeping", "opacus"],
                    choices=METHODS)
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for everything (default: torch's choice)")
@@ -387,38 +414,44 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     b = args.b or (4 if args.quick else 16)
+    models = ([{8: "default8", 16: "unet16"}[args.image_size]] if args.image_size
+              else args.models)
     if args.measure:  # child process of the memory table
-        print(json.dumps(measure(args.measure, args.image_size, b, args.k)))
+        print(json.dumps(measure(args.measure, models[0], b, args.k)))
         return 0
     rounds = args.rounds or (2 if args.quick else 7)
     per_round = 1 if args.quick else args.per_round
     mem_ks = args.mem_ks if args.mem_ks is not None else ([1, 4] if args.quick else [1, 4, 16])
     methods = tuple(args.methods)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; UNet at "
-          f"{args.image_size}x{args.image_size}x1, {NUM_CLASSES} classes, "
-          f"block_out_channels={model_for(args.image_size).block_out_channels}; "
-          f"B={b}, K={args.k}, sigma={SIGMA}, C={CLIP}; median of {rounds} rounds x "
-          f"{per_round} steps", flush=True)
-    times, n_params, rel = benchmark(methods, args.image_size, b, args.k, rounds, per_round)
-    print(f"{n_params / 1e6:.2f}M parameters; Opacus vs per_example_grads per-example "
-          f"gradients: max rel. diff {rel:.1e}")
-    print(format_time_table(times, b, args.k), flush=True)
-    print(f"load average after timing: {os.getloadavg()[0]:.2f}", flush=True)
+    for model in models:
+        size, model_cfg = model_for(model)
+        print(f"\n== {model}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; UNet at "
+              f"{size}x{size}x1, {NUM_CLASSES} classes, "
+              f"block_out_channels={model_cfg.block_out_channels}; "
+              f"B={b}, K={args.k}, sigma={SIGMA}, C={CLIP}; median of {rounds} rounds x "
+              f"{per_round} steps", flush=True)
+        times, n_params, rel = benchmark(methods, model, b, args.k, rounds, per_round)
+        print(f"{n_params / 1e6:.2f}M parameters; Opacus vs per_example_grads per-example "
+              f"gradients: max rel. diff {rel:.1e}")
+        print(format_time_table(times, b, args.k), flush=True)
+        print(f"load average after timing: {os.getloadavg()[0]:.2f}", flush=True)
 
-    if mem_ks:
-        mem: dict[tuple[str, int], dict] = {}
-        for m in methods:
-            for k in mem_ks:
-                mem[(m, k)] = measure_in_child(m, args.image_size, b, k, args.threads)
-        print(f"peak memory of one step, B={b}, one fresh process per row "
-              "(VmHWM, reset just before the measured step, - RSS before it):")
-        print(format_mem_table(mem))
+        if mem_ks:
+            mem: dict[tuple[str, int], dict] = {}
+            for k in mem_ks:  # the non-private row first: the ratios' reference
+                for m in sorted(methods, key=lambda m: m != "nonprivate"):
+                    mem[(m, k)] = measure_in_child(m, model, b, k, args.threads)
+            print(f"peak memory of one step, B={b}, one fresh process per row "
+                  "(VmHWM, reset just before the measured step, - RSS before it):")
+            print(format_mem_table(mem), flush=True)
     print("ms/step: median over rounds; noise: (max - min) / median over rounds; x floor: "
           "time / non-private step on the B*K rows. per-ex grads: bytes of the per-example "
           "gradient tensors (ours B x params; opacus B*K x params grad_sample + B x params "
-          "K-sums). Ratios within the noise are not measurable on this machine.")
+          "K-sums; bookkeeping: only its instantiated layers', not counted). x nonprivate: "
+          "peak RSS delta / the non-private step's at the same K. Ratios within the noise "
+          "are not measurable on this machine.")
     return 0
 
 

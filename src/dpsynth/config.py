@@ -249,6 +249,9 @@ class FinetuneConfig:
     # norms, embeddings) are trained directly. Merged into the weights on publish.
     lora_rank: int = 0
     lora_alpha: float | None = None  # adapter scale alpha / rank; None = rank (scale 1)
+    # The per-example engine: vmap(grad) (the reference), or book-keeping hooks over
+    # the B*K rows (privacy/bookkeeping.py; same clipped sum, one backward)
+    per_example: Literal["vmap", "bookkeeping"] = "vmap"
 
     def __post_init__(self) -> None:
         _check(self.epsilon > 0, "finetune.epsilon", self.epsilon, "must be > 0")
@@ -260,6 +263,8 @@ class FinetuneConfig:
         _check(self.lora_alpha is None or self.lora_alpha > 0, "finetune.lora_alpha",
                self.lora_alpha, "must be > 0, or null for alpha = lora_rank")
         _check(0 < self.delta < 1, "finetune.delta", self.delta, "must be in (0, 1)")
+        _check(self.per_example in ("vmap", "bookkeeping"), "finetune.per_example",
+               self.per_example, "must be vmap or bookkeeping")
         _check(self.batch_sampler == "poisson", "finetune.batch_sampler", self.batch_sampler,
                "shuffled fixed-size batches with Poisson accounting understate epsilon "
                "(Chua et al. 2024); use poisson")

@@ -3,7 +3,9 @@
 The contract checks below take the step function as an argument: each passes
 for `noisy_gradient` and fails for a deliberately wrong variant with the
 published bug it guards against (per-copy clipping, noise per micro-batch,
-dividing by the realised batch size, no noise on an empty batch).
+dividing by the realised batch size, no noise on an empty batch). Every test
+of `noisy_gradient` runs with both per-example engines (`finetune.per_example`):
+the vmap reference and book-keeping.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from diffusers import UNet2DModel
 
 from dpsynth.diffusion.loss import DenoisingLoss
+from dpsynth.privacy import bookkeeping
 from dpsynth.privacy.dp_sgd import (DPStep, gaussian_noise, noisy_gradient,
                                     secret_generator)
 from dpsynth.privacy.draws import draw_copies, draw_for_examples, record_keys
@@ -24,17 +27,41 @@ from dpsynth.privacy.per_example import (Grads, clipped_sum, per_example_grads,
                                          per_example_norms, use_vmap_friendly_attention)
 from dpsynth.privacy.sampling import micro_batches
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              # the checks' vmap references on the book-keeping (SDPA) net hit vmap's
+              # slow fallback loop, correct but slow
+              pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")]
 
 Split = tuple[torch.Tensor, torch.Tensor]
 StepFn = Callable[..., Grads]
 Z = 5.0  # statistical tolerances are Z standard errors
 
 
+ENGINES = ("vmap", "bookkeeping")
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """The per-example engine under test (`DPStep.per_example`)."""
+    return request.param
+
+
 @pytest.fixture
-def net(dp_net: UNet2DModel) -> UNet2DModel:
-    use_vmap_friendly_attention(dp_net)
+def net(dp_net: UNet2DModel, engine: str) -> UNet2DModel:
+    """The tiny UNet as `dpsynth finetune` prepares it for `engine`: the classic
+    attention processor for vmap, diffusers' fused SDPA for book-keeping."""
+    if engine == "vmap":
+        use_vmap_friendly_attention(dp_net)
     return dp_net
+
+
+def engine_clipped_sum(engine: str, net: torch.nn.Module, loss: DenoisingLoss,
+                       x0: torch.Tensor, labels: torch.Tensor, t: torch.Tensor,
+                       noise: torch.Tensor, max_grad_norm: float) -> Grads:
+    """The clipped sum of the K-averaged per-example gradients, by `engine`."""
+    if engine == "bookkeeping":
+        return bookkeeping.clipped_sum(net, loss, x0, labels, t, noise, max_grad_norm)[0]
+    return clipped_sum(per_example_grads(net, loss, x0, labels, t, noise)[0], max_grad_norm)[0]
 
 
 @dataclass
@@ -103,14 +130,16 @@ def buggy(bug: str) -> StepFn:
                                                      step.aug_multiplicity, step.augment,
                                                      draw_seed)
             if bug == "per_copy_clipping":  # each copy clipped on its own, then averaged
-                grads, _ = per_example_grads(net, loss, x0.flatten(0, 1).unsqueeze(1),
-                                             labels.reshape(-1, 1), t.reshape(-1, 1),
-                                             noise.flatten(0, 1).unsqueeze(1))
-                summed, _ = clipped_sum(grads, step.max_grad_norm)
+                # (for book-keeping: each row its own group, the grouping bug)
+                summed = engine_clipped_sum(step.per_example, net, loss,
+                                            x0.flatten(0, 1).unsqueeze(1),
+                                            labels.reshape(-1, 1), t.reshape(-1, 1),
+                                            noise.flatten(0, 1).unsqueeze(1),
+                                            step.max_grad_norm)
                 summed = {n: s / step.aug_multiplicity for n, s in summed.items()}
             else:
-                summed, _ = clipped_sum(per_example_grads(net, loss, x0, labels, t, noise)[0],
-                                        step.max_grad_norm)
+                summed = engine_clipped_sum(step.per_example, net, loss, x0, labels, t, noise,
+                                            step.max_grad_norm)
             for n in total:
                 total[n] += summed[n]
             if bug == "noise_per_micro_batch":
@@ -130,7 +159,7 @@ def buggy(bug: str) -> StepFn:
 
 
 def check_average_before_clipping(fn: StepFn, net: UNet2DModel, loss: DenoisingLoss,
-                                  split: Split) -> None:
+                                  split: Split, engine: str) -> None:
     """The K copies' gradients are averaged, then that one vector is clipped.
 
     Construction: C just below the smallest single-copy gradient norm, so every
@@ -161,19 +190,19 @@ def check_average_before_clipping(fn: StepFn, net: UNet2DModel, loss: DenoisingL
     assert (right - wrong).norm() > 0.1 * right.norm()  # the two really differ
 
     step = DPStep(noise_multiplier=0.0, max_grad_norm=c, expected_batch_size=expected_b,
-                  physical_batch_size=b, aug_multiplicity=k)
+                  physical_batch_size=b, aug_multiplicity=k, per_example=engine)
     got = call(fn, net, loss, split, idx, step, train_seed=train_seed)
     torch.testing.assert_close(got, right, atol=1e-6, rtol=1e-4)
 
 
 def check_noise_added_once(fn: StepFn, net: UNet2DModel, loss: DenoisingLoss,
-                           split: Split) -> None:
+                           split: Split, engine: str) -> None:
     """Noise = (result(sigma) - result(0)) * qN / (sigma C) is one N(0, I) draw per
     logical batch: the same vector whether the batch is run as 1 or 3 micro-batches,
     from the noise generator alone (not the training draws)."""
     sigma, c, expected_b = 2.0, 0.5, 4.0
     step = DPStep(noise_multiplier=sigma, max_grad_norm=c, expected_batch_size=expected_b,
-                  physical_batch_size=3, aug_multiplicity=2)
+                  physical_batch_size=3, aug_multiplicity=2, per_example=engine)
     noise = {}
     for physical, train_seed in ((3, 0), (1, 0), (1, 9)):
         s = replace(step, physical_batch_size=physical)
@@ -188,13 +217,13 @@ def check_noise_added_once(fn: StepFn, net: UNet2DModel, loss: DenoisingLoss,
 
 
 def check_expected_batch_size_divisor(fn: StepFn, net: UNet2DModel, loss: DenoisingLoss,
-                                      split: Split) -> None:
+                                      split: Split, engine: str) -> None:
     """sigma = 0: result * qN is the clipped sum, for realised sizes 2 and 5 alike."""
     k, c, expected_b = 2, 1.0, 3.0
     fixed = positional(loss, k)
     x, y = split
     step = DPStep(noise_multiplier=0.0, max_grad_norm=c, expected_batch_size=expected_b,
-                  physical_batch_size=8, aug_multiplicity=k)
+                  physical_batch_size=8, aug_multiplicity=k, per_example=engine)
     for indices in ([0, 1], [0, 1, 2, 3, 4]):
         idx = torch.tensor(indices)
         grads, _ = per_example_grads(net, fixed, *draw_copies(fixed, x[idx], y[idx], k, "none",
@@ -208,11 +237,11 @@ def check_expected_batch_size_divisor(fn: StepFn, net: UNet2DModel, loss: Denois
 
 
 def check_empty_batch_adds_noise(fn: StepFn, net: UNet2DModel, loss: DenoisingLoss,
-                                 split: Split) -> None:
+                                 split: Split, engine: str) -> None:
     """No example: the result is N(0, sigma^2 C^2 I) / qN, norm ~ sigma C sqrt(P) / qN."""
     sigma, c, expected_b = 1.3, 0.7, 5.0
     step = DPStep(noise_multiplier=sigma, max_grad_norm=c, expected_batch_size=expected_b,
-                  physical_batch_size=4, aug_multiplicity=2)
+                  physical_batch_size=4, aug_multiplicity=2, per_example=engine)
     got = call(fn, net, loss, split, [], step)
     p = n_params(net)
     # ||z|| for z ~ N(0, I_P) has mean ~ sqrt(P) and standard deviation ~ 1/sqrt(2)
@@ -231,25 +260,26 @@ CHECKS = {
 
 @pytest.mark.parametrize("check", CHECKS.values(), ids=CHECKS.keys())
 def test_noisy_gradient_meets_the_contract(check: Callable[..., None], net: UNet2DModel,
-                                           dp_loss: DenoisingLoss, private_split: Split) -> None:
-    check(noisy_gradient, net, dp_loss, private_split)
+                                           dp_loss: DenoisingLoss, private_split: Split,
+                                           engine: str) -> None:
+    check(noisy_gradient, net, dp_loss, private_split, engine)
 
 
 @pytest.mark.parametrize("bug", CHECKS.keys())
 def test_contract_check_catches_the_bug(bug: str, net: UNet2DModel, dp_loss: DenoisingLoss,
-                                        private_split: Split) -> None:
+                                        private_split: Split, engine: str) -> None:
     with pytest.raises(AssertionError):
-        CHECKS[bug](buggy(bug), net, dp_loss, private_split)
+        CHECKS[bug](buggy(bug), net, dp_loss, private_split, engine)
 
 
 # -- further properties of noisy_gradient ----------------------------------------------
 
 
 def test_sigma_zero_single_example_has_norm_at_most_c(net: UNet2DModel, dp_loss: DenoisingLoss,
-                                                      private_split: Split) -> None:
+                                                      private_split: Split, engine: str) -> None:
     c, expected_b = 0.05, 2.0  # far below the tiny UNet's gradient norms (~3)
     step = DPStep(noise_multiplier=0.0, max_grad_norm=c, expected_batch_size=expected_b,
-                  physical_batch_size=4, aug_multiplicity=3)
+                  physical_batch_size=4, aug_multiplicity=3, per_example=engine)
     for i in range(3):
         contribution = call(noisy_gradient, net, dp_loss, private_split, [i], step) * expected_b
         assert contribution.norm() <= c * (1 + 1e-5)
@@ -260,7 +290,8 @@ def test_sigma_zero_single_example_has_norm_at_most_c(net: UNet2DModel, dp_loss:
 
 def test_result_does_not_depend_on_the_physical_batch_size(net: UNet2DModel,
                                                            dp_loss: DenoisingLoss,
-                                                           private_split: Split) -> None:
+                                                           private_split: Split,
+                                                           engine: str) -> None:
     """Micro-batching is memory only: the draws do not depend on the split, so
     sigma = 0 gives the same gradient, and sigma > 0 with the same noise seed too
     (noise drawn once per logical batch, same shape)."""
@@ -269,7 +300,7 @@ def test_result_does_not_depend_on_the_physical_batch_size(net: UNet2DModel,
     fixed = dp_loss
     indices = [1, 4, 6, 9, 10]
     step = DPStep(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4.0,
-                  physical_batch_size=1, aug_multiplicity=k)
+                  physical_batch_size=1, aug_multiplicity=k, per_example=engine)
     for sigma in (0.0, 1.5):
         s = replace(step, noise_multiplier=sigma)
         results = [call(noisy_gradient, net, fixed, private_split, indices,
@@ -279,11 +310,11 @@ def test_result_does_not_depend_on_the_physical_batch_size(net: UNet2DModel,
 
 
 def test_noise_changes_every_step(net: UNet2DModel, dp_loss: DenoisingLoss,
-                                  private_split: Split) -> None:
+                                  private_split: Split, engine: str) -> None:
     """Two consecutive steps with one secret generator: independent noise."""
     x, y = private_split
     step = DPStep(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1.0,
-                  physical_batch_size=4, aug_multiplicity=1)
+                  physical_batch_size=4, aug_multiplicity=1, per_example=engine)
     noise_gen = torch.Generator().manual_seed(3)
     first, second = (flat(noisy_gradient(net, dp_loss, x, y, torch.tensor([], dtype=torch.int64),
                                          step, keys=record_keys(x, y), draw_seed=0,
@@ -379,7 +410,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", DEVICES)
 def test_noisy_gradient_on_a_device_matches_the_cpu(device: str, net: UNet2DModel,
                                                     dp_loss: DenoisingLoss,
-                                                    private_split: Split) -> None:
+                                                    private_split: Split, engine: str) -> None:
     """The same generators give the same step on any device: the batch draws and the
     noise come from the CPU generators (so, bit for bit, the same noise), and the
     gradients are made and returned on the net's device. Data stays on the CPU."""
@@ -387,7 +418,7 @@ def test_noisy_gradient_on_a_device_matches_the_cpu(device: str, net: UNet2DMode
 
     moved = copy.deepcopy(net).to(device)
     step = DPStep(noise_multiplier=1.3, max_grad_norm=0.5, expected_batch_size=4.0,
-                  physical_batch_size=2, aug_multiplicity=3)
+                  physical_batch_size=2, aug_multiplicity=3, per_example=engine)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # compare float32 with float32
         for indices in ([0, 3, 5, 7, 11], []):  # empty: noise only, on the device too
             on_cpu = call(noisy_gradient, net, dp_loss, private_split, indices, step)

@@ -39,6 +39,7 @@ from dpsynth.io.shards import write_dataset
 from dpsynth.stages import finetune
 from dpsynth.tracking import NullTracker
 
+ENGINES = ("vmap", "bookkeeping")  # finetune.per_example
 NUM_PRIVATE = 300  # the size of the `private_dir` fixture (tests/stages/conftest.py)
 DIGIT_CLASSES = tuple(str(k) for k in range(10))
 B0 = 10.0  # the crafted model's output bias: every example's gradient ~ 2 * B0 > C
@@ -112,14 +113,16 @@ def observe(steps: list[list[torch.Tensor]], names: list[str], divisor: float
     return std, sizes, noise
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 def test_the_stage_releases_the_mechanism_privacy_json_claims(
-        mech_cfg: Callable[..., Config], bias_only_model: Path, private_dir: Path,
+        engine: str, mech_cfg: Callable[..., Config], bias_only_model: Path, private_dir: Path,
         digits_public_dir: Path, tmp_path: Path, torch_one_thread: None,
         optimizer_grads: list[list[torch.Tensor]]) -> None:
     """Batch sizes ~ Binomial(N, q), noise std sigma C / (qN) every step, divisor
-    qN, one noisy update per accounted step, nothing private logged."""
+    qN, one noisy update per accounted step, nothing private logged; with either
+    per-example engine."""
     steps = 150
-    cfg = mech_cfg(f"finetune.steps={steps}")
+    cfg = mech_cfg(f"finetune.steps={steps}", f"finetune.per_example={engine}")
     tracker = NullTracker()
     out = tmp_path / "finetune"
     finetune.run(cfg, model_dir=bias_only_model, private_dir=private_dir,
@@ -225,9 +228,10 @@ def test_the_monitoring_loss_is_computed_on_the_public_split(
         base, rel=1e-3), "the monitoring loss ignores the public split"
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("removed", ["first", "middle", "last"])
 def test_removing_one_record_moves_the_clipped_sum_by_at_most_c(
-        removed: str, dp_cfg: Callable[..., Config], pretrained_dir: Path,
+        removed: str, engine: str, dp_cfg: Callable[..., Config], pretrained_dir: Path,
         digits_public_dir: Path, digits: tuple[np.ndarray, np.ndarray], tmp_path: Path,
         torch_one_thread: None, optimizer_grads: list[list[torch.Tensor]]) -> None:
     """Neighbouring datasets (add/remove one record), as the stage wires the
@@ -250,6 +254,7 @@ def test_removing_one_record_moves_the_clipped_sum_by_at_most_c(
         optimizer_grads.clear()
         cfg = dp_cfg(f"finetune.batch_size={size}", "finetune.physical_batch_size=16",
                      f"finetune.max_grad_norm={c}", "finetune.aug_multiplicity=2",
+                     f"finetune.per_example={engine}",
                      f"privacy.ledger_dir={tmp_path / 'ledger' / folder.name}")
         finetune.run(cfg, model_dir=pretrained_dir, private_dir=folder,
                      public_dir=digits_public_dir, out_dir=tmp_path / f"out-{folder.name}",

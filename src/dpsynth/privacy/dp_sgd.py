@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from opacus.validators import ModuleValidator
@@ -20,6 +21,7 @@ from opacus.validators import ModuleValidator
 from dpsynth.diffusion.augment import AugmentKind
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.errors import InputError
+from dpsynth.privacy import bookkeeping
 from dpsynth.privacy.distributed import Workers
 from dpsynth.privacy.draws import draw_for_examples
 from dpsynth.privacy.per_example import Grads, clipped_sum, per_example_grads
@@ -37,6 +39,8 @@ class DPStep:
     physical_batch_size: int
     aug_multiplicity: int
     augment: AugmentKind = "none"
+    # the per-example engine (`finetune.per_example`): the same clipped sum either way
+    per_example: Literal["vmap", "bookkeeping"] = "vmap"
 
 
 def secret_generator(seed: int | None) -> tuple[torch.Generator, bool]:
@@ -146,8 +150,12 @@ def noisy_gradient(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y
         draws = draw_for_examples(loss, x[mb], y[mb], keys[mb], step.aug_multiplicity,
                                   step.augment, draw_seed)
         x0, labels, t, noise = (d.to(device) for d in draws)
-        grads, _ = per_example_grads(net, loss, x0, labels, t, noise)
-        summed, _ = clipped_sum(grads, step.max_grad_norm)
+        if step.per_example == "bookkeeping":
+            summed, _ = bookkeeping.clipped_sum(net, loss, x0, labels, t, noise,
+                                                step.max_grad_norm)
+        else:
+            grads, _ = per_example_grads(net, loss, x0, labels, t, noise)
+            summed, _ = clipped_sum(grads, step.max_grad_norm)
         for n in total:
             total[n] += summed[n]
     if workers.is_main:  # once per logical batch, whatever the number of workers

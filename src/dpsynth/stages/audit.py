@@ -252,11 +252,13 @@ def membership_audit(cfg: Config, model_dir: Path, device: str | torch.device | 
         step = DPStep(noise_multiplier=sigma, max_grad_norm=fc.max_grad_norm,
                       expected_batch_size=q * len(x_in),
                       physical_batch_size=fc.physical_batch_size,
-                      aug_multiplicity=fc.aug_multiplicity, augment=fc.augment)
+                      aug_multiplicity=fc.aug_multiplicity, augment=fc.augment,
+                      per_example=fc.per_example)
         _, net, _ = load_model(model_dir)
         check_model(net)
         net.to(device)
-        use_vmap_friendly_attention(net)
+        if fc.per_example == "vmap":  # fused SDPA has no vmap rule; the hooks need none
+            use_vmap_friendly_attention(net)
         torch.manual_seed(cfg.seed)
         with tqdm(total=ac.steps, desc=f"audit: {name}", disable=None) as bar:
             canaries.train(net, loss, x_in, y_in, step=step, sample_rate=q, steps=ac.steps,

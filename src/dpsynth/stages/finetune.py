@@ -38,7 +38,7 @@ from dpsynth.errors import ConfigError, DpsynthError, InputError, TrainingDiverg
 from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import read_dataset, read_manifest, sha256_file
 from dpsynth.plots import plot_loss
-from dpsynth.privacy import accounting
+from dpsynth.privacy import accounting, bookkeeping
 from dpsynth.privacy.distributed import Workers
 from dpsynth.privacy.dp_sgd import DPStep, SecretRandomness, check_model, noisy_gradient
 from dpsynth.privacy.draws import disable_dropout, record_keys
@@ -233,6 +233,8 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
         classes = list(manifest.classes)
     select_trainable(net, fc.trainable, fc.lora_rank, fc.lora_alpha, cfg.seed)  # before
     # the ledger: a typo in the patterns must cost nothing
+    if fc.per_example == "bookkeeping":  # refuse layers it cannot clip, before the ledger too
+        bookkeeping.trainable_layers(net)
     expected_shape = (spec.image_size, spec.image_size, spec.channels)
     if tuple(manifest.shape) != expected_shape:
         raise InputError(f"{private_dir}: images are {list(manifest.shape)}, the model expects "
@@ -314,7 +316,8 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     if disable_dropout(net):  # position-keyed masks under vmap (privacy/draws.py)
         log.info("dropout is off during DP fine-tuning: its masks would depend on the "
                  "other examples of the micro-batch")
-    use_vmap_friendly_attention(net)
+    if fc.per_example == "vmap":  # fused SDPA has no vmap rule; the hooks need none
+        use_vmap_friendly_attention(net)
     ema = EMA(net, fc.ema_decay)  # a copy of the net: on the same device
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=fc.lr)
     diffusion = cfg.diffusion
@@ -331,7 +334,8 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     keys = record_keys(images, labels)
     step_cfg = DPStep(noise_multiplier=sigma, max_grad_norm=fc.max_grad_norm,
                       expected_batch_size=q * n, physical_batch_size=fc.physical_batch_size,
-                      aug_multiplicity=fc.aug_multiplicity, augment=fc.augment)
+                      aug_multiplicity=fc.aug_multiplicity, augment=fc.augment,
+                      per_example=fc.per_example)
     pub_x = from_uint8(torch.from_numpy(pub_images[:EVAL_BATCH])).to(device)
     pub_y = torch.from_numpy(pub_labels[:EVAL_BATCH]).long().to(device)
     if relabelled:  # the public labels are of the pre-training set: score unconditionally

@@ -1,0 +1,271 @@
+"""The book-keeping per-example engine (privacy/bookkeeping.py) against the vmap
+reference: the same per-example norms of the K-averaged gradients and the same
+clipped sum, on the smoke and digits UNets and on layers they do not have;
+every trainable layer it cannot clip is refused, frozen ones are skipped."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DModel
+from torch import nn
+
+from dpsynth import config
+from dpsynth.config import DiffusionConfig
+from dpsynth.diffusion.lora import add_lora
+from dpsynth.diffusion.loss import DenoisingLoss
+from dpsynth.diffusion.unet import UNetSpec, build_unet
+from dpsynth.errors import InputError
+from dpsynth.privacy import bookkeeping
+from dpsynth.privacy.dp_sgd import DPStep, noisy_gradient
+from dpsynth.privacy.draws import draw_copies, record_keys
+from dpsynth.privacy.per_example import (Grads, clipped_sum, per_example_grads,
+                                         use_vmap_friendly_attention)
+from dpsynth.stages.finetune import select_trainable
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")]
+
+REPO = Path(__file__).resolve().parents[2]
+Split = tuple[torch.Tensor, torch.Tensor]
+TOL = {"atol": 1e-5, "rtol": 1e-4}  # PRIVACY.md's tolerance for per-example gradients
+
+
+def reference(net: nn.Module, loss: DenoisingLoss, draws: tuple, c: float
+              ) -> tuple[Grads, torch.Tensor]:
+    """The vmap engine's (clipped sum, norms), on a copy with the classic attention."""
+    ref_net = copy.deepcopy(net)
+    use_vmap_friendly_attention(ref_net)
+    summed, norms = clipped_sum(per_example_grads(ref_net, loss, *draws)[0], c)
+    return summed, norms
+
+
+def assert_same(net: nn.Module, loss: DenoisingLoss, draws: tuple, mode: str = "auto"
+                ) -> float:
+    """Book-keeping equals vmap at a C that clips some examples and not others;
+    returns the largest absolute difference (for the record)."""
+    with torch.no_grad():
+        _, norms_ref = reference(net, loss, draws, 1.0)
+    c = norms_ref.median().item()
+    ref, norms_ref = reference(net, loss, draws, c)
+    got, norms = bookkeeping.clipped_sum(net, loss, *draws, c, mode=mode)
+    assert (norms_ref > c).any() and (norms_ref < c).any()
+    torch.testing.assert_close(norms, norms_ref, **TOL)
+    assert list(got) == [n for n, p in net.named_parameters() if p.requires_grad]
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], **TOL,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    return max(float((got[n] - ref[n]).abs().max()) for n in ref)
+
+
+def draws_for(loss: DenoisingLoss, split: Split, b: int, k: int, seed: int = 0) -> tuple:
+    x, y = split
+    return draw_copies(loss, x[:b], y[:b], k, "none", torch.Generator().manual_seed(seed))
+
+
+def repo_unet(path: str, num_classes: int = 3) -> UNet2DModel:
+    """The UNet of a repo config (`configs/smoke.yaml`, `params.yaml`), seeded."""
+    spec = UNetSpec(image_size=8, channels=1, num_classes=num_classes,
+                    model=config.load(REPO / path).model)
+    torch.manual_seed(0)
+    return build_unet(spec).eval()
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost", "instantiate"])
+def test_equals_vmap_on_the_tiny_unet(dp_net: UNet2DModel, dp_loss: DenoisingLoss,
+                                      private_split: Split, mode: str) -> None:
+    """Every layer type of the UNet, K = 3, label dropout; each norm form alone too."""
+    draws = draws_for(dp_loss, private_split, 4, 3)
+    assert (draws[1] == dp_loss.null_label).any()  # label dropout is exercised
+    assert_same(dp_net, dp_loss, draws, mode)
+
+
+@pytest.mark.parametrize("path", ["configs/smoke.yaml", "params.yaml"])
+def test_equals_vmap_on_the_smoke_and_digits_unets(path: str, dp_loss: DenoisingLoss,
+                                                   private_split: Split) -> None:
+    net = repo_unet(path)
+    assert_same(net, dp_loss, draws_for(dp_loss, private_split, 3, 4, seed=1))
+
+
+def test_noisy_gradient_equals_vmap_with_micro_batches(dp_net: UNet2DModel,
+                                                       dp_loss: DenoisingLoss,
+                                                       private_split: Split) -> None:
+    """The whole DP step, sigma > 0, 3 micro-batches, the same noise seed."""
+    x, y = private_split
+    step = DPStep(noise_multiplier=0.7, max_grad_norm=0.5, expected_batch_size=5.0,
+                  physical_batch_size=2, aug_multiplicity=3)
+    ref_net = copy.deepcopy(dp_net)
+    use_vmap_friendly_attention(ref_net)
+    out = {}
+    for engine, net in (("vmap", ref_net), ("bookkeeping", dp_net)):
+        out[engine] = noisy_gradient(
+            net, dp_loss, x, y, torch.tensor([0, 2, 5, 7, 9]),
+            DPStep(**{**step.__dict__, "per_example": engine}), keys=record_keys(x, y),
+            draw_seed=4, noise_generator=torch.Generator().manual_seed(5))
+    for name, g in out["vmap"].items():
+        torch.testing.assert_close(out["bookkeeping"][name], g, **TOL)
+
+
+def test_copies_are_grouped_per_example_not_per_row(dp_net: UNet2DModel,
+                                                    dp_loss: DenoisingLoss,
+                                                    private_split: Split) -> None:
+    """Each copy as its own group (the grouping bug) gives the per-copy norms,
+    not the norms of the K-averaged gradients: the two differ, and the engine's
+    grouped norms are the averaged ones (PRIVACY.md rule 2)."""
+    b, k = 3, 4
+    x0, labels, t, noise = draws_for(dp_loss, private_split, b, k)
+    _, grouped = bookkeeping.clipped_sum(dp_net, dp_loss, x0, labels, t, noise, 1.0)
+    _, per_row = bookkeeping.clipped_sum(dp_net, dp_loss, x0.flatten(0, 1).unsqueeze(1),
+                                         labels.reshape(-1, 1), t.reshape(-1, 1),
+                                         noise.flatten(0, 1).unsqueeze(1), 1.0)
+    per_copy, _ = per_example_grads(dp_net, dp_loss, x0.flatten(0, 1).unsqueeze(1),
+                                    labels.reshape(-1, 1), t.reshape(-1, 1),
+                                    noise.flatten(0, 1).unsqueeze(1))
+    averaged = torch.cat([g.view(b, k, -1).mean(1) for g in per_copy.values()], 1).norm(dim=1)
+    torch.testing.assert_close(grouped, averaged, **TOL)
+    # a row of the per-row run has K times the gradient of its 1/K share
+    copy_norms = torch.cat([g.flatten(1) for g in per_copy.values()], 1).norm(dim=1)
+    torch.testing.assert_close(per_row, copy_norms, **TOL)
+    assert (per_row.view(b, k).mean(1) - grouped).abs().min() > 0.05 * grouped.min()
+
+
+class Toy(nn.Module):
+    """Layers the UNet does not have: a dilated strided conv, an Embedding with a
+    padding index, a Linear on [N, T, d] called twice per forward (`twice`)."""
+
+    def __init__(self, twice: bool = False) -> None:
+        super().__init__()
+        self.twice = twice
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=2, dilation=2)
+        self.emb = nn.Embedding(5, 4, padding_idx=0)
+        self.lin = nn.Linear(4, 4)
+        self.norm = nn.GroupNorm(2, 4)
+        self.out = nn.Conv2d(4, 1, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor
+                ) -> SimpleNamespace:
+        h = self.conv(x) + self.emb(class_labels)[:, :, None, None]  # [N, 4, 4, 4]
+        seq = self.lin(h.flatten(2).mT)  # [N, 16, 4]
+        if self.twice:
+            seq = self.lin(torch.tanh(seq))
+        h = self.norm(seq.mT.reshape(h.shape))
+        return SimpleNamespace(sample=self.out(F.interpolate(h, size=x.shape[-2:])))
+
+
+@pytest.fixture
+def toy_loss() -> DenoisingLoss:
+    return DenoisingLoss.from_config(DiffusionConfig(num_train_timesteps=50, label_dropout=0.3),
+                                     null_label=4)
+
+
+@pytest.mark.parametrize("twice", [False, True], ids=["once", "called-twice"])
+@pytest.mark.parametrize("mode", ["ghost", "instantiate"])
+def test_equals_vmap_on_other_layer_shapes(twice: bool, mode: str, toy_loss: DenoisingLoss,
+                                           private_split: Split) -> None:
+    """A module called twice per forward: its calls' contributions summed before
+    the norm (the cross terms count)."""
+    torch.manual_seed(0)
+    net = Toy(twice)
+    x0, labels, t, noise = draws_for(toy_loss, private_split, 4, 3)
+    labels = labels % 5  # labels 0 (the padding index) and the null label 4 occur
+    assert (labels == 0).any()
+    assert_same(net, toy_loss, (x0, labels, t, noise), mode)
+
+
+def test_frozen_parameters_are_skipped(dp_net: UNet2DModel, dp_loss: DenoisingLoss,
+                                       private_split: Split) -> None:
+    select_trainable(dp_net, ["*norm*", "class_embedding.*", "*conv_out.bias"])
+    assert not dp_net.conv_out.weight.requires_grad  # a frozen weight, trained bias
+    assert_same(dp_net, dp_loss, draws_for(dp_loss, private_split, 3, 2))
+
+
+@pytest.mark.parametrize("mode", ["ghost", "instantiate"])
+def test_lora_adapters(dp_net: UNet2DModel, dp_loss: DenoisingLoss, private_split: Split,
+                       mode: str) -> None:
+    """Adapters on every Linear/Conv2d weight; B made non-zero so both factors get
+    gradients (B = 0 at the start zeroes A's)."""
+    names = add_lora(dp_net, rank=2, patterns=["*"], seed=0)
+    assert names
+    with torch.no_grad():
+        for n, p in dp_net.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    assert_same(dp_net, dp_loss, draws_for(dp_loss, private_split, 3, 2), mode)
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+class MyLinear(nn.Linear):
+    """A subclass: its forward could compute anything, so it is not assumed Linear."""
+
+
+@pytest.mark.parametrize("layer, match", [
+    (Scaled(), r"'extra' \(Scaled\).*'extra.gain'"),
+    (nn.LayerNorm(8), r"'extra' \(LayerNorm\)"),
+    (MyLinear(8, 8), r"'extra' \(MyLinear\)"),
+    (nn.Conv2d(8, 8, 1, groups=2), r"'extra' \(Conv2d\).*groups=2"),
+])
+def test_unsupported_trainable_layers_are_refused(layer: nn.Module, match: str) -> None:
+    net = nn.Sequential()
+    net.add_module("extra", layer)
+    with pytest.raises(InputError, match=match):
+        bookkeeping.trainable_layers(net)
+    layer.requires_grad_(False)  # frozen, it needs no per-example gradient
+    assert bookkeeping.trainable_layers(net) == []
+
+
+class Pooled(Toy):
+    """A layer applied to a batch statistic: rows cannot be split by example."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor
+                ) -> SimpleNamespace:
+        h = self.conv(x)
+        h = self.lin(h.flatten(2).mT.mean(0, keepdim=True)).mean() + h
+        return SimpleNamespace(sample=self.out(F.interpolate(h, size=x.shape[-2:])))
+
+
+def test_a_layer_called_on_other_rows_is_refused(toy_loss: DenoisingLoss,
+                                                 private_split: Split) -> None:
+    net = Pooled()
+    for m in (net.emb, net.norm):
+        m.requires_grad_(False)
+    with pytest.raises(InputError, match=r"'lin' \(Linear\): it was called on 1 rows"):
+        bookkeeping.clipped_sum(net, toy_loss, *draws_for(toy_loss, private_split, 2, 2), 1.0)
+
+
+def test_no_parameter_keeps_a_gradient_or_a_hook(dp_net: UNet2DModel, dp_loss: DenoisingLoss,
+                                                 private_split: Split) -> None:
+    """The engine leaves the net as it found it: no .grad, no hooks."""
+    bookkeeping.clipped_sum(dp_net, dp_loss, *draws_for(dp_loss, private_split, 2, 2), 1.0)
+    assert all(p.grad is None for p in dp_net.parameters())
+    assert not any(m._forward_hooks for m in dp_net.modules())
+
+
+def test_an_empty_micro_batch_gives_zeros(dp_net: UNet2DModel, dp_loss: DenoisingLoss,
+                                          private_split: Split) -> None:
+    x0, labels, t, noise = draws_for(dp_loss, private_split, 2, 2)
+    summed, norms = bookkeeping.clipped_sum(dp_net, dp_loss, x0[:0], labels[:0], t[:0],
+                                            noise[:0], 1.0)
+    assert norms.shape == (0,) and all(not s.any() for s in summed.values())
+
+
+def test_the_engine_is_a_validated_setting_vmap_by_default() -> None:
+    from dpsynth.errors import ConfigError
+
+    assert config.from_dict({}).finetune.per_example == "vmap"
+    assert config.from_dict({}, ["finetune.per_example=bookkeeping"]
+                            ).finetune.per_example == "bookkeeping"
+    with pytest.raises(ConfigError, match="finetune.per_example"):
+        config.from_dict({}, ["finetune.per_example=ghost"])
