@@ -22,6 +22,16 @@ ACCOUNTANTS = {
 }
 AccountantKind = Literal["prv", "rdp"]
 
+# --------------------------------------------------------------------------- per-example engines
+# (dpsynth.privacy.dp_sgd.noisy_gradient)
+
+PER_EXAMPLE = {
+    "vmap": "torch.func vmap(grad): every example's gradient materialised (the reference)",
+    "bookkeeping": "one forward and backward, norms per layer, the clipped sum from stored "
+                   "activations (Bu et al. 2023)",
+}
+PerExampleKind = Literal["vmap", "bookkeeping"]
+
 # --------------------------------------------------------------------------- data sources
 # (dpsynth.data.sources.load_source's readers)
 

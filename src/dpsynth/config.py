@@ -21,8 +21,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from dpsynth.choices import (EMBEDDED_KINDS, AccountantKind, ExtractorKind, SamplerKind,
-                             SourceKind)
+from dpsynth.choices import (EMBEDDED_KINDS, AccountantKind, ExtractorKind, PerExampleKind,
+                             SamplerKind, SourceKind)
 from dpsynth.errors import ConfigError
 
 SplitRole = Literal["public", "private", "test"]
@@ -251,7 +251,7 @@ class FinetuneConfig:
     lora_alpha: float | None = None  # adapter scale alpha / rank; None = rank (scale 1)
     # The per-example engine: vmap(grad) (the reference), or book-keeping hooks over
     # the B*K rows (privacy/bookkeeping.py; same clipped sum, one backward)
-    per_example: Literal["vmap", "bookkeeping"] = "vmap"
+    per_example: PerExampleKind = "vmap"
 
     def __post_init__(self) -> None:
         _check(self.epsilon > 0, "finetune.epsilon", self.epsilon, "must be > 0")
@@ -263,8 +263,6 @@ class FinetuneConfig:
         _check(self.lora_alpha is None or self.lora_alpha > 0, "finetune.lora_alpha",
                self.lora_alpha, "must be > 0, or null for alpha = lora_rank")
         _check(0 < self.delta < 1, "finetune.delta", self.delta, "must be in (0, 1)")
-        _check(self.per_example in ("vmap", "bookkeeping"), "finetune.per_example",
-               self.per_example, "must be vmap or bookkeeping")
         _check(self.batch_sampler == "poisson", "finetune.batch_sampler", self.batch_sampler,
                "shuffled fixed-size batches with Poisson accounting understate epsilon "
                "(Chua et al. 2024); use poisson")

@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from opacus.validators import ModuleValidator
 
+from dpsynth.choices import PerExampleKind
 from dpsynth.diffusion.augment import AugmentKind
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.errors import InputError
@@ -40,7 +40,7 @@ class DPStep:
     aug_multiplicity: int
     augment: AugmentKind = "none"
     # the per-example engine (`finetune.per_example`): the same clipped sum either way
-    per_example: Literal["vmap", "bookkeeping"] = "vmap"
+    per_example: PerExampleKind = "vmap"
 
 
 def secret_generator(seed: int | None) -> tuple[torch.Generator, bool]:
