@@ -22,9 +22,9 @@ from dpsynth.tracking import NullTracker, Tracker, open_tracker
 
 def is_main_process() -> bool:
     """False on every torchrun worker but rank 0 (which alone reports)."""
-    from dpsynth.privacy.distributed import Workers
+    from dpsynth.devices import torchrun_process
 
-    return Workers.from_env().is_main
+    return torchrun_process().is_main
 
 
 def run_stage(name: str, cfg: Config, *, inputs: Mapping[str, str | Path | None],

@@ -20,12 +20,14 @@ from diffusers import UNet2DModel
 
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.privacy import bookkeeping
-from dpsynth.privacy.dp_sgd import (DPStep, gaussian_noise, noisy_gradient,
+from dpsynth.config import FinetuneConfig
+from dpsynth.privacy.dp_sgd import (DPStep, PoissonGradient, dp_step, gaussian_noise,
+                                    next_draw_seed, noisy_gradient, plain_gradient,
                                     secret_generator)
 from dpsynth.privacy.draws import draw_copies, draw_for_examples, record_keys
 from dpsynth.privacy.per_example import (Grads, clipped_sum, per_example_grads,
                                          per_example_norms, use_vmap_friendly_attention)
-from dpsynth.privacy.sampling import micro_batches
+from dpsynth.privacy.sampling import micro_batches, poisson_batch
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               # the checks' vmap references on the book-keeping (SDPA) net hit vmap's
@@ -438,3 +440,49 @@ def test_gaussian_noise_is_drawn_on_the_cpu_and_moved(device: str) -> None:
     for n in like:
         assert noise[n].device == like[n].device
         assert torch.equal(noise[n].cpu(), on_cpu[n])
+
+
+# --------------------------------------------------------------------------- the loop's step
+
+
+def test_dp_step_takes_the_public_settings_and_the_call_time_values() -> None:
+    fc = FinetuneConfig(max_grad_norm=0.7, physical_batch_size=5, aug_multiplicity=3,
+                        augment="flip")
+    step = dp_step(fc, noise_multiplier=1.25, expected_batch_size=12.5)
+    assert step == DPStep(noise_multiplier=1.25, max_grad_norm=0.7, expected_batch_size=12.5,
+                          physical_batch_size=5, aug_multiplicity=3, augment="flip")
+
+
+@pytest.mark.parametrize("private", [True, False], ids=["dp", "control"])
+def test_poisson_gradient_sets_the_mechanisms_gradient_of_a_poisson_batch(
+        net: UNet2DModel, dp_loss: DenoisingLoss, private_split: Split, private: bool) -> None:
+    """Each call: a Poisson batch from `batches`, then a draw seed from `draws`, then
+    `noisy_gradient` (noise from `noise`) -- or, for the audit's control,
+    `plain_gradient` -- of that batch, as the trained parameters' `.grad`; frozen
+    parameters get none, and no loss is returned (a private batch's is never read)."""
+    x, y = private_split
+    keys = record_keys(x, y)
+    step = DPStep(noise_multiplier=1.1, max_grad_norm=0.5, expected_batch_size=4.0,
+                  physical_batch_size=3, aug_multiplicity=2)
+    frozen = "conv_in.weight"
+    net.get_parameter(frozen).requires_grad_(False)
+    gradient = PoissonGradient(net, dp_loss, x, y, keys=keys, dp_step=step, sample_rate=0.25,
+                               batches=torch.Generator().manual_seed(1),
+                               draws=torch.Generator().manual_seed(2),
+                               noise=torch.Generator().manual_seed(3), private=private)
+    batches, draws, noise = (torch.Generator().manual_seed(s) for s in (1, 2, 3))
+    sizes = []
+    for i in range(2):
+        batch = poisson_batch(len(x), 0.25, batches)
+        sizes.append(len(batch))
+        seed = next_draw_seed(draws)
+        want = (noisy_gradient(net, dp_loss, x, y, batch, step, keys=keys, draw_seed=seed,
+                               noise_generator=noise) if private else
+                plain_gradient(net, dp_loss, x, y, batch, step, keys=keys, draw_seed=seed))
+        assert gradient(i) is None
+        for name, p in net.named_parameters():
+            if name == frozen:
+                assert p.grad is None
+            else:
+                assert torch.equal(p.grad, want[name]), name
+    assert sum(sizes) > 0  # some examples' gradients, not only noise

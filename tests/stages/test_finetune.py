@@ -13,12 +13,13 @@ from safetensors.torch import load_file
 
 from dpsynth.config import Config
 from dpsynth.errors import InputError
-from dpsynth.privacy import accounting
+from dpsynth.privacy import accounting, dp_sgd
 from dpsynth.privacy.dp_sgd import check_model
 from dpsynth.privacy.ledger import PrivacyLedger
 from dpsynth.stages import finetune, sample
 from dpsynth.stages.common import work_dir_for
 from dpsynth.tracking import NullTracker, flatten
+from dpsynth.training import loop
 
 NUM_PRIVATE = 300  # the size of the `private_dir` fixture (tests/stages/conftest.py)
 
@@ -207,7 +208,7 @@ def test_only_checkpointed_steps_are_released(dp_cfg: Callable[..., Config],
     # a resume redoes steps after the last checkpoint with fresh noise: anything
     # logged about such a step would be a second, unaccounted release of it
     events: list[tuple[str, int]] = []
-    real_save = finetune.save_checkpoint
+    real_save = loop.save_checkpoint  # the training loop saves the checkpoints
 
     def save(work_dir: Path, state: Any, **kw: Any) -> Path:
         events.append(("checkpoint", state.step))
@@ -218,7 +219,7 @@ def test_only_checkpointed_steps_are_released(dp_cfg: Callable[..., Config],
             if "public_loss" in metrics:
                 events.append(("release", step))
 
-    monkeypatch.setattr(finetune, "save_checkpoint", save)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
     cfg = dp_cfg("finetune.checkpoint_every=100", "finetune.log_every=2")
     run(cfg, *inputs, tmp_path / "finetune", tracker=Recorder(), stop_after=5)
     released = [step for kind, step in events if kind == "release"]
@@ -238,7 +239,7 @@ def poison_private_loss_from(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
     from dpsynth.diffusion.loss import DenoisingLoss
 
     steps = {"n": 0, "poisoned": False}
-    real_step, real_loss = finetune.noisy_gradient, DenoisingLoss.per_example
+    real_step, real_loss = dp_sgd.noisy_gradient, DenoisingLoss.per_example
 
     def noisy_gradient(*args: Any, **kwargs: Any) -> Any:
         steps["n"] += 1
@@ -252,7 +253,7 @@ def poison_private_loss_from(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
         value = real_loss(self, *args)
         return value * float("nan") if steps["poisoned"] else value
 
-    monkeypatch.setattr(finetune, "noisy_gradient", noisy_gradient)
+    monkeypatch.setattr(dp_sgd, "noisy_gradient", noisy_gradient)  # PoissonGradient's
     monkeypatch.setattr(DenoisingLoss, "per_example", per_example)
 
 
@@ -311,7 +312,7 @@ def test_the_private_loss_is_never_tested_for_divergence(
     from dpsynth.diffusion.loss import DenoisingLoss
 
     private = {"on": False}
-    real_step, real_loss = finetune.noisy_gradient, DenoisingLoss.per_example
+    real_step, real_loss = dp_sgd.noisy_gradient, DenoisingLoss.per_example
 
     def noisy_gradient(*args: Any, **kwargs: Any) -> Any:
         private["on"] = True
@@ -324,7 +325,7 @@ def test_the_private_loss_is_never_tested_for_divergence(
         value = real_loss(self, *args)
         return value + torch.full_like(value, float("nan")).detach() if private["on"] else value
 
-    monkeypatch.setattr(finetune, "noisy_gradient", noisy_gradient)
+    monkeypatch.setattr(dp_sgd, "noisy_gradient", noisy_gradient)  # PoissonGradient's
     monkeypatch.setattr(DenoisingLoss, "per_example", per_example)
     out = tmp_path / "finetune"
     run(dp_cfg("finetune.steps=2"), *inputs, out)

@@ -1,26 +1,25 @@
 """Canaries for the one-run membership audit, the twin training run that
 includes half of them, and the score the auditor ranks them by.
 
-The twin run uses the fine-tuning stage's DP mechanism unchanged
-(`noisy_gradient`: Poisson sampling, K-averaged per-example clipping, noise
-once per step) at the same (ε, δ) target, C and K, on public data plus the
-included canaries, so it measures the implementation without touching the
-private split and without spending its budget. The non-private control is the
-same loop with no clipping and no noise: if the audit cannot tell its members
-apart either, the audit has no power and its bound for the DP run means little.
+The twin run uses the fine-tuning stage's DP mechanism and training loop
+unchanged (`PoissonGradient` in `training.loop`: Poisson sampling, K-averaged
+per-example clipping, noise once per step) at the same (ε, δ) target, C and K,
+on public data plus the included canaries, so it measures the implementation
+without touching the private split and without spending its budget. The
+non-private control is the same loop with no clipping and no noise
+(`plain_gradient`): if the audit cannot tell its members apart either, the
+audit has no power and its bound for the DP run means little.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from dpsynth.diffusion.loss import DenoisingLoss
-from dpsynth.privacy.dp_sgd import DPStep, noisy_gradient
-from dpsynth.privacy.draws import disable_dropout, draw_for_examples, record_keys
-from dpsynth.privacy.sampling import micro_batches, poisson_batch
+from dpsynth.privacy.dp_sgd import DPStep, PoissonGradient
+from dpsynth.privacy.draws import disable_dropout, record_keys
+from dpsynth.training.loop import Progress, TrainingLoop
 
 
 def make_canaries(m: int, shape: tuple[int, int, int], num_classes: int,
@@ -43,34 +42,12 @@ def include_half(m: int, generator: np.random.Generator) -> np.ndarray:
     return generator.random(m) < 0.5
 
 
-def plain_gradient(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y: torch.Tensor,
-                   indices: torch.Tensor, step: DPStep, *, keys: torch.Tensor, draw_seed: int
-                   ) -> dict[str, torch.Tensor]:
-    """The non-private control's gradient: `noisy_gradient` with C = ∞ and σ = 0,
-    i.e. sum_i grad(mean_k loss(x_i, k)) / (qN), from the same (keyed) draws."""
-    total = {n: torch.zeros_like(p) for n, p in net.named_parameters() if p.requires_grad}
-    device = next(iter(total.values())).device
-    for mb in micro_batches(indices, step.physical_batch_size):
-        draws = draw_for_examples(loss, x[mb], y[mb], keys[mb], step.aug_multiplicity,
-                                  step.augment, draw_seed)  # on the CPU, as `noisy_gradient`
-        x0, labels, t, noise = (d.to(device) for d in draws)
-        b, k = labels.shape
-        per_copy = loss.per_example(net, x0.flatten(0, 1), labels.flatten(), t.flatten(),
-                                    noise.flatten(0, 1)).view(b, k)
-        net.zero_grad(set_to_none=True)
-        per_copy.mean(1).sum().backward()
-        for n, p in net.named_parameters():
-            if p.grad is not None:
-                total[n] += p.grad
-    net.zero_grad(set_to_none=True)
-    return {n: g / step.expected_batch_size for n, g in total.items()}
-
-
 def train(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y: torch.Tensor, *,
           step: DPStep, sample_rate: float, steps: int, lr: float, private: bool,
           train_generator: torch.Generator, noise_generator: torch.Generator,
-          on_step: Callable[[int], None] = lambda _: None) -> torch.nn.Module:
-    """`steps` Adam steps on Poisson batches of (x, y), as `dpsynth finetune` takes them.
+          desc: str = "audit twin") -> torch.nn.Module:
+    """`steps` Adam steps on Poisson batches of (x, y), as `dpsynth finetune` takes
+    them: the same loop (`training.loop`) and the same step (`PoissonGradient`).
 
     Args:
         x, y: the audit's training set ([N, C, H, W] in [-1, 1], [N]), on the CPU
@@ -79,24 +56,16 @@ def train(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y: torch.T
         train_generator: each step's seed for the keyed training draws. The canaries
             are public, so the twin's randomness is seeded (reproducible audits).
         noise_generator: Poisson sampling and the Gaussian noise.
+        desc: the progress bar's label.
     """
     net.train()
     disable_dropout(net)  # as `dpsynth finetune` trains
-    keys = record_keys(x.numpy(), y.numpy())
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for i in range(steps):
-        batch = poisson_batch(len(x), sample_rate, noise_generator)
-        draw_seed = int(torch.randint(0, 2**62, (1,), generator=train_generator))
-        if private:
-            grads = noisy_gradient(net, loss, x, y, batch, step, keys=keys, draw_seed=draw_seed,
-                                   noise_generator=noise_generator)
-        else:
-            grads = plain_gradient(net, loss, x, y, batch, step, keys=keys, draw_seed=draw_seed)
-        for name, p in net.named_parameters():
-            p.grad = grads[name]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        on_step(i + 1)
+    gradient = PoissonGradient(net, loss, x, y, keys=record_keys(x.numpy(), y.numpy()),
+                               dp_step=step, sample_rate=sample_rate, batches=noise_generator,
+                               draws=train_generator, noise=noise_generator, private=private)
+    # no EMA, checkpoints or divergence check: a short twin run that publishes no model
+    TrainingLoop(net=net, optimizer=torch.optim.Adam(net.parameters(), lr=lr),
+                 gradient=gradient, steps=steps, desc=desc).run(Progress())
     return net.eval()
 
 

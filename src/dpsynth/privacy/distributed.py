@@ -11,11 +11,12 @@ and the draw seed are broadcast.
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from dpsynth.devices import torchrun_process
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Workers:
     @staticmethod
     def from_env(timeout_s: int = 300) -> "Workers":
         """Join the process group `torchrun` describes (WORLD_SIZE > 1), else one process."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = torchrun_process().world_size
         if world_size == 1:
             return Workers()
         if not dist.is_initialized():

@@ -5,7 +5,9 @@ noisy_grad = (sum_i clip_C(grad mean_k loss(x_i, k)) + N(0, sigma^2 C^2 I)) / (q
 
 Noise is added once per logical batch, whatever the number of micro-batches,
 and the sum is divided by the *expected* batch size qN, not the realised one
-(PRIVACY.md rule 3).
+(PRIVACY.md rule 3). `PoissonGradient` is the step as `training.loop` takes it
+(Poisson-sampled batch, draw seed, gradient), for fine-tuning and the audit's
+twins alike.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from opacus.validators import ModuleValidator
 
 from dpsynth.choices import PerExampleKind
+from dpsynth.config import FinetuneConfig
 from dpsynth.diffusion.augment import AugmentKind
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.errors import InputError
@@ -25,7 +28,7 @@ from dpsynth.privacy import bookkeeping
 from dpsynth.privacy.distributed import Workers
 from dpsynth.privacy.draws import draw_for_examples
 from dpsynth.privacy.per_example import Grads, clipped_sum, per_example_grads
-from dpsynth.privacy.sampling import micro_batches
+from dpsynth.privacy.sampling import micro_batches, poisson_batch
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,18 @@ class DPStep:
     per_example: PerExampleKind = "vmap"
 
 
+def dp_step(fc: FinetuneConfig, *, noise_multiplier: float, expected_batch_size: float
+            ) -> DPStep:
+    """The DP-SGD step of the public settings `fc` (C, K, augmentation, physical
+    batch) with the call-time sigma and qN: what `dpsynth finetune` trains with,
+    and what the audit's twins copy (on their own sigma and qN)."""
+    return DPStep(noise_multiplier=noise_multiplier, max_grad_norm=fc.max_grad_norm,
+                  expected_batch_size=expected_batch_size,
+                  physical_batch_size=fc.physical_batch_size,
+                  aug_multiplicity=fc.aug_multiplicity, augment=fc.augment,
+                  per_example=fc.per_example)
+
+
 def secret_generator(seed: int | None) -> tuple[torch.Generator, bool]:
     """One generator for DP randomness.
 
@@ -56,6 +71,11 @@ def secret_generator(seed: int | None) -> tuple[torch.Generator, bool]:
     if seed is None:
         return torch.Generator().manual_seed(secrets.randbits(63)), False
     return torch.Generator().manual_seed(seed), True
+
+
+def next_draw_seed(generator: torch.Generator) -> int:
+    """A step's seed for the per-example training draws (`draws.draw_for_examples`)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
 STREAMS = ("batches", "noise", "draws")
@@ -95,7 +115,7 @@ class SecretRandomness:
 
     def draw_seed(self) -> int:
         """The next step's seed for the per-example training draws."""
-        return int(torch.randint(0, 2**62, (1,), generator=self.draws))
+        return next_draw_seed(self.draws)
 
     def get_state(self) -> torch.Tensor:
         """[3, S] the streams' states, for a test-seeded checkpoint only."""
@@ -164,6 +184,83 @@ def noisy_gradient(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y
             total[n] += z
     workers.sum(total)
     return {n: total[n] / step.expected_batch_size for n in total}
+
+
+def plain_gradient(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y: torch.Tensor,
+                   indices: torch.Tensor, step: DPStep, *, keys: torch.Tensor, draw_seed: int
+                   ) -> Grads:
+    """The audit's non-private control: `noisy_gradient` with C = inf and sigma = 0,
+    i.e. sum_i grad(mean_k loss(x_i, k)) / (qN), from the same (keyed) draws."""
+    total = {n: torch.zeros_like(p) for n, p in net.named_parameters() if p.requires_grad}
+    device = next(iter(total.values())).device
+    for mb in micro_batches(indices, step.physical_batch_size):
+        draws = draw_for_examples(loss, x[mb], y[mb], keys[mb], step.aug_multiplicity,
+                                  step.augment, draw_seed)  # on the CPU, as `noisy_gradient`
+        x0, labels, t, noise = (d.to(device) for d in draws)
+        b, k = labels.shape
+        per_copy = loss.per_example(net, x0.flatten(0, 1), labels.flatten(), t.flatten(),
+                                    noise.flatten(0, 1)).view(b, k)
+        net.zero_grad(set_to_none=True)
+        per_copy.mean(1).sum().backward()
+        for n, p in net.named_parameters():
+            if p.grad is not None:
+                total[n] += p.grad
+    net.zero_grad(set_to_none=True)
+    return {n: g / step.expected_batch_size for n, g in total.items()}
+
+
+@dataclass(frozen=True, eq=False)
+class PoissonGradient:
+    """A DP-SGD step as `training.loop` takes it: a Poisson-sampled logical batch
+    of the records (PRIVACY.md rule 1), the step's seed for their training draws,
+    and `noisy_gradient` of that batch set as the trained parameters' `.grad`.
+
+    It returns no loss: the loss of a private batch is never looked at (rule 6).
+
+    Attributes:
+        net, loss, x, y, keys: as `noisy_gradient` takes them; all N records
+            on the CPU.
+        dp_step: the step's settings (`dp_step`).
+        sample_rate: q, each record's probability of joining a batch.
+        batches, draws, noise: the generators of the Poisson sampling, of the
+            draw seeds and of the Gaussian noise (rank 0's; `SecretRandomness`
+            in fine-tuning; one may serve two uses, as in the audit's twins).
+        workers: the data-parallel workers: rank 0 samples the batch and the
+            draw seed and broadcasts them.
+        private: False for the audit's non-private control: the same batches
+            and draws, `plain_gradient` (no clipping, no noise).
+    """
+
+    net: torch.nn.Module
+    loss: DenoisingLoss
+    x: torch.Tensor
+    y: torch.Tensor
+    keys: torch.Tensor
+    dp_step: DPStep
+    sample_rate: float
+    batches: torch.Generator
+    draws: torch.Generator
+    noise: torch.Generator
+    workers: Workers = Workers()
+    private: bool = True
+
+    def __call__(self, step: int) -> None:
+        """Step `step`'s privatised gradient into `.grad`."""
+        main = self.workers.is_main
+        batch, draw_seed = self.workers.broadcast_step(
+            poisson_batch(len(self.x), self.sample_rate, self.batches) if main else None,
+            next_draw_seed(self.draws) if main else None)
+        if self.private:
+            grads = noisy_gradient(self.net, self.loss, self.x, self.y, batch, self.dp_step,
+                                   keys=self.keys, draw_seed=draw_seed,
+                                   noise_generator=self.noise, workers=self.workers)
+        else:
+            grads = plain_gradient(self.net, self.loss, self.x, self.y, batch, self.dp_step,
+                                   keys=self.keys, draw_seed=draw_seed)
+        for name, p in self.net.named_parameters():
+            if p.requires_grad:
+                p.grad = grads[name]
+        return None
 
 
 def check_model(net: torch.nn.Module) -> None:

@@ -39,7 +39,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from dpsynth.audit import canaries
 from dpsynth.audit.memorization import memorization
@@ -55,7 +54,7 @@ from dpsynth.eval.classifier import read_labelled
 from dpsynth.io.atomic import atomic_dir
 from dpsynth.plots import plot_audit_roc
 from dpsynth.privacy import accounting
-from dpsynth.privacy.dp_sgd import DPStep, check_model
+from dpsynth.privacy.dp_sgd import check_model, dp_step
 from dpsynth.privacy.per_example import use_vmap_friendly_attention
 from dpsynth.provenance import write_run_info
 from dpsynth.stages.common import write_metrics
@@ -249,23 +248,18 @@ def membership_audit(cfg: Config, model_dir: Path, device: str | torch.device | 
                 target_epsilon=target_epsilon, delta=fc.delta, sample_rate=q, steps=ac.steps,
                 accountant=fc.accountant)
             epsilon = accounting.epsilon([(sigma, q, ac.steps)], fc.delta, fc.accountant)
-        step = DPStep(noise_multiplier=sigma, max_grad_norm=fc.max_grad_norm,
-                      expected_batch_size=q * len(x_in),
-                      physical_batch_size=fc.physical_batch_size,
-                      aug_multiplicity=fc.aug_multiplicity, augment=fc.augment,
-                      per_example=fc.per_example)
+        step = dp_step(fc, noise_multiplier=sigma, expected_batch_size=q * len(x_in))
         _, net, _ = load_model(model_dir)
         check_model(net)
         net.to(device)
         if fc.per_example == "vmap":  # fused SDPA has no vmap rule; the hooks need none
             use_vmap_friendly_attention(net)
         torch.manual_seed(cfg.seed)
-        with tqdm(total=ac.steps, desc=f"audit: {name}", disable=None) as bar:
-            canaries.train(net, loss, x_in, y_in, step=step, sample_rate=q, steps=ac.steps,
-                           lr=ac.lr, private=target_epsilon is not None,
-                           train_generator=torch.Generator().manual_seed(cfg.seed + 11),
-                           noise_generator=torch.Generator().manual_seed(cfg.seed + 12),
-                           on_step=lambda _: bar.update())
+        canaries.train(net, loss, x_in, y_in, step=step, sample_rate=q, steps=ac.steps,
+                       lr=ac.lr, private=target_epsilon is not None,
+                       train_generator=torch.Generator().manual_seed(cfg.seed + 11),
+                       noise_generator=torch.Generator().manual_seed(cfg.seed + 12),
+                       desc=f"audit: {name}")
         losses = canaries.denoising_losses(net, loss, x_all, y_all, draws=ac.score_draws,
                                            seed=cfg.seed + 13, t_range=ac.score_t_range)
         return epsilon, _score(-losses.numpy(), included, cfg, fc.delta)  # lower loss: "in"

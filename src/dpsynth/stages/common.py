@@ -1,5 +1,5 @@
 """Small helpers every stage uses: fingerprints, work folders, metrics files, and
-the divergence check of the training stages."""
+what a training stage's divergence message says about its checkpoint."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any, Mapping
-
-import torch
 
 from dpsynth.io import work
 from dpsynth.io.atomic import atomic_write_json
@@ -29,12 +27,6 @@ def work_dir_for(out_dir: str | Path) -> Path | str:
 
 def write_metrics(out_dir: str | Path, metrics: Mapping[str, Any]) -> None:
     atomic_write_json(Path(out_dir) / "metrics.json", dict(metrics))
-
-
-def all_finite(module: torch.nn.Module) -> bool:
-    """Whether every parameter of `module` is finite (one device sync in all)."""
-    flags = [torch.isfinite(p).all() for p in module.parameters()]
-    return bool(torch.stack(flags).all()) if flags else True
 
 
 def kept_checkpoint(work_dir: str | Path, last_saved: int | None, checkpoint_every: int,

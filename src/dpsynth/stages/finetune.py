@@ -16,7 +16,6 @@ import dataclasses
 import fnmatch
 import json
 import logging
-import os
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -24,11 +23,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from tqdm import tqdm
 
 from dpsynth.config import Config
 from dpsynth.data.roles import refuse_private_split
-from dpsynth.devices import default_device
+from dpsynth.devices import training_device
 from dpsynth.diffusion.ema import EMA
 from dpsynth.diffusion.lora import add_lora, merge_lora
 from dpsynth.diffusion.loss import DenoisingLoss
@@ -40,17 +38,17 @@ from dpsynth.io.shards import read_dataset, read_manifest, sha256_file
 from dpsynth.plots import plot_loss
 from dpsynth.privacy import accounting, bookkeeping
 from dpsynth.privacy.distributed import Workers
-from dpsynth.privacy.dp_sgd import DPStep, SecretRandomness, check_model, noisy_gradient
+from dpsynth.privacy.dp_sgd import PoissonGradient, SecretRandomness, check_model, dp_step
 from dpsynth.privacy.draws import disable_dropout, record_keys
 from dpsynth.privacy.history import planned_history
 from dpsynth.privacy.ledger import PrivacyLedger, dataset_key
 from dpsynth.privacy.per_example import use_vmap_friendly_attention
-from dpsynth.privacy.sampling import poisson_batch
 from dpsynth.provenance import write_run_info
-from dpsynth.stages.common import (all_finite, fingerprint, kept_checkpoint, work_dir_for,
-                                   write_metrics)
+from dpsynth.stages.common import fingerprint, kept_checkpoint, work_dir_for, write_metrics
 from dpsynth.tracking import Tracker
-from dpsynth.training.checkpoint import TrainState, load_latest, restore, save_checkpoint
+from dpsynth.training.checkpoint import TrainState, load_latest
+from dpsynth.training.loop import (Checkpoints, Curve, Divergence, DivergenceCheck, Progress,
+                                   TrainingLoop)
 
 log = logging.getLogger(__name__)
 SECTIONS = ("seed", "diffusion", "finetune", "privacy")
@@ -308,9 +306,7 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     if not workers.agree(refusal is None):
         raise refusal or InputError("the privacy ledger refused this run (see rank 0's error)")
 
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda" and device.index is None and workers.world_size > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU each
+    device = training_device(device)
     torch.manual_seed(cfg.seed)
     net.train().to(device)
     if disable_dropout(net):  # position-keyed masks under vmap (privacy/draws.py)
@@ -331,75 +327,53 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     # each record's content, never by its index (rule 2, privacy/draws.py)
     rng = SecretRandomness.create(fc.noise_seed)
     seeded_for_test = rng.seeded_for_test
-    keys = record_keys(images, labels)
-    step_cfg = DPStep(noise_multiplier=sigma, max_grad_norm=fc.max_grad_norm,
-                      expected_batch_size=q * n, physical_batch_size=fc.physical_batch_size,
-                      aug_multiplicity=fc.aug_multiplicity, augment=fc.augment,
-                      per_example=fc.per_example)
     pub_x = from_uint8(torch.from_numpy(pub_images[:EVAL_BATCH])).to(device)
     pub_y = torch.from_numpy(pub_labels[:EVAL_BATCH]).long().to(device)
     if relabelled:  # the public labels are of the pre-training set: score unconditionally
         pub_y = torch.full_like(pub_y, spec.null_label)
-    x_all, y_all = from_uint8(torch.from_numpy(images)), torch.from_numpy(labels).long()
-    history: list[list[float]] = []
-    start = 0
-    last_saved: int | None = None  # the step of the newest checkpoint, for messages
-    if state is not None:
-        restore(state, net=net, ema=ema, optimizer=opt, generator=None)
-        if seeded_for_test and state.secret_rng is not None:
-            rng.set_state(state.secret_rng)  # release runs never persist it
-        history, start = state.meta["history"], state.step
-        last_saved = start
-        log.info("resuming DP fine-tuning from step %d", start)
+    gradient = PoissonGradient(
+        net, loss, from_uint8(torch.from_numpy(images)), torch.from_numpy(labels).long(),
+        keys=record_keys(images, labels), sample_rate=q, batches=rng.batches, draws=rng.draws,
+        noise=rng.noise, workers=workers,
+        dp_step=dp_step(fc, noise_multiplier=sigma, expected_batch_size=q * n))
 
-    tracker.log_params(cfg.section(*SECTIONS) | {"finetune.workers": workers.world_size})
-    end = fc.steps if stop_after is None else min(fc.steps, stop_after)
-    bar = tqdm(range(start, end), initial=start, total=fc.steps, desc="finetune (DP)",
-               disable=None, bar_format=PROGRESS_FORMAT)
-    for step in bar:
-        batch, draw_seed = workers.broadcast_step(
-            poisson_batch(n, q, rng.batches) if workers.is_main else None,
-            rng.draw_seed() if workers.is_main else None)
-        grads = noisy_gradient(net, loss, x_all, y_all, batch, step_cfg, keys=keys,
-                               draw_seed=draw_seed, noise_generator=rng.noise,
-                               workers=workers)
-        for name, p in net.named_parameters():
-            if p.requires_grad:
-                p.grad = grads[name]
-        opt.step()  # an empty batch still steps: noise only (PRIVACY.md rule 1)
-        opt.zero_grad(set_to_none=True)
+    def checkpoint(progress: Progress) -> TrainState:
+        return loop.state(progress, secret_rng=rng.get_state() if seeded_for_test else None,
+                          meta={"config_id": config_id, "run_id": run_id,
+                                "history": progress.history, "ema_num_updates": ema.num_updates,
+                                "accountant_history": [[sigma, q, progress.step]]})
+
+    def diverged(d: Divergence) -> TrainingDiverged:
+        return _diverged(cfg, d.step, work_dir, d.last_saved, run_id, ledger, workers.is_main)
+
+    loop = TrainingLoop(
+        net=net, optimizer=opt, gradient=gradient, steps=fc.steps, desc="finetune (DP)",
+        ema=ema, bar_format=PROGRESS_FORMAT, is_main=workers.is_main,
+        curve=Curve("public_loss", fc.log_every, tracker=tracker, measure=lambda _: public_eval(
+            ema.shadow, eval_loss, pub_x, pub_y, cfg.seed)),
+        # Release (log) only state that is already checkpointed: a resume redoes
+        # un-checkpointed steps with fresh noise, and two noisy versions of a
+        # released step would spend more than the ledger records.
+        checkpoints=Checkpoints(work_dir, fc.checkpoint_every, checkpoint, before_release=True,
+                                saved=lambda step: ledger.record_progress(run_id, step),
+                                sync=sync_work),
         # Divergence is detected on the parameters after the noisy step, never on the
         # loss of the private batch: the noisy update is the DP mechanism's output, so
         # testing it is post-processing and spends nothing, while a test of the private
         # loss (data-dependent) would be a release outside the accounting (PRIVACY.md
         # rule 6). The diverged state is never checkpointed, logged or published.
-        if not all_finite(net):
-            raise _diverged(cfg, step + 1, work_dir, last_saved, run_id, ledger,
-                            workers.is_main)
-        ema.update(net)
-        # Release (log) only state that is already checkpointed: a resume redoes
-        # un-checkpointed steps with fresh noise, and two noisy versions of a
-        # released step would spend more than the ledger records.
-        log_now = (step + 1) % fc.log_every == 0 or step + 1 == fc.steps
-        if not workers.is_main:
-            continue  # the replicas stay in sync: same summed gradient, same step
-        if log_now:
-            history.append([step + 1, public_eval(ema.shadow, eval_loss, pub_x, pub_y,
-                                                  cfg.seed)])
-        if log_now or (step + 1) % fc.checkpoint_every == 0 or step + 1 == end:
-            save_checkpoint(work_dir, TrainState(
-                step=step + 1, net=net.state_dict(), ema=ema.shadow.state_dict(),
-                optimizer=opt.state_dict(), generator=None, torch_rng=torch.get_rng_state(),
-                secret_rng=rng.get_state() if seeded_for_test else None,
-                meta={"config_id": config_id, "run_id": run_id, "history": history,
-                      "ema_num_updates": ema.num_updates,
-                      "accountant_history": [[sigma, q, step + 1]]}), on_saved=sync_work)
-            ledger.record_progress(run_id, step + 1)
-            last_saved = step + 1
-        if log_now:
-            tracker.log_metrics({"public_loss": history[-1][1]}, step=step + 1)
-            bar.set_postfix(public_loss=f"{history[-1][1]:.4f}")
-    bar.close()
+        divergence=DivergenceCheck(diverged, every_step=True))
+    progress = Progress()
+    if state is not None:
+        progress = loop.resume(state)
+        if seeded_for_test and state.secret_rng is not None:
+            rng.set_state(state.secret_rng)  # release runs never persist it
+        log.info("resuming DP fine-tuning from step %d", progress.step)
+    start = progress.step
+
+    tracker.log_params(cfg.section(*SECTIONS) | {"finetune.workers": workers.world_size})
+    end = fc.steps if stop_after is None else min(fc.steps, stop_after)
+    history = loop.run(progress, end).history
     epsilon = accounting.epsilon(plan, fc.delta, fc.accountant)
     if end < fc.steps or not workers.is_main:
         return FinetuneResult(out_dir, epsilon if end == fc.steps else float("nan"), sigma,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,24 +17,24 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from dpsynth.config import Config
 from dpsynth.data.roles import refuse_private_split
 from dpsynth.devices import default_device
 from dpsynth.diffusion.ema import EMA
 from dpsynth.diffusion.loss import DenoisingLoss
-from dpsynth.diffusion.samplers import from_uint8
 from dpsynth.diffusion.unet import UNetSpec, build_unet, save_model
 from dpsynth.errors import InputError, TrainingDiverged
 from dpsynth.io.atomic import atomic_dir
 from dpsynth.io.shards import read_dataset, read_manifest
 from dpsynth.plots import plot_loss
 from dpsynth.provenance import write_run_info
-from dpsynth.stages.common import (all_finite, fingerprint, kept_checkpoint, work_dir_for,
-                                   write_metrics)
+from dpsynth.stages.common import fingerprint, kept_checkpoint, work_dir_for, write_metrics
 from dpsynth.tracking import Tracker
-from dpsynth.training.checkpoint import TrainState, load_latest, restore, save_checkpoint
+from dpsynth.training.checkpoint import TrainState, load_latest
+from dpsynth.training.gradients import MeanLossGradient
+from dpsynth.training.loop import (Checkpoints, Curve, Divergence, DivergenceCheck, Progress,
+                                   TrainingLoop)
 
 log = logging.getLogger(__name__)
 SECTIONS = ("seed", "model", "diffusion", "pretrain")
@@ -114,67 +113,43 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
     opt = torch.optim.AdamW(net.parameters(), lr=pc.lr, weight_decay=0.0)
     loss_fn = DenoisingLoss.from_config(cfg.diffusion, spec.null_label)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    history: list[list[float]] = []  # [step, mean loss over the logging window]
-    window: list[float] = []  # losses since the last logged step
 
-    start = 0
-    last_saved: int | None = None  # the step of the newest checkpoint, for messages
+    def checkpoint(progress: Progress) -> TrainState:
+        return loop.state(progress, generator=gen.get_state(), meta={
+            "run_id": run_id, "ema_num_updates": ema.num_updates,
+            "history": progress.history, "window": progress.window})
+
+    def diverged(d: Divergence) -> TrainingDiverged:
+        what = ("the parameters after the update are not finite" if d.loss is None else
+                f"the loss on a public batch is {d.loss}")  # public data: testing it is free
+        return _diverged(cfg, d.step, what, work_dir, d.last_saved)
+
+    loop = TrainingLoop(
+        net=net, optimizer=opt, steps=pc.steps, desc="pretrain", ema=ema,
+        gradient=MeanLossGradient(net, loss_fn, x_all, y_all, pc.batch_size, gen, device),
+        learning_rate=lambda step: pc.lr * min(1.0, (step + 1) / max(1, pc.warmup_steps)),
+        curve=Curve("loss", pc.log_every, lambda p: sum(p.window) / len(p.window), tracker),
+        checkpoints=Checkpoints(work_dir, pc.checkpoint_every, checkpoint, sync=sync_work),
+        divergence=DivergenceCheck(diverged))  # the loss every step, the update at checkpoints
+
     state = load_latest(work_dir) if resume else None
     if state is not None and state.meta.get("run_id") != run_id:
         log.warning("ignoring checkpoint in %s: it belongs to another config or dataset",
                     work_dir)
         state = None
+    progress = Progress()
     if state is not None:
-        restore(state, net=net, ema=ema, optimizer=opt, generator=gen)
-        history = state.meta["history"]
-        # a checkpoint between two logging steps carries the partial window, so
-        # the resumed loss history equals the uninterrupted one
-        window = state.meta.get("window", [])
-        start = last_saved = state.step
-        log.info("resuming pre-training from step %d", start)
+        progress = loop.resume(state, generator=gen)
+        log.info("resuming pre-training from step %d", progress.step)
     elif work_dir.exists():
         shutil.rmtree(work_dir)
+    start = progress.step
 
     tracker.log_params(cfg.section(*SECTIONS) | {"num_params": sum(
         p.numel() for p in net.parameters())})
     t0 = time.perf_counter()
     end = pc.steps if stop_after is None else min(pc.steps, stop_after)
-    bar = tqdm(range(start, end), initial=start, total=pc.steps, desc="pretrain", disable=None)
-    for step in bar:
-        idx = torch.randint(0, len(x_all), (pc.batch_size,), generator=gen)
-        for group in opt.param_groups:  # linear warm-up
-            group["lr"] = pc.lr * min(1.0, (step + 1) / max(1, pc.warmup_steps))
-        loss = loss_fn(net, from_uint8(x_all[idx]).to(device), y_all[idx].to(device),
-                       gen).mean()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):  # public data: testing its loss is free
-            raise _diverged(cfg, step + 1, f"the loss on a public batch is {loss_value}",
-                            work_dir, last_saved)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        ema.update(net)
-        window.append(loss_value)
-        if (step + 1) % pc.log_every == 0 or step + 1 == pc.steps:
-            mean = sum(window) / len(window)
-            history.append([step + 1, mean])
-            tracker.log_metrics({"loss": mean}, step=step + 1)
-            bar.set_postfix(loss=f"{mean:.4f}")
-            window = []
-        if (step + 1) % pc.checkpoint_every == 0 or step + 1 == end:
-            # a finite loss does not prove a finite update (e.g. an inf gradient):
-            # never save (or, at the end, publish) a diverged state
-            if not all_finite(net):
-                raise _diverged(cfg, step + 1, "the parameters after the update are not "
-                                "finite", work_dir, last_saved)
-            save_checkpoint(work_dir, TrainState(
-                step=step + 1, net=net.state_dict(), ema=ema.shadow.state_dict(),
-                optimizer=opt.state_dict(), generator=gen.get_state(),
-                torch_rng=torch.get_rng_state(), meta={"run_id": run_id, "ema_num_updates": ema.num_updates,
-                      "history": history, "window": window}), on_saved=sync_work)
-            last_saved = step + 1
-    bar.close()
+    history = loop.run(progress, end).history
     if end < pc.steps:
         return PretrainResult(out_dir, end, history[-1][1] if history else float("nan"), start)
 
