@@ -19,8 +19,6 @@ from dpsynth.config import Config
 from dpsynth.stages.registry import stage
 from dpsynth.tracking import NullTracker
 
-USES = ("sample", "classify", "fid")  # what `score_model` runs
-
 
 def score_model(cfg: Config, *, model_dir: Path, public_dir: Path, test_dir: Path, work: Path,
                 fid_work: Path, sync_work: Callable[[], None] | None = None

@@ -1,2 +1,2 @@
 """Artifact I/O: atomic outputs, npz image shards with hashed manifests, models,
-and object storage (`s3://` paths, `storage`)."""
+and object storage for `s3://` paths (`s3`, `cache`, `published`, `work`)."""

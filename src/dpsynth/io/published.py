@@ -24,8 +24,6 @@ from dpsynth.io.shards import sha256_file
 log = logging.getLogger(__name__)
 
 MARKER = "_SUCCESS.json"  # a published prefix's completion marker and file manifest
-
-
 MARKER_SCHEMA = 1
 
 

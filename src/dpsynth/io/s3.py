@@ -22,33 +22,17 @@ from dpsynth.errors import DpsynthError, InputError
 log = logging.getLogger(__name__)
 
 SCHEME = "s3://"
-
-
 _ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-
-
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
-
-
 _DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
            "AllAccessDisabled", "ExpiredToken", "InvalidToken", "AccountProblem"}
-
-
 _MISSING = {"NoSuchKey", "404", "NotFound"}
-
-
 _CONFLICT = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
-
-
 # what boto3 reads from the environment: a change means a new client
 _CLIENT_ENV = (*_ENDPOINT_ENVS, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_CONFIG_FILE",
                "AWS_SHARED_CREDENTIALS_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN")
-
-
 _settings = StorageConfig()
-
-
 _clients: dict[bytes, Any] = {}
 
 

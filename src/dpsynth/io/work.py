@@ -23,11 +23,7 @@ from dpsynth.io import cache, published, s3
 log = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(r"ckpt-\d+")
-
-
 _LATEST = "latest.json"  # training.checkpoint's pointer to the newest complete checkpoint
-
-
 
 
 def work_location(out: str | Path) -> str | Path:

@@ -66,7 +66,6 @@ def clipped_sum(grads: Grads, max_grad_norm: float) -> tuple[Grads, torch.Tensor
     return {n: torch.einsum("b,b...->...", factor, g) for n, g in grads.items()}, norms
 
 
-
 def use_vmap_friendly_attention(net: torch.nn.Module) -> None:
     """Swap diffusers' SDPA attention for the classic processor: the fused CPU
     SDPA kernel has no vmap batching rule and falls back to a slow loop."""

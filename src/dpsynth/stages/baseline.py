@@ -16,7 +16,6 @@ private in either role.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 from dataclasses import dataclass

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 SECTIONS = ("seed", "data")
 
 
-
 @dataclass(frozen=True)
 class PrepareResult:
     """What `prepare` wrote: one manifest per split, under `out_dir/<role>/`."""
