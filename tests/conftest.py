@@ -63,9 +63,12 @@ def repo_copy() -> Callable[[Path, str], Path]:
 
 @pytest.fixture(scope="session")
 def repro(tmp_path_factory: pytest.TempPathFactory, repro_env: dict[str, str]) -> Path:
-    """A temp copy of the repo (configs/smoke.yaml as params.yaml) after `dvc repro`."""
+    """A temp copy of the repo (configs/smoke.yaml resolved as params.yaml, as `dpsynth
+    config resolve` writes it) after `dvc repro`."""
+    from dpsynth import config
+
     root = copy_repo(tmp_path_factory.mktemp("repo"),
-                     (REPO / "configs" / "smoke.yaml").read_text())
+                     config.resolved_yaml(config.load(REPO / "configs" / "smoke.yaml")))
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=repro_env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

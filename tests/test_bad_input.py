@@ -51,12 +51,12 @@ LEDGER = "inputs/ledger"
 # The tiny config every row starts from (relative paths: the test runs in tmp_path).
 CONFIG = {
     "seed": 0,
-    "data": {"private": {"kind": "digits"}, "image_size": 8, "channels": 1,
-             "shard_size": 200},
+    "data": {"private": {"kind": "digits"}, "public": None, "image_size": 8, "channels": 1,
+             "fractions": {"public": 0.25, "private": 0.55, "test": 0.2}, "shard_size": 200},
     "model": {"block_out_channels": [16, 32], "norm_num_groups": 8, "attention_levels": [1]},
     "diffusion": {"num_train_timesteps": 100},
     "pretrain": {"steps": 2, "batch_size": 8, "checkpoint_every": 1, "log_every": 1},
-    "finetune": {"steps": 2, "batch_size": 24, "physical_batch_size": 12,
+    "finetune": {"timesteps": {"kind": "uniform"}, "steps": 2, "batch_size": 24, "physical_batch_size": 12,
                  "aug_multiplicity": 2, "accountant": "rdp", "noise_seed": 7,
                  "checkpoint_every": 1, "log_every": 1},
     "privacy": {"ledger_dir": LEDGER, "dataset_budget_epsilon": 100.0},

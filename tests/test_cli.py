@@ -120,8 +120,11 @@ def test_rank_prints_the_correlations_with_their_interval(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     from dpsynth.stages import rank
 
-    result = rank.RankResult(tmp_path / "rank", (0.5, 0.9), (0.6, 0.95), 0.9, 0.8,
-                             (0.6123, 1.0), (-0.25, 0.9), 1, 0.0, None, None)
+    result = rank.RankResult(out_dir=tmp_path / "rank", synthetic_val_accuracy=(0.5, 0.9),
+                             real_test_accuracy=(0.6, 0.95), spearman_rho=0.9, kendall_tau=0.8,
+                             spearman_rho_ci=(0.6123, 1.0), kendall_tau_ci=(-0.25, 0.9),
+                             chosen_config=1, regret=0.0, classifier_version=None,
+                             generator_version=None)
     monkeypatch.setattr(rank, "run", lambda cfg, **kw: result)
     code = cli.main(["rank", "--set", "tracking.enabled=false", "--set", "rank.confidence=0.9",
                      "--synthetic", str(tmp_path), "--test", str(tmp_path),

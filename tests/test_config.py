@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,9 +24,11 @@ def test_defaults_validate_and_match_the_documented_embedded_setup() -> None:
     assert cfg == Config()
     assert cfg.data.private == SourceConfig(kind="digits", path=None)
     assert (cfg.data.image_size, cfg.data.channels) == (8, 1)
-    assert dict(cfg.data.fractions) == {"public": 0.25, "private": 0.55, "test": 0.20}
+    assert cfg.data.public == SourceConfig(kind="printed-digits", size=6000)
+    assert dict(cfg.data.fractions) == {"public": 0.0, "private": 0.8, "test": 0.2}
     assert cfg.sample.sampler == "dpmsolver++"
-    assert cfg.diffusion.timesteps.kind == "uniform"
+    assert cfg.diffusion.timesteps.kind == "uniform"  # pre-training
+    assert cfg.finetune.timesteps.kind == "piecewise"  # the paper's biased sampling
 
 
 def test_config_error_is_an_input_error() -> None:
@@ -94,7 +98,8 @@ def test_set_overrides_nested_values_with_yaml_types(tmp_path: Path) -> None:
     assert cfg.tracking.enabled is False
     assert cfg.model.block_out_channels == (16, 32)
     assert cfg.data.public == SourceConfig(kind="npz", path="s3://bucket/x=1.npz")
-    assert cfg.diffusion.timesteps == TimestepConfig("piecewise", ((0, 10),), (1.0,))
+    assert cfg.diffusion.timesteps == TimestepConfig(kind="piecewise", intervals=((0, 10),),
+                                                     weights=(1.0,))
 
 
 def test_later_override_wins() -> None:
@@ -258,11 +263,12 @@ def test_invalid_value_error_names_the_field(assignment: str, prefix: str) -> No
 
 def test_piecewise_mismatch_reports_weight_count() -> None:
     with pytest.raises(ConfigError, match=r"got 1 weights"):
-        DiffusionConfig(timesteps=TimestepConfig("piecewise", ((0, 10), (10, 20)), (1.0,)))
+        DiffusionConfig(timesteps=TimestepConfig(
+            kind="piecewise", intervals=((0, 10), (10, 20)), weights=(1.0,)))
 
 
 def test_interval_bound_uses_num_train_timesteps() -> None:
-    ok = TimestepConfig("piecewise", ((0, 50),), (1.0,))
+    ok = TimestepConfig(kind="piecewise", intervals=((0, 50),), weights=(1.0,))
     DiffusionConfig(num_train_timesteps=50, timesteps=ok)
     with pytest.raises(ConfigError, match=r"hi <= 40"):
         DiffusionConfig(num_train_timesteps=40, timesteps=ok)
@@ -389,7 +395,91 @@ def test_repo_configs_check_twin_is_at_an_epsilon_their_audit_can_refute(path: P
 
     cfg = config.load(path)
     ac, m = cfg.audit, cfg.audit.num_canaries
-    assert "check_epsilon" in path.read_text()  # stated, not left to the default
     best = max_certifiable_epsilon(np.arange(m) < m // 2, guess_fractions=ac.guess_fractions,
                                    delta=cfg.finetune.delta, confidence=ac.confidence)
     assert ac.check_epsilon < best
+
+
+# --------------------------------------------------------------------------- one set of defaults
+
+OVERRIDE_FILES = sorted(REPO.glob("configs/*.yaml"))
+
+
+def test_params_yaml_restates_the_code_defaults_field_for_field() -> None:
+    """One set of defaults: params.yaml (what DVC tracks, with the comments) is the
+    code's defaults written out, every section and every field of each (storage
+    aside: a deployment's setting, not an experiment's)."""
+    raw = config.yaml_load((REPO / "params.yaml").read_text())
+    assert config.from_dict(raw) == Config()
+    sections = typing.get_type_hints(Config)
+    missing = [name for name in sections if name not in raw]
+    missing += [f"{name}.{f.name}" for name, cls in sections.items()
+                if dataclasses.is_dataclass(cls) and name in raw
+                for f in dataclasses.fields(cls) if f.name not in raw[name]]
+    assert missing == ["storage"]
+
+
+def _key_tree(tree: Any, default: Any) -> Any:
+    """The keys a config file states: it descends into a section, and into a setting
+    whose default is its class's own (a classifier recipe); anything else (a source,
+    a list, the piecewise timesteps of fine-tuning) is one value."""
+    if not isinstance(tree, dict):
+        return None
+    return {k: _key_tree(v, getattr(default, k)) if _descends(k, getattr(default, k))
+            else None for k, v in tree.items()}
+
+
+def _descends(name: str, default: Any) -> bool:
+    return (dataclasses.is_dataclass(default) and name not in ("private", "public", "test")
+            and type(default)() == default)
+
+
+@pytest.mark.parametrize("path", OVERRIDE_FILES, ids=[p.name for p in OVERRIDE_FILES])
+def test_config_files_hold_only_what_differs_from_the_defaults(path: Path) -> None:
+    """configs/*.yaml are overrides, not copies: every key a file states differs from
+    its default (a copied default would drift from the code's), and reading the file
+    back from its differences gives the same config."""
+    cfg = config.load(path)
+    diff = config.differences(cfg)
+    assert config.from_dict(diff) == cfg
+    stated = _key_tree(config.yaml_load(path.read_text()), Config())
+    assert stated == _key_tree(diff, Config()), (
+        f"{path.name} restates defaults; `dpsynth config diff {path.name}` prints its overrides")
+
+
+def test_differences_round_trip_nested_settings() -> None:
+    """A nested setting whose default is not its class's (fine-tuning's piecewise
+    timesteps, the printed-digits public source) is written whole, so that reading
+    it back does not fill the rest from the class."""
+    for overrides in (["finetune.timesteps.weights=[1, 1, 1]"],
+                      ["finetune.timesteps={kind: uniform}"],
+                      ["data.public={kind: printed-digits, size: 100}"], ["data.public=null"],
+                      ["classify.classifier.widen=4", "rank.grid=[{lr: 0.1}, {lr: 0.2}]"]):
+        cfg = config.from_dict({}, overrides)
+        assert config.from_dict(config.differences(cfg)) == cfg, overrides
+    assert config.differences(Config()) == {}
+
+
+def test_config_resolve_writes_every_field_and_diff_only_the_overrides(tmp_path: Path) -> None:
+    from dpsynth.cli import main
+
+    smoke = REPO / "configs" / "smoke.yaml"
+    out = tmp_path / "params.yaml"
+    assert main(["config", "resolve", str(smoke), "--set", "pretrain.steps=7", "-o",
+                 str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Resolved from ")
+    raw = yaml.safe_load(text)  # plain YAML, as DVC reads it
+    assert set(raw) == {f.name for f in dataclasses.fields(Config)}
+    assert config.from_dict(raw) == config.load(smoke, ["pretrain.steps=7"])
+    assert raw["pretrain"]["steps"] == 7 and "ledger_dir" in raw["privacy"]
+
+    diff = tmp_path / "diff.yaml"
+    assert main(["config", "diff", str(out), "-o", str(diff)]) == 0
+    assert config.load(diff) == config.load(out)
+    assert "ledger_dir" not in diff.read_text()  # a default: not restated
+
+    before = text
+    assert main(["config", "resolve", str(smoke), "--set", "pretrain.steps=0", "-o",
+                 str(out)]) == 2  # invalid: nothing written
+    assert out.read_text() == before

@@ -56,6 +56,7 @@ import pytest
 import yaml
 from PIL import Image, PngImagePlugin
 
+from dpsynth.config import load
 from dpsynth.io.shards import read_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -259,7 +260,7 @@ def egress_run(tmp_path_factory: pytest.TempPathFactory, repro_env: dict[str, st
     """`dvc repro` of the smoke config, on the canary source, in a temp copy of the repo
     (as conftest's `repro`), its stdout / stderr captured to files."""
     private, public_test, sources = write_sources(tmp_path_factory.mktemp("sources"))
-    params = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    params = load(REPO / "configs" / "smoke.yaml").to_dict()  # resolved, as DVC needs
     params["data"].update(sources)
     root = repo_copy(tmp_path_factory.mktemp("repo"), yaml.safe_dump(params, sort_keys=False))
     logs = tmp_path_factory.mktemp("logs")

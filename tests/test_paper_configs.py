@@ -53,6 +53,28 @@ def test_cifar10_is_the_paper_setting(cifar10: Config) -> None:
     assert len(cifar10.rank.grid) >= 2 and max(cifar10.classify.sizes) <= 50_000
 
 
+@pytest.mark.parametrize("name", ["cifar10", "camelyon17"])
+def test_the_paper_values_they_take_from_the_defaults(name: str) -> None:
+    """The config files state only what differs from the defaults: these are the
+    values their comments say the paper (or its sources) sets that they inherit. A
+    change of default that would move the paper experiment fails here."""
+    cfg = load(CONFIGS / f"{name}.yaml")
+    f, d = cfg.finetune, cfg.diffusion
+    assert (d.num_train_timesteps, d.prediction_type, d.timesteps.kind) == (1000, "epsilon",
+                                                                          "uniform")
+    assert (f.epsilon, f.accountant, f.batch_sampler, f.max_grad_norm, f.noise_seed) == (
+        10.0, "prv", "poisson", 1.0, None)
+    assert (f.timesteps.kind, f.timesteps.intervals, f.timesteps.weights) == (
+        "piecewise", ((0, 200), (200, 800), (800, 1000)), (0.1, 0.7, 0.2))
+    assert (cfg.sample.eta, cfg.sample.guidance_scale) == (0.0, 1.0)
+    assert (cfg.fid.kid_subsets, cfg.fid.kid_subset_size, cfg.fid.prc_neighborhood) == (
+        100, 1000, 3)
+    c = cfg.classify.classifier
+    assert (c.dropout, c.batch_size, c.weight_decay, c.momentum) == (0.0, 128, 5e-4, 0.9)
+    assert cfg.privacy.dataset_budget_epsilon == 30.0 and cfg.audit.check_epsilon == 1.0
+    assert cfg.report.disclose_private_size is False
+
+
 def test_camelyon17_shares_the_model_and_splits_by_hospital(cifar10: Config,
                                                             camelyon17: Config) -> None:
     d = camelyon17.data

@@ -187,7 +187,7 @@ def test_hopeless_noise_is_flagged_end_to_end() -> None:
 
 @pytest.mark.parametrize("changes, refused, allowed, match, training_check", [
     # δN = 1: refused, as `dpsynth finetune` refuses it; one example fewer is allowed
-    ({"delta": 1e-3}, 1000, 999, "--delta=0.001 is not below 1/N",
+    ({"delta": 1e-3, "batch_size": 128}, 1000, 999, "--delta=0.001 is not below 1/N",
      lambda fc, n: accounting.check_delta(fc.delta, n)),
     ({"batch_size": 1001}, 1000, 1001, "--batch-size=1001 is larger than --dataset-size=1000",
      lambda fc, n: sample_rate(fc.batch_size, n)),
@@ -234,7 +234,8 @@ def test_cli_json_schema_and_nothing_written(tmp_path: Path, monkeypatch: pytest
 
 
 def test_cli_text_epochs_and_warnings(capsys: pytest.CaptureFixture) -> None:
-    code, out, _ = _cli(capsys, "--dataset-size", "990", "--epochs", "1", "--delta", "5e-4",
+    code, out, _ = _cli(capsys, "--dataset-size", "990", "--batch-size", "128", "--epochs", "1",
+                        "--delta", "5e-4",
                         "--accountant", "rdp", "--set", "model.block_out_channels=[16,32]",
                         "--set", "model.attention_levels=[1]")
     assert code == 0
@@ -246,13 +247,17 @@ def test_cli_text_epochs_and_warnings(capsys: pytest.CaptureFixture) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dataset-size", "990", "--delta", "0.002"], "--delta=0.002 is not below 1/N"),
-    (["--dataset-size", "100"], "--batch-size=128 is larger than --dataset-size=100"),
+    (["--dataset-size", "990", "--batch-size", "128", "--delta", "0.002"],
+     "--delta=0.002 is not below 1/N"),
+    (["--dataset-size", "100", "--batch-size", "128"],
+     "--batch-size=128 is larger than --dataset-size=100"),
     (["--dataset-size", "990", "--batch-size", "0"], "--batch-size: finetune.batch_size=0"),
-    (["--dataset-size", "990", "--epochs", "0"], "--epochs=0.0 must be a number > 0"),
+    (["--dataset-size", "990", "--batch-size", "128", "--epochs", "0"],
+     "--epochs=0.0 must be a number > 0"),
     (["--dataset-size", "0"], "--dataset-size=0 must be an integer >= 1"),
     (["--dataset-size", "990", "--mfu", "0"], "--mfu=0.0 must be in (0, 1]"),
-    (["--dataset-size", "990", "--noise-multiplier", "-1"], "--noise-multiplier=-1.0"),
+    (["--dataset-size", "990", "--batch-size", "128", "--noise-multiplier", "-1"],
+     "--noise-multiplier=-1.0"),
 ])
 def test_cli_bad_input_exits_2_naming_the_flag(args: list[str], message: str,
                                                capsys: pytest.CaptureFixture) -> None:

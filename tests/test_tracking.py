@@ -131,6 +131,7 @@ def test_two_stages_share_one_parent_run(tmp_path: Path, store: Callable[[str], 
     cfg = from_dict({
         "model": {"block_out_channels": [16, 32], "norm_num_groups": 8, "attention_levels": [1]},
         "diffusion": {"num_train_timesteps": 100},
+        "finetune": {"timesteps": {"kind": "uniform"}},
         "pretrain": {"steps": 6, "batch_size": 8, "checkpoint_every": 3, "log_every": 2},
         "sample": {"num_samples": 10, "num_shards": 2, "num_inference_steps": 2},
         "tracking": {"experiment": EXPERIMENT, "tracking_uri": uri}})
@@ -301,6 +302,7 @@ def test_generator_is_registered_loadable_and_keeps_privacy_json_out(
     cfg = from_dict({
         "model": {"block_out_channels": [16, 32], "norm_num_groups": 8, "attention_levels": [1]},
         "diffusion": {"num_train_timesteps": 100},
+        "finetune": {"timesteps": {"kind": "uniform"}},
         "pretrain": {"steps": 4, "batch_size": 8, "checkpoint_every": 4, "log_every": 2},
         "tracking": {"enabled": False}})
     pretrain.run(cfg, public_dir=digits_split, out_dir=tmp_path / "model", tracker=NullTracker())

@@ -28,6 +28,8 @@ EXAMPLES = {  # the stages' examples are in the registry (dpsynth.stages.registr
     "mlflow-server": "dpsynth mlflow-server --artifacts-destination s3://my-bucket/mlflow "
                      "--port 5000\n  export MLFLOW_TRACKING_URI=http://127.0.0.1:5000   "
                      "# then run stages as usual",
+    "config": "dpsynth config resolve configs/cifar10.yaml -o params.yaml   # then dvc repro\n"
+              "  dpsynth config diff params.yaml   # what it sets differently from the defaults",
     "plan": "dpsynth plan --config params.yaml --dataset-size 990\n"
             "  dpsynth plan --config params.yaml --dataset-size 990 --noise-multiplier 1.2 "
             "--accountant rdp   # epsilon for a given sigma\n"
@@ -41,6 +43,7 @@ SHORT = {  # and the stages' in the registry
     "submit": "submit the Kubeflow pipeline to a cluster (a run or a schedule)",
     "mlflow-server": "run a shared MLflow tracking server",
     "plan": "privacy budget and compute of a fine-tuning run, before running it",
+    "config": "a config file resolved (every field, for DVC) or as overrides of the defaults",
 }
 
 # Stage arguments that name a folder a stage reads; each may be an s3:// URI.
@@ -226,6 +229,27 @@ def _summary(args: argparse.Namespace) -> None:
     from dpsynth.summary import summarize
 
     print(summarize(args.artifacts, args.seconds))
+
+
+def _config(args: argparse.Namespace) -> None:
+    """`dpsynth config resolve|diff`: the file (plus --set) resolved, or its overrides."""
+    from dpsynth.io.atomic import atomic_write_bytes
+
+    cfg = config.load(args.file, args.overrides)
+    source = " ".join([str(args.file) if args.file else "the defaults",
+                       *(f"--set {o}" for o in args.overrides)])
+    if args.action == "resolve":
+        text = config.resolved_yaml(cfg, header=(
+            f"Resolved from {source} by `dpsynth config resolve`: every field explicit,\n"
+            "as DVC reads it. Edit the source file and resolve again, or use\n"
+            "`dvc exp run -S key=value`."))
+    else:
+        text = config.to_yaml(config.differences(cfg))
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_bytes(args.out, text.encode())  # a failed write leaves the old file
+        print(f"wrote {args.out} ({args.action} of {source})", file=sys.stderr)
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -420,6 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-hosts", default=None,
                    help="Host headers to accept when served beyond localhost")
     _plan_arguments(add("plan", PLAN_HELP, _plan, common=False))
+    p = add("config", "Show a config: `resolve` writes FILE (default: the code defaults) with "
+            "--set applied and every field explicit, as DVC needs params.yaml (configs/*.yaml "
+            "hold only what differs from the defaults); `diff` writes only what differs from "
+            "the defaults, as the files in configs/ do.", _config, common=False)
+    p.add_argument("action", choices=("resolve", "diff"), help="resolve or diff")
+    p.add_argument("file", nargs="?", type=Path, default=None, metavar="FILE",
+                   help="YAML config, e.g. configs/cifar10.yaml (default: the code defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting (repeatable), as the stages' --set")
+    p.add_argument("-o", "--out", type=Path, default=None, metavar="FILE",
+                   help="write here (atomically) instead of stdout, e.g. params.yaml")
     p = sub.add_parser("summary", help="print what the pipeline produced and how to view it",
                        description="Print each stage's output folder and headline metrics, "
                                    "and how to open MLflow and the DVC plots.",
@@ -451,6 +486,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "plan":  # prints a plan; reads no data, writes nothing
             _plan(args)
+            return 0
+        if args.command == "config":  # prints or writes a config file; runs no stage
+            _config(args)
             return 0
         if args.command == "mlflow-server":  # runs a server; no stage config
             _mlflow_server(args)

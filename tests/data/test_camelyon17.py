@@ -83,9 +83,10 @@ def test_corrupt_patch(camelyon_dir: Path, prepare_fails: Callable[..., InputErr
 
 
 def test_prepare_with_hospital_test_set(camelyon_dir: Path, tmp_path: Path) -> None:
-    cfg = Config(data=DataConfig(private=spec(camelyon_dir, hospitals=(0, 1, 2)),
+    cfg = Config(data=DataConfig(private=spec(camelyon_dir, hospitals=(0, 1, 2)), public=None,
                                  test=spec(camelyon_dir, hospitals=(4,)), image_size=8,
-                                 channels=3))
+                                 channels=3, fractions={"public": 0.25, "private": 0.75,
+                                                        "test": 0.0}))  # public: carved
     result = prepare.run(cfg, out_dir=tmp_path / "out", tracker=NullTracker())
     assert result.test.count == 4 and result.public.count + result.private.count == 12
     images, labels, _ = read_dataset(tmp_path / "out" / "test")

@@ -85,7 +85,8 @@ def test_no_class_folders_and_not_a_folder(tmp_path: Path,
 
 def test_prepare_resizes_and_converts(tmp_path: Path) -> None:
     root = write_imagefolder(tmp_path / "r", per_class=10, size=(16, 16))
-    cfg = Config(data=DataConfig(private=spec(root), image_size=4, channels=1))
+    cfg = Config(data=DataConfig(private=spec(root), public=None, image_size=4, channels=1,
+                                 fractions={"public": 0.25, "private": 0.55, "test": 0.2}))
     result = prepare.run(cfg, out_dir=tmp_path / "out", tracker=NullTracker())
     assert result.private.shape == (4, 4, 1) and result.private.classes == ("cat", "dog")
     assert result.public.count + result.private.count + result.test.count == 20

@@ -61,7 +61,7 @@ def test_schedule_follows_the_config() -> None:
 
 def test_from_config() -> None:
     cfg = DiffusionConfig(label_dropout=0.2, timesteps=TimestepConfig(
-        "piecewise", ((0, 100), (100, 1000)), (1.0, 1.0)))
+        kind="piecewise", intervals=((0, 100), (100, 1000)), weights=(1.0, 1.0)))
     loss = DenoisingLoss.from_config(cfg, null_label=NULL)
     assert loss.label_dropout == 0.2 and loss.null_label == NULL
     assert loss.timesteps == Piecewise(1000, ((0, 100), (100, 1000)), (1.0, 1.0))
@@ -147,7 +147,8 @@ def test_call_is_draw_then_per_example(tiny_net: UNet2DModel) -> None:
 
 
 def test_draw_shapes_and_timestep_distribution() -> None:
-    cfg = DiffusionConfig(timesteps=TimestepConfig("piecewise", ((100, 200),), (1.0,)))
+    cfg = DiffusionConfig(timesteps=TimestepConfig(kind="piecewise", intervals=((100, 200),),
+                                                   weights=(1.0,)))
     loss = DenoisingLoss.from_config(cfg, NULL)
     x0 = torch.zeros(1000, 1, 8, 8, dtype=torch.float64)
     t, noise, _ = loss.draw(x0, torch.zeros(1000, dtype=torch.long), gen())

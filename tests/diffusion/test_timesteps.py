@@ -123,5 +123,5 @@ PIECEWISE_PINNED = [93, 75, 3, 87, 18]
 
 def test_made_from_config() -> None:
     assert make_timestep_distribution(TimestepConfig(), 50) == Uniform(50)
-    cfg = TimestepConfig("piecewise", ((0, 10), (10, 50)), (1.0, 2.0))
+    cfg = TimestepConfig(kind="piecewise", intervals=((0, 10), (10, 50)), weights=(1.0, 2.0))
     assert make_timestep_distribution(cfg, 50) == Piecewise(50, ((0, 10), (10, 50)), (1.0, 2.0))

@@ -90,7 +90,8 @@ def test_finetune_on_two_workers_reports_the_same_epsilon(tmp_path: Path) -> Non
     write_dataset(tmp_path / "private", images[200:500], d.target[200:500], classes, "digits")
     overrides = [
         "model.block_out_channels=[8, 16]", "model.norm_num_groups=4", "model.attention_levels=[1]",
-        "diffusion.num_train_timesteps=100", "pretrain.steps=2", "pretrain.batch_size=8",
+        "diffusion.num_train_timesteps=100", "finetune.timesteps={kind: uniform}",
+        "pretrain.steps=2", "pretrain.batch_size=8",
         "finetune.steps=3", "finetune.batch_size=24", "finetune.physical_batch_size=8",
         "finetune.aug_multiplicity=2", "finetune.accountant=rdp", "finetune.noise_seed=11",
         "finetune.log_every=3", "tracking.enabled=false"]

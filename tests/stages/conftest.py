@@ -23,8 +23,12 @@ NUM_PUBLIC = 400  # enough for the loss to fall in a dozen steps, small enough t
 # Every knob small: a whole pretrain run is ~12 steps of a ~180k-parameter UNet.
 TINY: dict[str, Any] = {
     "seed": 0,
+    # the splits of one pool (sklearn's digits), as the fixtures below make them
+    "data": {"public": None, "fractions": {"public": 0.25, "private": 0.55, "test": 0.2}},
     "model": {"block_out_channels": [16, 32], "norm_num_groups": 8, "attention_levels": [1]},
+    # 100 timesteps: fine-tuning samples uniformly (the default intervals are for 1000)
     "diffusion": {"num_train_timesteps": 100},
+    "finetune": {"timesteps": {"kind": "uniform"}},
     "pretrain": {"steps": 12, "batch_size": 16, "lr": 2e-3, "warmup_steps": 2,
                  "ema_decay": 0.9, "checkpoint_every": 4, "log_every": 2},
     # batch_size 8 < 10 per shard: a shard is sampled in two chunks from one generator

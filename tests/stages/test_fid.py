@@ -89,7 +89,7 @@ def test_end_to_end_with_the_domain_cnn(make_cfg: Callable[..., Config], data: d
     assert all(math.isfinite(v) for v in metrics.values())
     assert metrics["fd_digits_cnn"] > 0 and 0 <= metrics["precision_digits_cnn"] <= 1
     assert metrics["domain_cnn_real_test_accuracy"] > 0.7  # sanity: the CNN knows digits
-    assert "subset size 1000 clipped to 150" in caplog.text
+    assert "subset size 300 clipped to 150" in caplog.text
     assert (result.reference_from_cache, result.domain_cnn_from_cache) == ((), False)
 
     assert sorted(p.name for p in out.iterdir()) == [

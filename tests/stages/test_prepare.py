@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,16 @@ from dpsynth.stages import prepare
 from dpsynth.tracking import NullTracker
 
 ROLES = ("public", "private", "test")
+
+
+# The splits carved from one pool (as configs/smoke.yaml): the default experiment's
+# public split has a source of its own (printed digits).
+CARVED = {"public": 0.25, "private": 0.55, "test": 0.20}
+
+
+def carved(seed: int = 0, **data: Any) -> Config:
+    """A config whose public and test splits are carved from the private pool."""
+    return Config(seed=seed, data=DataConfig(**({"public": None, "fractions": CARVED} | data)))
 
 
 def run(tmp_path: Path, name: str, cfg: Config) -> tuple[prepare.PrepareResult, NullTracker]:
@@ -36,8 +47,8 @@ def assert_nothing_written(out_dir: Path) -> None:
 def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """Three default (digits) runs: seed 0 twice, seed 1 once."""
     tmp = tmp_path_factory.mktemp("prepare")
-    return {"a": run(tmp, "a", Config(seed=0)), "b": run(tmp, "b", Config(seed=0)),
-            "c": run(tmp, "c", Config(seed=1)), "dir": tmp}
+    return {"a": run(tmp, "a", carved(seed=0)), "b": run(tmp, "b", carved(seed=0)),
+            "c": run(tmp, "c", carved(seed=1)), "dir": tmp}
 
 
 def test_digits_splits_verify_and_partition(digits_runs: dict) -> None:
@@ -51,7 +62,7 @@ def test_digits_splits_verify_and_partition(digits_runs: dict) -> None:
         assert images.shape[1:] == (8, 8, 1) and manifest.classes == tuple("0123456789")
         assert set(labels) == set(range(10))  # stratified: every class in every split
         share = len(labels) / 1797
-        assert abs(share - DataConfig().fractions[role]) < 0.01, role
+        assert abs(share - CARVED[role]) < 0.01, role
     hashes = [row_hashes(data[r][0]) for r in ROLES]  # the 1797 digits are all distinct
     assert sum(map(len, hashes)) == 1797 and len(set.union(*hashes)) == 1797
 
@@ -81,7 +92,7 @@ def test_metrics_and_tracker_hold_no_private_count(digits_runs: dict) -> None:
 
 
 def test_empty_split_from_fractions(tmp_path: Path) -> None:
-    cfg = Config(data=DataConfig(fractions={"public": 0.0, "private": 0.8, "test": 0.2}))
+    cfg = carved(fractions={"public": 0.0, "private": 0.8, "test": 0.2})
     with pytest.raises(InputError, match=r"public split is empty: data.fractions.public=0.0 .*"
                                          r"give data.public a source"):
         run(tmp_path, "out", cfg)
@@ -97,12 +108,11 @@ def write_npz(path: Path, labels: list[int], classes: list[str]) -> SourceConfig
 def test_class_absent_from_private(tmp_path: Path) -> None:
     source = write_npz(tmp_path / "d.npz", [0, 1] * 10, ["a", "b", "c"])
     with pytest.raises(InputError, match="class 'c' has no examples in the private split"):
-        run(tmp_path, "out", Config(data=DataConfig(private=source)))
+        run(tmp_path, "out", carved(private=source))
     assert_nothing_written(tmp_path / "out")
     # One example of "b": it goes to the role with the largest share, here public.
     source = write_npz(tmp_path / "e.npz", [0] * 10 + [1], ["a", "b"])
-    cfg = Config(data=DataConfig(private=source,
-                                 fractions={"public": 0.6, "private": 0.2, "test": 0.2}))
+    cfg = carved(private=source, fractions={"public": 0.6, "private": 0.2, "test": 0.2})
     with pytest.raises(InputError, match="class 'b' has no examples in the private split"):
         run(tmp_path, "out", cfg)
     assert_nothing_written(tmp_path / "out")
@@ -110,7 +120,7 @@ def test_class_absent_from_private(tmp_path: Path) -> None:
 
 def test_test_source_must_share_private_classes(tmp_path: Path) -> None:
     test = write_npz(tmp_path / "t.npz", [0, 1], ["x", "y"])
-    cfg = Config(data=DataConfig(test=test, image_size=4))
+    cfg = carved(test=test, image_size=4)
     with pytest.raises(InputError, match=r"data.test: classes \['x', 'y'\] differ"):
         run(tmp_path, "out", cfg)
     assert_nothing_written(tmp_path / "out")
@@ -118,7 +128,7 @@ def test_test_source_must_share_private_classes(tmp_path: Path) -> None:
 
 def test_supplied_test_source_and_renormalised_pool(tmp_path: Path) -> None:
     test = write_npz(tmp_path / "t.npz", list(range(10)), [str(d) for d in range(10)])
-    result, _ = run(tmp_path, "out", Config(data=DataConfig(test=test)))
+    result, _ = run(tmp_path, "out", carved(test=test))
     assert result.test.count == 10 and result.test.source == f"npz:{tmp_path / 't.npz'}[all]"
     # a test set from its own source may publish its size; the carved public split may not
     metrics = json.loads((result.out_dir / "metrics.json").read_text())
@@ -128,8 +138,8 @@ def test_supplied_test_source_and_renormalised_pool(tmp_path: Path) -> None:
 
 
 def test_failure_keeps_the_previous_output(tmp_path: Path) -> None:
-    first, _ = run(tmp_path, "out", Config())
-    bad = Config(data=DataConfig(private=SourceConfig(kind="npz", path=str(tmp_path / "no"))))
+    first, _ = run(tmp_path, "out", carved())
+    bad = carved(private=SourceConfig(kind="npz", path=str(tmp_path / "no")))
     with pytest.raises(InputError, match="no: not found"):
         run(tmp_path, "out", bad)
     _, _, manifest = read_dataset(tmp_path / "out" / "private")

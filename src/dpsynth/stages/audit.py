@@ -94,7 +94,7 @@ class MembershipAudit:
 AuditStatus = Literal["passed", "failed", "inconclusive"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AuditResult:
     out_dir: Path
     claimed_epsilon: float  # the public target finetune.epsilon (PRIVACY.md rule 8)
@@ -384,5 +384,6 @@ def run(cfg: Config, *, model_dir: Path, dp_model_dir: Path, synthetic_dir: Path
              check_status, check.epsilon_lower_bound, twins.check_epsilon,
              f", control {control.epsilon_lower_bound:.3f}" if control else "",
              mem.memorized_fraction)
-    return AuditResult(Path(out_dir), claimed, twins.audit_epsilon, dp, check, control, status,
-                       check_status, metrics)
+    return AuditResult(out_dir=Path(out_dir), claimed_epsilon=claimed,
+                       audit_epsilon=twins.audit_epsilon, dp=dp, check=check, control=control,
+                       status=status, check_status=check_status, metrics=metrics)

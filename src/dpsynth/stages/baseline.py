@@ -38,7 +38,7 @@ PREFIX = "public_only_"  # every metric of this stage: labelled where it appears
 LABEL = "public only (epsilon = 0: the pre-trained model, no private data)"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BaselineResult:
     """What `run` measured: `metrics` as published (keys start with `public_only_`)."""
 
@@ -97,4 +97,4 @@ def run(cfg: Config, *, model_dir: Path, public_dir: Path, test_dir: Path, out_d
     tracker.log_artifact(out_dir / "grid.png")
     shutil.rmtree(work, ignore_errors=True)
     log.info("public-only baseline: real test accuracy %.3f", scores["real_test_accuracy"])
-    return BaselineResult(Path(out_dir), metrics)
+    return BaselineResult(out_dir=Path(out_dir), metrics=metrics)

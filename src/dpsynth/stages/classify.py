@@ -36,7 +36,7 @@ BASELINE_NOTE = ("nonprivate_baseline_real_test_accuracy: the same classifier tr
                  "covered by (epsilon, delta) and must not be released as a DP result")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ClassifyResult:
     """What `run` measured.
 
@@ -151,4 +151,6 @@ def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, private_dir: Path |
         tracker.log_params({"nonprivate_baseline_note": BASELINE_NOTE})
     tracker.log_artifact(out_dir / "curve.csv")
     tracker.log_artifact(out_dir / "curve.png")
-    return ClassifyResult(out_dir, curve[-1][1], curve[-1][0], tuple(curve), baseline)
+    return ClassifyResult(out_dir=out_dir, real_test_accuracy=curve[-1][1],
+                          num_synthetic=curve[-1][0], curve=tuple(curve),
+                          nonprivate_baseline_real_test_accuracy=baseline)

@@ -47,7 +47,7 @@ def _np_seed(seed: int) -> int:
     return seed % 2**32  # numpy's RandomState (used by torch-fidelity's KID) needs [0, 2^32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FidResult:
     """What `run` produced.
 
@@ -271,4 +271,5 @@ def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, public_dir: Path,
         write_metrics(tmp, metrics)
     tracker.log_metrics({k: float(v) for k, v in metrics.items()})
     log.info("fid metrics: %s", json.dumps(metrics))
-    return FidResult(Path(out_dir), metrics, tuple(reused), cnn_from_cache)
+    return FidResult(out_dir=Path(out_dir), metrics=metrics, reference_from_cache=tuple(reused),
+                     domain_cnn_from_cache=cnn_from_cache)

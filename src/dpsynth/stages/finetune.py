@@ -62,7 +62,7 @@ PROGRESS_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps{p
 DIVERGED = "diverged.json"  # in the work folder: where the run diverged, for a resume
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FinetuneResult:
     out_dir: Path
     epsilon: float
@@ -376,8 +376,9 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     history = loop.run(progress, end).history
     epsilon = accounting.epsilon(plan, fc.delta, fc.accountant)
     if end < fc.steps or not workers.is_main:
-        return FinetuneResult(out_dir, epsilon if end == fc.steps else float("nan"), sigma,
-                              end, start)
+        return FinetuneResult(out_dir=out_dir,
+                              epsilon=epsilon if end == fc.steps else float("nan"),
+                              noise_multiplier=sigma, steps=end, resumed_from=start)
 
     ledger.complete(run_id, fc.steps)
     privacy = {
@@ -418,4 +419,5 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     shutil.rmtree(work_dir, ignore_errors=True)
     log.info("DP fine-tuning done: (epsilon <= %g, delta = %g)-DP (%s accountant), %d steps",
              fc.epsilon, fc.delta, fc.accountant, fc.steps)
-    return FinetuneResult(out_dir, epsilon, sigma, fc.steps, start)
+    return FinetuneResult(out_dir=out_dir, epsilon=epsilon, noise_multiplier=sigma, steps=fc.steps,
+                          resumed_from=start)

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 SECTIONS = ("seed", "data")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PrepareResult:
     """What `prepare` wrote: one manifest per split, under `out_dir/<role>/`."""
 

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 SECTIONS = ("seed", "model", "diffusion", "pretrain")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PretrainResult:
     out_dir: Path
     steps: int
@@ -151,7 +151,9 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
     end = pc.steps if stop_after is None else min(pc.steps, stop_after)
     history = loop.run(progress, end).history
     if end < pc.steps:
-        return PretrainResult(out_dir, end, history[-1][1] if history else float("nan"), start)
+        return PretrainResult(out_dir=out_dir, steps=end,
+                              final_loss=history[-1][1] if history else float("nan"),
+                              resumed_from=start)
 
     final_loss = history[-1][1]
     metrics = {"final_loss": final_loss, "steps": pc.steps,
@@ -172,4 +174,5 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
     tracker.log_artifact(out_dir / "loss.csv")
     tracker.log_artifact(out_dir / "loss.png")
     shutil.rmtree(work_dir, ignore_errors=True)
-    return PretrainResult(out_dir, pc.steps, final_loss, start)
+    return PretrainResult(out_dir=out_dir, steps=pc.steps, final_loss=final_loss,
+                          resumed_from=start)

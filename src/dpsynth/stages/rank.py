@@ -48,7 +48,7 @@ ALIAS = "champion"
 _BOOTSTRAP_STREAM = 0xB007  # the resamples' own seed stream, apart from other uses of cfg.seed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RankResult:
     """What `run` measured and registered.
 
@@ -222,5 +222,8 @@ def run(cfg: Config, *, synthetic_dir: Path, test_dir: Path, dp_model_dir: Path,
                                            registered_name=CLASSIFIER_NAME, alias=ALIAS)
     generator_version = tracker.log_model(dp_model_dir, kind="generator",
                                           registered_name=GENERATOR_NAME, alias=ALIAS)
-    return RankResult(out_dir, tuple(val_scores), tuple(test_scores), rho, tau, rho_ci, tau_ci,
-                      chosen, regret, classifier_version, generator_version)
+    return RankResult(out_dir=out_dir, synthetic_val_accuracy=tuple(val_scores),
+                      real_test_accuracy=tuple(test_scores), spearman_rho=rho, kendall_tau=tau,
+                      spearman_rho_ci=rho_ci, kendall_tau_ci=tau_ci, chosen_config=chosen,
+                      regret=regret, classifier_version=classifier_version,
+                      generator_version=generator_version)

@@ -49,7 +49,7 @@ PRIVATE = "prepare/private"  # the private split: read only to key the ledger
 PRIVATE_MANIFEST = f"{PRIVATE}/manifest.json"  # what DVC depends on (it pins the shards)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReportResult:
     """What `run` wrote.
 
@@ -223,8 +223,8 @@ def run(cfg: Config, *, artifacts: Mapping[str, Path], out_dir: Path, tracker: T
     tracker.log_artifact(Path(out_dir) / INDEX)
     log.info("report: %s (ε = %s; not run: %s)", Path(out_dir) / INDEX,
              epsilon_text(target), ", ".join(not_run) or "none")
-    return ReportResult(Path(out_dir), Path(out_dir) / INDEX, float(target), budget,
-                        not_run, text.count("<img "))
+    return ReportResult(out_dir=Path(out_dir), index=Path(out_dir) / INDEX, epsilon=float(target),
+                        budget=budget, not_run=not_run, images=text.count("<img "))
 
 
 def artifact_paths(root: Path, names: Sequence[str] = tuple(LAYOUT)) -> dict[str, Path]:

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 SECTIONS = ("seed", "diffusion", "sample")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SampleResult:
     out_dir: Path
     manifest: Manifest | None  # None when only some shards were made (fan-out)
@@ -241,7 +241,8 @@ def publish(cfg: Config, *, shard_dirs: Sequence[Path], model_dir: Path, out_dir
         write_metrics(tmp, metrics)
     tracker.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
     tracker.log_artifact(Path(out_dir) / "grid.png")
-    return SampleResult(Path(out_dir), manifest, tuple(made), tuple(skipped))
+    return SampleResult(out_dir=Path(out_dir), manifest=manifest, shards_made=tuple(made),
+                        shards_skipped=tuple(skipped))
 
 
 def run(cfg: Config, *, model_dir: Path, out_dir: Path, tracker: Tracker,

@@ -81,7 +81,7 @@ class SweepPoint:
     source: str  # THIS_RUN or SWEPT
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SweepResult:
     """What `run` published in `out_dir`."""
 
@@ -211,7 +211,7 @@ def run(cfg: Config, *, model_dir: Path, dp_model_dir: Path, private_dir: Path,
     tracker.log_artifact(out_dir / CURVE_PNG)
     tracker.log_artifact(out_dir / CURVE_CSV)
     shutil.rmtree(work, ignore_errors=True)
-    return SweepResult(out_dir, tuple(points), metrics)
+    return SweepResult(out_dir=out_dir, points=tuple(points), metrics=metrics)
 
 
 def _run_point(dp_model_dir: Path, scored: Mapping[str, Any], distances: Mapping[str, Any],
