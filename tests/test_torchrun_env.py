@@ -8,7 +8,7 @@ import torch
 
 from dpsynth import drive
 from dpsynth.devices import TorchrunProcess, default_device, torchrun_process, training_device
-from dpsynth.privacy.distributed import Workers
+from dpsynth.training.workers import Workers
 
 
 def test_outside_torchrun_the_process_is_rank_0_of_1(monkeypatch: pytest.MonkeyPatch) -> None:

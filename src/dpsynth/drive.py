@@ -61,7 +61,7 @@ def run_stage(name: str, cfg: Config, *, inputs: Mapping[str, str | Path | None]
         kwargs = {i.kwarg: (None if inputs.get(i.name) is None else
                             stack.enter_context(published.local_input(inputs[i.name])))
                   for i in row.inputs}
-        staged = stack.enter_context(work.publish(out_dir))
+        staged = stack.enter_context(work.publish(out_dir, main=main))
         if row.resumable:  # a driver that chose the work folder passes its own sync
             options = {"sync_work": staged.sync} | dict(options)
         if tracker is None:

@@ -110,6 +110,12 @@ def one(docs: list[dict], kind: str) -> dict:
     return found[0]
 
 
+def component(docs: list[dict], name: str) -> list[dict]:
+    """The documents of one part of the chart (its app.kubernetes.io/component label)."""
+    return [d for d in docs
+            if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == name]
+
+
 def pod_templates(docs: list[dict]) -> Iterator[tuple[str, dict]]:
     """(kind/name, pod template {metadata, spec}) of every workload."""
     for doc in docs:
@@ -550,7 +556,7 @@ def test_pipeline_configmap_from_set_file(chart: helm.Chart) -> None:
 def test_rbac_is_least_privilege_and_bound_to_the_cronjob(
         value_set: tuple[str, dict, list]) -> None:
     name, _, docs = value_set
-    role, binding = one(docs, "Role"), one(docs, "RoleBinding")
+    role, binding = (one(component(docs, "submit"), kind) for kind in ("Role", "RoleBinding"))
     account = one(docs, "ServiceAccount")
     assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")
     for rule in role["rules"]:
@@ -569,6 +575,37 @@ def test_rbac_is_least_privilege_and_bound_to_the_cronjob(
     cron, _ = _submit_container(docs)
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == account["metadata"]["name"]
+
+
+TRAINING_RULES = [
+    {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
+     "verbs": ["create", "get", "list", "watch", "delete"]},
+    {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"],
+     "verbs": ["create", "get", "list", "watch", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+]
+
+
+def test_training_rbac_lets_the_pipeline_run_jobs_and_nothing_more(chart: helm.Chart) -> None:
+    """The pipeline's pods (the KFP runner's ServiceAccount) may create, watch and delete
+    the training operators' jobs and read their pods' logs: no Secrets, no other
+    workloads, nothing cluster-wide; one operator's rules alone when one is chosen."""
+    docs = component(documents(render(chart)), "training")
+    role, binding = one(docs, "Role"), one(docs, "RoleBinding")
+    assert role["rules"] == TRAINING_RULES
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner",
+                                    "namespace": NAMESPACE}]
+    only = component(documents(render(chart, {"training": {"rbac": {
+        "operators": ["pytorchjob"], "runnerServiceAccount": "default-editor"}}})), "training")
+    assert one(only, "Role")["rules"] == TRAINING_RULES[1:]
+    assert one(only, "RoleBinding")["subjects"][0]["name"] == "default-editor"
+    assert not component(documents(render(chart, {"training": {"rbac": {"create": False}}})),
+                         "training")
+    with pytest.raises(Exception, match="training.rbac.operators: \"mpijob\" is not"):
+        render(chart, {"training": {"rbac": {"operators": ["mpijob"]}}})
 
 
 # ---- production example and notes ----------------------------------------------------------

@@ -373,3 +373,28 @@ def test_the_work_folder_is_synced_only_through_the_sync_it_comes_with(
     assert [k[len(work):] for k in _keys(s3, work)] == ["shard-00000.npz", "shard-00001.npz"]
     with work_io.publish(tmp_path / "local") as local:
         assert local.sync is work_io.no_sync and local.path == tmp_path / "local"
+
+
+def test_a_worker_but_rank_0_pulls_the_work_folder_and_never_sends(s3) -> None:
+    """On a node of a multi-node job, a worker other than rank 0 resumes from the
+    same checkpoint (pulled) but sends nothing: no output, no checkpoint, no
+    deletion of what rank 0 wrote, even when it fails."""
+    work = "art/.work/pretrain/"
+    remote = {"latest.json": b'{"checkpoint": "ckpt-00000004", "step": 4}',
+              "ckpt-00000004/model.safetensors": b"w4"}
+    for rel, data in remote.items():
+        s3.client.put_object(Bucket=s3.bucket, Key=work + rel, Body=data)
+    with work_io.publish(s3.uri("art/pretrain"), main=False) as staged:
+        local_work = Path(work_io.work_location(staged.path))
+        assert _tree(local_work) == remote
+        assert staged.sync is work_io.no_sync
+        (local_work / "ckpt-00000004" / "model.safetensors").unlink()  # as a stale node might
+        _make(local_work, {"ckpt-00000006/model.safetensors": b"w6"})
+        _make(staged.path, {"model.safetensors": b"m"})
+    assert _keys(s3, "art/pretrain/") == []  # rank 0 alone publishes
+    assert sorted(k[len(work):] for k in _keys(s3, work)) == sorted(remote)
+    with pytest.raises(RuntimeError):
+        with work_io.publish(s3.uri("art/pretrain"), main=False) as staged:
+            _make(Path(work_io.work_location(staged.path)), {"ckpt-00000009/x": b"9"})
+            raise RuntimeError("a worker fails")
+    assert sorted(k[len(work):] for k in _keys(s3, work)) == sorted(remote)

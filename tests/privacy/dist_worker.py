@@ -10,7 +10,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from dpsynth.privacy.distributed import Workers
+from dpsynth.training.workers import Workers
 from dpsynth.privacy.dp_sgd import DPStep, noisy_gradient
 from dpsynth.privacy.draws import record_keys
 from dist_cases import CASES, build  # type: ignore[import-not-found]

@@ -257,7 +257,7 @@ def test_failure_mid_run_leaves_no_output(tmp_path: Path, tiny_cfg: Config,
                                           digits_public_dir: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    original = DenoisingLoss.__call__
+    original = DenoisingLoss.per_example
 
     def flaky(self: DenoisingLoss, *args: Any, **kwargs: Any) -> torch.Tensor:
         calls["n"] += 1
@@ -265,7 +265,7 @@ def test_failure_mid_run_leaves_no_output(tmp_path: Path, tiny_cfg: Config,
             raise RuntimeError("simulated crash in step 6")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(DenoisingLoss, "__call__", flaky)
+    monkeypatch.setattr(DenoisingLoss, "per_example", flaky)
     out = tmp_path / "pretrain"
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(tiny_cfg, digits_public_dir, out)
@@ -307,13 +307,13 @@ from dpsynth.stages import pretrain
 from dpsynth.tracking import NullTracker
 
 raw, public, out = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-original = DenoisingLoss.__call__
+original = DenoisingLoss.per_example
 
 def slow(self, *args, **kwargs):
     time.sleep(0.25)  # slow each step down so the parent can kill us mid-run
     return original(self, *args, **kwargs)
 
-DenoisingLoss.__call__ = slow
+DenoisingLoss.per_example = slow
 pretrain.run(from_dict(raw), public_dir=public, out_dir=out, tracker=NullTracker())
 print("finished")
 """
@@ -374,7 +374,8 @@ def test_tracker_sees_only_config_and_scalar_metrics(tmp_path: Path, tiny_cfg: C
     run(tiny_cfg, digits_public_dir, out, tracker=tracker)
 
     expected = flatten(tiny_cfg.section(*SECTIONS))
-    assert set(tracker.params) == set(expected) | {"num_params"}
+    assert set(tracker.params) == set(expected) | {"num_params", "pretrain.workers"}
+    assert tracker.params["pretrain.workers"] == 1
     assert {k: tracker.params[k] for k in expected} == expected
     assert isinstance(tracker.params["num_params"], int)
     for key, value in tracker.params.items():  # JSON scalars or short lists of them
@@ -399,9 +400,9 @@ def test_tracker_sees_only_config_and_scalar_metrics(tmp_path: Path, tiny_cfg: C
 
 
 def nan_loss_from(k: int) -> Callable[..., torch.Tensor]:
-    """A `DenoisingLoss.__call__` whose value is NaN from its k-th call (step k) on."""
+    """A `DenoisingLoss.per_example` whose value is NaN from its k-th call (step k) on."""
     calls = {"n": 0}
-    original = DenoisingLoss.__call__
+    original = DenoisingLoss.per_example
 
     def loss(self: DenoisingLoss, *args: Any, **kwargs: Any) -> torch.Tensor:
         calls["n"] += 1
@@ -412,11 +413,11 @@ def nan_loss_from(k: int) -> Callable[..., torch.Tensor]:
 
 
 def nan_update_at(k: int) -> Callable[..., torch.Tensor]:
-    """A `DenoisingLoss.__call__` with a finite value at every step whose gradient is
+    """A `DenoisingLoss.per_example` with a finite value at every step whose gradient is
     NaN at step k (d/dx sqrt(x) at 0 is inf, times 0): the loss check cannot see
     it, the parameters after the update are NaN."""
     calls = {"n": 0}
-    original = DenoisingLoss.__call__
+    original = DenoisingLoss.per_example
 
     def loss(self: DenoisingLoss, net: torch.nn.Module, *args: Any,
              **kwargs: Any) -> torch.Tensor:
@@ -441,7 +442,7 @@ def test_divergence_stops_keeps_the_last_good_checkpoint_and_can_resume(
     out = tmp_path / "pretrain"
     work = work_dir_for(out)
     with monkeypatch.context() as m:
-        m.setattr(DenoisingLoss, "__call__", fault)
+        m.setattr(DenoisingLoss, "per_example", fault)
         with pytest.raises(TrainingDiverged) as info:
             run(tiny_cfg, digits_public_dir, out)
     message = str(info.value)
@@ -466,7 +467,7 @@ def test_divergence_stops_keeps_the_last_good_checkpoint_and_can_resume(
 def test_divergence_before_the_first_checkpoint_says_a_rerun_starts_over(
         tmp_path: Path, tiny_cfg: Config, digits_public_dir: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(DenoisingLoss, "__call__", nan_loss_from(2))
+    monkeypatch.setattr(DenoisingLoss, "per_example", nan_loss_from(2))
     out = tmp_path / "pretrain"
     with pytest.raises(TrainingDiverged, match="diverged at step 2") as info:
         run(tiny_cfg, digits_public_dir, out)

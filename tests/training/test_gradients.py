@@ -52,7 +52,7 @@ def test_the_gradient_is_the_clipped_gradient_of_the_mean_loss(setup, max_grad_n
 
 def test_a_non_finite_loss_is_returned_without_a_gradient(setup, monkeypatch) -> None:
     net, loss, x, y = setup
-    monkeypatch.setattr(DenoisingLoss, "__call__",
+    monkeypatch.setattr(DenoisingLoss, "per_example",
                         lambda self, *a, **k: torch.full((6,), float("nan"), requires_grad=True))
     value = MeanLossGradient(net, loss, x, y, 6, torch.Generator().manual_seed(1),
                              torch.device("cpu"))(0)

@@ -182,7 +182,8 @@ def remove_work(location: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def publish(location: str | Path, *, mirror_work: bool = True) -> Iterator[Staged]:
+def publish(location: str | Path, *, mirror_work: bool = True,
+            main: bool = True) -> Iterator[Staged]:
     """The local folder a stage writes `location` into, and the `sync` of its work
     folder.
 
@@ -193,6 +194,11 @@ def publish(location: str | Path, *, mirror_work: bool = True) -> Iterator[Stage
     pushed by `sync` (at each checkpoint: the driver hands it to the stage) and at
     the end, and
     deleted once the output is published if the stage removed its local copy.
+
+    `main=False` (a torchrun worker but rank 0, on any node): the work folder is
+    pulled, so the worker resumes from the same checkpoint, but nothing is ever
+    sent: rank 0 alone checkpoints and publishes, and another node's stale copy
+    must not overwrite or delete what it wrote.
     """
     if not s3.is_s3(location):
         yield Staged(Path(location))
@@ -213,8 +219,11 @@ def publish(location: str | Path, *, mirror_work: bool = True) -> Iterator[Stage
     try:
         if mirror is not None:
             mirror.pull()
+        if not main:
+            yield Staged(out, no_sync)
+            return
         yield Staged(out, mirror.push if mirror is not None else no_sync)
-        wrote = out.is_dir()  # no folder: nothing to publish (e.g. a non-zero rank)
+        wrote = out.is_dir()  # no folder: nothing to publish
         if wrote:
             published.upload_published(out, str(uri))
         if mirror is not None:
@@ -223,7 +232,8 @@ def publish(location: str | Path, *, mirror_work: bool = True) -> Iterator[Stage
             else:
                 mirror.push()
     except BaseException:
-        save_work()
+        if main:
+            save_work()
         raise
     finally:
         shutil.rmtree(root, ignore_errors=True)

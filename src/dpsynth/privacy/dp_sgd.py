@@ -25,7 +25,7 @@ from dpsynth.diffusion.augment import AugmentKind
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.errors import InputError
 from dpsynth.privacy import bookkeeping
-from dpsynth.privacy.distributed import Workers
+from dpsynth.training.workers import Workers
 from dpsynth.privacy.draws import draw_for_examples
 from dpsynth.privacy.per_example import Grads, clipped_sum, per_example_grads
 from dpsynth.privacy.sampling import micro_batches, poisson_batch

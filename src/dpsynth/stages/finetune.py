@@ -37,7 +37,7 @@ from dpsynth.io.atomic import atomic_dir, atomic_write_json
 from dpsynth.io.shards import read_dataset, read_manifest, sha256_file
 from dpsynth.plots import plot_loss
 from dpsynth.privacy import accounting, bookkeeping
-from dpsynth.privacy.distributed import Workers
+from dpsynth.training.workers import Workers
 from dpsynth.privacy.dp_sgd import PoissonGradient, SecretRandomness, check_model, dp_step
 from dpsynth.privacy.draws import disable_dropout, record_keys
 from dpsynth.privacy.history import planned_history
@@ -376,6 +376,8 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     history = loop.run(progress, end).history
     epsilon = accounting.epsilon(plan, fc.delta, fc.accountant)
     if end < fc.steps or not workers.is_main:
+        if end == fc.steps:
+            workers.agree(True)  # a worker ends once rank 0 has published the model
         return FinetuneResult(out_dir=out_dir,
                               epsilon=epsilon if end == fc.steps else float("nan"),
                               noise_multiplier=sigma, steps=end, resumed_from=start)
@@ -419,5 +421,6 @@ def run(cfg: Config, *, model_dir: Path, private_dir: Path, public_dir: Path, ou
     shutil.rmtree(work_dir, ignore_errors=True)
     log.info("DP fine-tuning done: (epsilon <= %g, delta = %g)-DP (%s accountant), %d steps",
              fc.epsilon, fc.delta, fc.accountant, fc.steps)
+    workers.agree(True)  # published: the other workers may end
     return FinetuneResult(out_dir=out_dir, epsilon=epsilon, noise_multiplier=sigma, steps=fc.steps,
                           resumed_from=start)

@@ -20,7 +20,7 @@ import torch
 
 from dpsynth.config import Config
 from dpsynth.data.roles import refuse_private_split
-from dpsynth.devices import default_device
+from dpsynth.devices import training_device
 from dpsynth.diffusion.ema import EMA
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.diffusion.unet import UNetSpec, build_unet, save_model
@@ -35,6 +35,7 @@ from dpsynth.training.checkpoint import TrainState, load_latest
 from dpsynth.training.gradients import MeanLossGradient
 from dpsynth.training.loop import (Checkpoints, Curve, Divergence, DivergenceCheck, Progress,
                                    TrainingLoop)
+from dpsynth.training.workers import Workers
 
 log = logging.getLogger(__name__)
 SECTIONS = ("seed", "model", "diffusion", "pretrain")
@@ -82,8 +83,14 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
         stop_after: stop (without publishing) after this many steps -- tests use
             it to simulate a killed run.
         device: where the net, its EMA and the optimizer live; default the GPU when
-            there is one. The batch draws stay on the CPU (one checkpointed CPU
-            generator), so a CPU run is unchanged and a checkpoint resumes on either.
+            there is one (under torchrun, the worker's own). The batch draws stay on
+            the CPU (one checkpointed CPU generator), so a CPU run is unchanged and a
+            checkpoint resumes on either.
+
+    Under torchrun (`WORLD_SIZE` > 1, one machine or several) the workers split each
+    batch of `pretrain.batch_size` (the global batch) and sum their gradients, so
+    they take the one-process run's steps; rank 0 alone logs, checkpoints and
+    publishes, and every worker resumes from the same checkpoint.
 
     Raises:
         InputError: the public split is missing, bad or empty, or is the split
@@ -106,7 +113,8 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
 
     # uint8 until a batch is drawn: ImageNet32 as float32 would take 15.7 GB
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels).long()
-    device = torch.device(device) if device is not None else default_device()
+    workers = Workers.from_env()
+    device = training_device(device)
     torch.manual_seed(cfg.seed)
     net = build_unet(spec).to(device).train()  # built on the CPU: the same init anywhere
     ema = EMA(net, pc.ema_decay)
@@ -126,11 +134,13 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
 
     loop = TrainingLoop(
         net=net, optimizer=opt, steps=pc.steps, desc="pretrain", ema=ema,
-        gradient=MeanLossGradient(net, loss_fn, x_all, y_all, pc.batch_size, gen, device),
+        gradient=MeanLossGradient(net, loss_fn, x_all, y_all, pc.batch_size, gen, device,
+                                  workers=workers),
         learning_rate=lambda step: pc.lr * min(1.0, (step + 1) / max(1, pc.warmup_steps)),
         curve=Curve("loss", pc.log_every, lambda p: sum(p.window) / len(p.window), tracker),
         checkpoints=Checkpoints(work_dir, pc.checkpoint_every, checkpoint, sync=sync_work),
-        divergence=DivergenceCheck(diverged))  # the loss every step, the update at checkpoints
+        divergence=DivergenceCheck(diverged),  # the loss every step, the update at checkpoints
+        is_main=workers.is_main)
 
     state = load_latest(work_dir) if resume else None
     if state is not None and state.meta.get("run_id") != run_id:
@@ -141,16 +151,23 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
     if state is not None:
         progress = loop.resume(state, generator=gen)
         log.info("resuming pre-training from step %d", progress.step)
-    elif work_dir.exists():
-        shutil.rmtree(work_dir)
+    if not workers.same(progress.step):  # e.g. a node that could not see the work folder
+        raise InputError(f"pre-training workers resumed from different steps (this one: "
+                         f"{progress.step}); every node needs the same work folder "
+                         f"{work_dir} (a shared volume, or an s3:// output)")
+    if state is None and workers.is_main and work_dir.exists():
+        shutil.rmtree(work_dir)  # after every worker has looked for a checkpoint
     start = progress.step
 
-    tracker.log_params(cfg.section(*SECTIONS) | {"num_params": sum(
-        p.numel() for p in net.parameters())})
+    tracker.log_params(cfg.section(*SECTIONS) | {
+        "pretrain.workers": workers.world_size,
+        "num_params": sum(p.numel() for p in net.parameters())})
     t0 = time.perf_counter()
     end = pc.steps if stop_after is None else min(pc.steps, stop_after)
     history = loop.run(progress, end).history
-    if end < pc.steps:
+    if end < pc.steps or not workers.is_main:
+        if end == pc.steps:
+            workers.agree(True)  # a worker ends once rank 0 has published the model
         return PretrainResult(out_dir=out_dir, steps=end,
                               final_loss=history[-1][1] if history else float("nan"),
                               resumed_from=start)
@@ -174,5 +191,6 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
     tracker.log_artifact(out_dir / "loss.csv")
     tracker.log_artifact(out_dir / "loss.png")
     shutil.rmtree(work_dir, ignore_errors=True)
+    workers.agree(True)  # published: the other workers may end
     return PretrainResult(out_dir=out_dir, steps=pc.steps, final_loss=final_loss,
                           resumed_from=start)

@@ -1,5 +1,6 @@
 """The non-private step gradient of `training.loop`: the backward of the mean
-denoising loss of a uniformly drawn batch (public pre-training).
+denoising loss of a uniformly drawn batch (public pre-training), split over
+torchrun's workers when there are several.
 
 DP-SGD's step gradient is `privacy.dp_sgd.PoissonGradient`; it lives with the
 mechanism, so that this module (and pre-training) imports nothing private.
@@ -8,12 +9,13 @@ mechanism, so that this module (and pre-training) imports nothing private.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.diffusion.samplers import from_uint8
+from dpsynth.training.workers import Workers
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,7 +34,9 @@ class MeanLossGradient:
         generator: the CPU generator of the batch indices and the loss's draws
             (t, noise, label dropout): checkpointed, so a resume is exact.
         device: where the net is; each batch is moved there.
-        max_grad_norm: the clipping bound of the whole gradient.
+        max_grad_norm: the clipping bound of the whole (summed) gradient.
+        workers: the data-parallel workers that share each batch (default: this
+            process alone).
     """
 
     net: torch.nn.Module
@@ -43,16 +47,28 @@ class MeanLossGradient:
     generator: torch.Generator
     device: torch.device
     max_grad_norm: float = 1.0
+    workers: Workers = field(default_factory=Workers)
 
     def __call__(self, step: int) -> float:
-        """Step `step`'s gradient into `.grad`; its mean loss (public: testing it is free)."""
+        """Step `step`'s gradient into `.grad`; its mean loss (public: testing it is free).
+
+        Every worker draws the whole batch and its (t, noise, label dropout) from the
+        same generator, then computes the loss of its share only (`Workers.share`):
+        the gradients summed over workers are the one-process gradient of the same
+        batch, and the generator stays in step everywhere (checkpoints, resume).
+        """
         idx = torch.randint(0, len(self.x), (self.batch_size,), generator=self.generator)
-        loss = self.loss(self.net, from_uint8(self.x[idx]).to(self.device),
-                         self.y[idx].to(self.device), self.generator).mean()
-        value = loss.item()
+        x0 = from_uint8(self.x[idx]).to(self.device)
+        t, noise, y = self.loss.draw(x0, self.y[idx].to(self.device), self.generator)
+        mine = self.workers.share(torch.arange(self.batch_size))
+        # the mean of this share, weighted by its part of the batch (x 1.0 alone)
+        loss = self.loss.per_example(self.net, x0[mine], y[mine], t[mine],
+                                     noise[mine]).mean() * (len(mine) / self.batch_size)
+        value = self.workers.sum_value(loss.item())  # the batch's mean loss, on every worker
         if not math.isfinite(value):  # the loop stops the run: no update to compute
             return value
         self.net.zero_grad(set_to_none=True)
         loss.backward()
+        self.workers.sum_gradients(list(self.net.parameters()))
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.max_grad_norm)
         return value

@@ -1,11 +1,13 @@
-"""Data-parallel DP-SGD over torch.distributed workers (gloo on CPU, NCCL on GPU).
+"""Data-parallel training over torch.distributed workers (gloo on CPU, NCCL on GPU),
+as `torchrun` starts them: on one machine or several (`--nnodes`).
 
-Every worker computes the clipped per-example gradient sum of its share of the
-logical batch; the shares are summed across workers and the Gaussian noise is
-added exactly once, by rank 0, with the same sigma as one process would use
-(not once per worker, and not sigma/sqrt(workers)). Poisson sampling, the
-noise and each step's draw seed come from rank 0's secret randomness; the batch
-and the draw seed are broadcast.
+Pre-training splits each batch over the workers and sums their gradients
+(`MeanLossGradient`). DP-SGD (`privacy.dp_sgd`): every worker computes the
+clipped per-example gradient sum of its share of the logical batch; the shares
+are summed across workers and the Gaussian noise is added exactly once, by rank
+0, with the same sigma as one process would use (not once per worker, and not
+sigma/sqrt(workers)). Poisson sampling, the noise and each step's draw seed come
+from rank 0's secret randomness; the batch and the draw seed are broadcast.
 """
 
 from __future__ import annotations
@@ -70,6 +72,37 @@ class Workers:
         if self.world_size > 1:
             for t in tensors.values():
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum `.grad` over workers in place, in one all-reduce of their concatenation
+        (a parameter without a gradient counts as zeros on this worker)."""
+        if self.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(g)
+            offset += n
+
+    def sum_value(self, value: float) -> float:
+        """`value` summed over workers (a float64 all-reduce; itself with one worker)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return float(t)
+
+    def same(self, value: int) -> bool:
+        """True on every worker iff every worker passed the same `value` (e.g. the step
+        each resumed from)."""
+        if self.world_size == 1:
+            return True
+        t = torch.tensor([value, -value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t[0]) == -int(t[1])  # max(value) == min(value)
 
     def agree(self, ok: bool) -> bool:
         """True on every worker iff `ok` on every worker (e.g. rank 0's ledger check)."""
