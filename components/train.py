@@ -43,21 +43,37 @@ def prepare(config: Input[Artifact], public: Output[Dataset], private: Output[Da
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False,
                additional_funcs=[load_config, work_dir, log_metrics_file, figures_html])
 def pretrain(config: Input[Artifact], public: Input[Dataset], work_root: str,
-             model: Output[Model], metrics: Output[Metrics], loss_plot: Output[HTML]):
+             model: Output[Model], metrics: Output[Metrics], loss_plot: Output[HTML],
+             train_nodes: int = 1, train_gpus_per_node: int = 1,
+             train_operator: str = "trainjob"):
     """`dpsynth pretrain`: non-private diffusion training on the public split.
 
     Checkpoints go to a folder under `work_root` keyed by the config and the input
-    artifact, so a retried (or re-submitted, uncached) task resumes from them.
+    artifact, so a retried (or re-submitted, uncached) task resumes from them. With
+    `train_nodes` x `train_gpus_per_node` > 1 the stage runs as a distributed job on
+    the cluster's training operator (`train_operator`), which this task waits for.
     """
     import os
 
+    from dpsynth.cluster.jobs import check_scale
     from dpsynth.drive import run_stage
     from dpsynth.io import work
 
+    check_scale(train_nodes, train_gpus_per_node, train_operator)
     cfg = load_config(config.path)
-    with work.work_folder(work_dir(work_root, "pretrain", cfg.to_dict(), public.uri)) as folder:
-        run_stage("pretrain", cfg, inputs={"public": public.path}, out_dir=model.path,
-                  work_dir=folder.path, sync_work=folder.sync)
+    keys = (cfg.to_dict(), public.uri)
+    if train_nodes * train_gpus_per_node > 1:
+        from dpsynth.cluster.stage_job import run_stage_as_job
+
+        location = work_dir(work_root, "pretrain", *keys, "job")
+        run_stage_as_job("pretrain", cfg, inputs={"public": public.path}, out_dir=model.path,
+                         location=location, nodes=train_nodes,
+                         gpus_per_node=train_gpus_per_node, operator=train_operator,
+                         run_id=location)
+    else:
+        with work.work_folder(work_dir(work_root, "pretrain", *keys)) as folder:
+            run_stage("pretrain", cfg, inputs={"public": public.path}, out_dir=model.path,
+                      work_dir=folder.path, sync_work=folder.sync)
     log_metrics_file(os.path.join(model.path, "metrics.json"), metrics)
     figures_html(loss_plot, "Pre-training loss (public split)",
                  [os.path.join(model.path, "loss.png")])
@@ -67,7 +83,9 @@ def pretrain(config: Input[Artifact], public: Input[Dataset], work_root: str,
                additional_funcs=[load_config, work_dir, log_metrics_file, figures_html])
 def finetune(config: Input[Artifact], model: Input[Model], private: Input[Dataset],
              public: Input[Dataset], work_root: str, pipeline_run_id: str,
-             dp_model: Output[Model], metrics: Output[Metrics], loss_plot: Output[HTML]):
+             dp_model: Output[Model], metrics: Output[Metrics], loss_plot: Output[HTML],
+             train_nodes: int = 1, train_gpus_per_node: int = 1,
+             train_operator: str = "trainjob"):
     """`dpsynth finetune`: DP-SGD fine-tuning on the private split, the only trainer on it.
 
     The privacy ledger (`privacy.ledger_dir`, set by `resolve_config`) reserves the
@@ -75,18 +93,31 @@ def finetune(config: Input[Artifact], model: Input[Model], private: Input[Datase
     The work folder is per pipeline run: a retry resumes the same DP run (the
     ledger counts it once), a new pipeline run is a new DP run. `privacy.json` stays
     in the model artifact; its sample rate gives away the private split's size, so
-    it is not copied to the metrics.
+    it is not copied to the metrics. With `train_nodes` x `train_gpus_per_node` > 1
+    the stage runs as a distributed job (as `pretrain`); the job is named after the
+    pipeline run, so a retry attaches to it or resumes it: still one DP run.
     """
     import os
 
+    from dpsynth.cluster.jobs import check_scale
     from dpsynth.drive import run_stage
     from dpsynth.io import work
 
+    check_scale(train_nodes, train_gpus_per_node, train_operator)
     cfg = load_config(config.path)
-    with work.work_folder(work_dir(work_root, "finetune", pipeline_run_id)) as folder:
-        run_stage("finetune", cfg, inputs={"model": model.path, "private": private.path,
-                                           "public": public.path}, out_dir=dp_model.path,
-                  work_dir=folder.path, sync_work=folder.sync)
+    inputs = {"model": model.path, "private": private.path, "public": public.path}
+    if train_nodes * train_gpus_per_node > 1:
+        from dpsynth.cluster.stage_job import run_stage_as_job
+
+        location = work_dir(work_root, "finetune", pipeline_run_id, "job")
+        run_stage_as_job("finetune", cfg, inputs=inputs, out_dir=dp_model.path,
+                         location=location, nodes=train_nodes,
+                         gpus_per_node=train_gpus_per_node, operator=train_operator,
+                         run_id=location)
+    else:
+        with work.work_folder(work_dir(work_root, "finetune", pipeline_run_id)) as folder:
+            run_stage("finetune", cfg, inputs=inputs, out_dir=dp_model.path,
+                      work_dir=folder.path, sync_work=folder.sync)
     log_metrics_file(os.path.join(dp_model.path, "metrics.json"), metrics)
     figures_html(loss_plot, "DP fine-tuning: loss of the DP model on public data",
                  [os.path.join(dp_model.path, "loss.png")])

@@ -26,6 +26,7 @@ from kfp import compiler, dsl, kubernetes
 from components import (audit, baseline, classify, fid, finetune, merge_shards, prepare,
                         pretrain, rank, report, resolve_config, sample_shard, shard_indices,
                         sweep)
+from components.images import GPU_IMAGE
 from dpsynth.submit import base_config_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +134,25 @@ PIPELINE_ID_ENV = "DPSYNTH_PIPELINE_ID"
 RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
 
 
+# The stages that may run as a distributed job (train_nodes x train_gpus_per_node > 1):
+# the job's pods get what the task's pod has (dpsynth.cluster.stage_job reads this).
+DISTRIBUTED = ("pretrain", "finetune")
+
+
+def job_pod(name: str) -> str:
+    """The pod settings of `name`'s distributed job, as JSON: its image, per-node
+    resources and shared memory, the GPU pool's node selector and tolerations, the
+    Secrets' variables and the state PVC, as `configure` gives the task."""
+    res = RESOURCES[name]
+    return json.dumps({
+        "image": GPU_IMAGE, "cpu": res.cpu, "memory": res.memory, "shm": res.shm,
+        "node_selector": GPU_NODE_SELECTOR, "tolerations": GPU_TOLERATIONS,
+        "secret_env": {env: [secret, key] for secret, keys in SECRETS.items()
+                       for key, env in keys.items()},
+        "volume_claim": STATE_PVC or None, "volume_mount": STATE_MOUNT if STATE_PVC else None,
+    }, sort_keys=True)
+
+
 def configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
     """Apply the resources, scheduling, state, secrets, retry and caching settings
     of the tables above to the task of component `name`."""
@@ -158,6 +178,8 @@ def configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
         kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=key_to_env,
                                      optional=True)
     kubernetes.use_field_path_as_env(task, env_name=PIPELINE_ID_ENV, field_path=RUN_ID_FIELD)
+    if name in DISTRIBUTED:
+        task.set_env_variable("DPSYNTH_JOB_POD", job_pod(name))
     if name in RETRIED:
         task.set_retry(**RETRY_POLICY)
     # Deterministic stages are cached (same inputs and config: same outputs). The
@@ -177,6 +199,9 @@ def dpsynth_pipeline(
     overrides: list = [],  # noqa: B006 -- KFP reads the default; it is never mutated
     work_root: str = f"{STATE_MOUNT}/work",
     ledger_dir: str = f"{STATE_MOUNT}/ledger",
+    train_nodes: int = 1,
+    train_gpus_per_node: int = 1,
+    train_operator: str = "trainjob",
 ):
     """Run dpsynth end to end.
 
@@ -190,6 +215,12 @@ def dpsynth_pipeline(
             state PVC or an s3:// prefix.
         ledger_dir: durable location of the privacy ledger: an absolute folder on the
             state PVC or an s3:// prefix.
+        train_nodes: nodes for pre-training and DP fine-tuning; with
+            train_gpus_per_node > 1 in all, each runs as a distributed job on the
+            cluster's training operator, every GPU a torchrun worker.
+        train_gpus_per_node: GPUs per node of those jobs.
+        train_operator: `trainjob` (Kubeflow Trainer v2, runtime torch-distributed) or
+            `pytorchjob` (Training Operator v1).
     """
     resolved = configure(resolve_config(base_config=base_config, ledger_dir=ledger_dir,
                                         overrides=overrides), "resolve-config")
@@ -197,10 +228,14 @@ def dpsynth_pipeline(
 
     data = configure(prepare(config=config), "prepare")
     public, private, test = (data.outputs[k] for k in ("public", "private", "test"))
-    pre = configure(pretrain(config=config, public=public, work_root=work_root), "pretrain")
+    scale = {"train_nodes": train_nodes, "train_gpus_per_node": train_gpus_per_node,
+             "train_operator": train_operator}
+    pre = configure(pretrain(config=config, public=public, work_root=work_root, **scale),
+                    "pretrain")
     dp = configure(finetune(config=config, model=pre.outputs["model"], private=private,
                             public=public, work_root=work_root,
-                            pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "finetune")
+                            pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **scale),
+                   "finetune")
     dp_model = dp.outputs["dp_model"]
 
     shards = configure(shard_indices(config=config), "shard-indices")

@@ -114,9 +114,12 @@ def test_components_pass_typed_artifacts() -> None:
     config = {"config": "system.Artifact@0.0.1"}
     assert io("prepare") == (config, {"public": dataset, "private": dataset, "test": dataset,
                                       "metrics": metrics})
-    assert io("pretrain") == (config | {"public": dataset, "work_root": "String"},
+    scale = {"train_nodes": "Integer", "train_gpus_per_node": "Integer",
+             "train_operator": "String"}  # a distributed job when nodes x GPUs > 1
+    assert io("pretrain") == (config | {"public": dataset, "work_root": "String"} | scale,
                               {"model": model, "metrics": metrics, "loss_plot": html})
     assert io("finetune")[1] == {"dp_model": model, "metrics": metrics, "loss_plot": html}
+    assert scale.items() <= io("finetune")[0].items()
     assert io("finetune")[0]["model"] == model and io("finetune")[0]["private"] == dataset
     assert io("sample_shard") == (config | {"model": model, "shard_index": "Integer",
                                             "work_root": "String"},

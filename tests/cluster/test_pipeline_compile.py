@@ -254,12 +254,39 @@ def test_parameters_and_their_defaults(spec) -> None:
     types = {name: p["parameterType"] for name, p in params.items()}
     # one list of settings (the config's own keys), not one parameter per field
     assert types == {"base_config": "STRING", "overrides": "LIST", "work_root": "STRING",
-                     "ledger_dir": "STRING"}
+                     "ledger_dir": "STRING", "train_nodes": "NUMBER_INTEGER",
+                     "train_gpus_per_node": "NUMBER_INTEGER", "train_operator": "STRING"}
+    # one pod per task unless asked: the pipeline behaves as before by default
+    assert {k: params[k]["defaultValue"] for k in ("train_nodes", "train_gpus_per_node",
+                                                   "train_operator")} == {
+        "train_nodes": 1, "train_gpus_per_node": 1, "train_operator": "trainjob"}
     assert all(p.get("description") for p in params.values())  # from the docstring
     # the default base config is params.yaml, resolved
     default = params["base_config"]["defaultValue"]
     assert "\n" not in default
     assert from_dict(yaml.safe_load(default)) == load(REPO / "params.yaml")
+
+
+def test_the_long_stages_take_the_scale_and_their_jobs_the_tasks_pod(spec) -> None:
+    """pretrain and finetune get the three scale parameters from the pipeline's, and
+    the pod settings their distributed jobs copy: the task's image, resources,
+    shared memory, GPU scheduling, Secrets (by name) and state PVC."""
+    pipeline_spec, _ = spec
+    tasks = _tasks(pipeline_spec)
+    for name in ("pretrain", "finetune"):
+        params = tasks[name]["inputs"]["parameters"]
+        for key in ("train_nodes", "train_gpus_per_node", "train_operator"):
+            assert params[key]["componentInputParameter"] == key, (name, key)
+        env = {e["name"]: e["value"] for e in _executor(pipeline_spec, tasks[name]).get("env", [])}
+        pod = json.loads(env["DPSYNTH_JOB_POD"])
+        res = pipe.RESOURCES[name]
+        assert (pod["cpu"], pod["memory"], pod["shm"]) == (res.cpu, res.memory, res.shm)
+        assert pod["image"] == _executor(pipeline_spec, tasks[name])["image"]
+        assert pod["tolerations"] == pipe.GPU_TOLERATIONS and pod["volume_claim"] == pipe.STATE_PVC
+        assert pod["secret_env"]["AWS_SECRET_ACCESS_KEY"] == [
+            "dpsynth-pipeline-s3", "aws-secret-access-key"]
+    assert not any("DPSYNTH_JOB_POD" in str(_executor(pipeline_spec, task).get("env"))
+                   for n, task in tasks.items() if n not in ("pretrain", "finetune", LOOP))
 
 
 def test_compile_time_settings_reach_the_yaml(tmp_path: Path) -> None:

@@ -100,6 +100,12 @@ def _find_marker(uri: s3.S3Uri) -> tuple[s3.S3Uri, str, bytes] | None:
     return None
 
 
+def is_published(location: str) -> bool:
+    """Whether the `s3://` prefix `location` is itself a completely published folder."""
+    found = _find_marker(s3.S3Uri.parse(location))
+    return found is not None and found[1] == ""
+
+
 def download_published(location: str) -> Path:
     """A verified local copy of a published output (or of a folder inside one),
     cached by its marker's content hash.
