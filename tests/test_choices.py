@@ -15,7 +15,8 @@ from dpsynth.errors import ConfigError
 LISTS = [(choices.ACCOUNTANTS, choices.AccountantKind, "finetune.accountant"),
          (choices.SOURCE_KINDS, choices.SourceKind, "data.private.kind"),
          (choices.SAMPLERS, choices.SamplerKind, "sample.sampler"),
-         (choices.PER_EXAMPLE, choices.PerExampleKind, "finetune.per_example")]
+         (choices.PER_EXAMPLE, choices.PerExampleKind, "finetune.per_example"),
+         (choices.PRECISIONS, choices.PrecisionKind, "pretrain.precision")]
 
 
 @pytest.mark.parametrize("table, kind, key", LISTS, ids=[k for _, _, k in LISTS])

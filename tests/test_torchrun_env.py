@@ -12,7 +12,7 @@ from dpsynth.training.workers import Workers
 
 
 def test_outside_torchrun_the_process_is_rank_0_of_1(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
     assert torchrun_process() == TorchrunProcess(0, 0, 1)
     assert drive.is_main_process()
@@ -24,6 +24,7 @@ def test_torchrun_variables_are_read_from_the_environment(
     monkeypatch.setenv("RANK", "5")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     assert torchrun_process() == TorchrunProcess(rank=5, local_rank=1, world_size=8)
     assert not torchrun_process().is_main and not drive.is_main_process()
     # a bare "cuda" is this worker's GPU; an explicit device or the CPU is kept
@@ -36,3 +37,14 @@ def test_one_process_keeps_the_device_it_is_given() -> None:
     one = TorchrunProcess()
     assert training_device("cuda", one) == torch.device("cuda")
     assert training_device(None, one) == default_device()
+
+
+def test_a_single_torchrun_worker_is_launched_and_trains_on_its_gpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun with one worker (one GPU): a group of one is joined (NCCL runs), and a
+    bare "cuda" is the worker's LOCAL_RANK."""
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                        ("TORCHELASTIC_RUN_ID", "none")):
+        monkeypatch.setenv(name, value)
+    assert torchrun_process() == TorchrunProcess(0, 0, 1, launched=True)
+    assert training_device("cuda") == torch.device("cuda", 0)

@@ -159,7 +159,9 @@ def test_two_stages_share_one_parent_run(tmp_path: Path, store: Callable[[str], 
                                                           "pretrain")).items()}
     assert {k: params[k] for k in expected} == expected
     assert params["pretrain.steps"] == "6" and params["model.block_out_channels"] == "[16, 32]"
-    assert set(params) == set(expected) | {"num_params"}
+    # and the run's shape: the parameter count and the data-parallel workers
+    assert set(params) == set(expected) | {"num_params", "pretrain.workers"}
+    assert params["pretrain.workers"] == "1"
     assert children["sample"].data.params["sample.num_samples"] == "10"
 
     # metrics: the loss history with its steps equals loss.csv; summaries are logged too

@@ -32,6 +32,16 @@ PER_EXAMPLE = {
 }
 PerExampleKind = Literal["vmap", "bookkeeping"]
 
+# --------------------------------------------------------------------------- training precisions
+# (dpsynth.training.precision.autocast)
+
+PRECISIONS = {
+    "fp32": "float32 throughout (TF32 convolutions on GPUs, PyTorch's default)",
+    "bf16": "bfloat16 autocast of the forward and backward; float32 weights, optimizer, "
+            "per-example norms, clipping factors, sums and noise",
+}
+PrecisionKind = Literal["fp32", "bf16"]
+
 # --------------------------------------------------------------------------- data sources
 # (dpsynth.data.sources.load_source's readers)
 

@@ -294,7 +294,7 @@ PLAN_HELP = (
 
 def _plan_arguments(p: argparse.ArgumentParser) -> None:
     """`dpsynth plan`'s flags: each overrides the --config value of the same name."""
-    from dpsynth.gpus import DEFAULT_DEVICE, DEFAULT_MFU, DEVICES
+    from dpsynth.gpus import DEFAULT_DEVICE, DEVICES, MFU_BY_PRECISION
 
     p.add_argument("--config", type=Path, default=None,
                    help="YAML config (params.yaml or configs/*.yaml); code defaults if omitted")
@@ -321,11 +321,13 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
                    help="classes of the private data (default: %(default)s)")
     p.add_argument("--device", choices=tuple(DEVICES), default=DEFAULT_DEVICE,
                    help="GPU for the GPU-hours (default: %(default)s)")
-    p.add_argument("--precision", choices=("tf32", "bf16"), default="tf32",
-                   help="peak to use: tf32 is what dpsynth trains in (float32; cuDNN convolutions "
-                        "in TF32) (default: %(default)s)")
-    p.add_argument("--mfu", type=float, default=DEFAULT_MFU,
-                   help="assumed fraction of peak reached (default: %(default)s)")
+    p.add_argument("--precision", choices=("tf32", "bf16"), default=None,
+                   help="peak to use: tf32 for finetune.precision=fp32 (float32; cuDNN "
+                        "convolutions in TF32), bf16 for bf16 autocast (default: the "
+                        "config's finetune.precision)")
+    mfus = ", ".join(f"{k} {v:g}" for k, v in MFU_BY_PRECISION.items())
+    p.add_argument("--mfu", type=float, default=None,
+                   help=f"assumed fraction of peak reached (default, measured: {mfus})")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 

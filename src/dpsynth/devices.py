@@ -25,11 +25,14 @@ class TorchrunProcess:
         rank: the global rank (`RANK`): rank 0 alone reports, saves and publishes.
         local_rank: the rank on this machine (`LOCAL_RANK`): the GPU it trains on.
         world_size: the number of workers (`WORLD_SIZE`).
+        launched: started by torchrun (`TORCHELASTIC_RUN_ID` set), whatever the
+            world size: then it joins a process group, even as the only worker.
     """
 
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    launched: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -39,21 +42,23 @@ class TorchrunProcess:
 def torchrun_process(env: Mapping[str, str] | None = None) -> TorchrunProcess:
     """This process's `TorchrunProcess`, from `env` (default `os.environ`).
 
-    >>> torchrun_process({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
-    TorchrunProcess(rank=3, local_rank=1, world_size=4)
+    >>> torchrun_process({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4",
+    ...                   "TORCHELASTIC_RUN_ID": "none"})
+    TorchrunProcess(rank=3, local_rank=1, world_size=4, launched=True)
     >>> torchrun_process({}).is_main
     True
     """
     env = os.environ if env is None else env
     return TorchrunProcess(rank=int(env.get("RANK", "0")),
                            local_rank=int(env.get("LOCAL_RANK", "0")),
-                           world_size=int(env.get("WORLD_SIZE", "1")))
+                           world_size=int(env.get("WORLD_SIZE", "1")),
+                           launched="TORCHELASTIC_RUN_ID" in env)
 
 
 def training_device(device: str | torch.device | None,
                     process: TorchrunProcess | None = None) -> torch.device:
-    """`device`, default `default_device()`; with several torchrun workers a bare
-    "cuda" is this worker's own GPU (`LOCAL_RANK`): one GPU per worker.
+    """`device`, default `default_device()`; under torchrun a bare "cuda" is this
+    worker's own GPU (`LOCAL_RANK`): one GPU per worker.
 
     >>> training_device("cuda", TorchrunProcess(rank=5, local_rank=1, world_size=8))
     device(type='cuda', index=1)
@@ -62,6 +67,7 @@ def training_device(device: str | torch.device | None,
     """
     device = torch.device(device) if device is not None else default_device()
     process = torchrun_process() if process is None else process
-    if device.type == "cuda" and device.index is None and process.world_size > 1:
+    if device.type == "cuda" and device.index is None and (process.world_size > 1
+                                                           or process.launched):
         device = torch.device("cuda", process.local_rank)
     return device

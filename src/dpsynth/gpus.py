@@ -16,10 +16,10 @@ class Device:
     """A GPU's dense peak throughput (no 2:4 sparsity) and memory.
 
     Attributes:
-        tflops: peak dense TFLOPS by precision. "tf32" is what dpsynth uses today:
-            it trains in float32 and cuDNN runs convolutions (most of the UNet's
-            FLOPs) in TF32 by default on Ampere and newer; "bf16" is for mixed
-            precision, which dpsynth does not do (yet).
+        tflops: peak dense TFLOPS by precision. "tf32": training in float32
+            (`precision: fp32`; cuDNN runs convolutions, most of the UNet's FLOPs,
+            in TF32 by default on Ampere and newer); "bf16": bfloat16 autocast
+            (`precision: bf16`).
         memory_gb: device memory in GB (10^9 bytes, as datasheets state it).
     """
 
@@ -51,6 +51,11 @@ DEFAULT_DEVICE = "A100-80GB"
 # 0.3% (its kernels are too small to fill the GPU). So: an assumption that fits
 # paper-scale models; for small ones GPU-hours are a floor.
 DEFAULT_MFU = 0.15
+# The assumption by precision. bf16: the book-keeping DP step under bf16 autocast
+# on the same H200 and model (torch 2.11, 32 x K=32 rows per micro-batch) reached
+# 9.4-10.8% of the bf16 peak (93-107 TFLOP/s), its non-private bf16 step 16%;
+# fine-tuning dominates a paper-scale run, so its figure, rounded up.
+MFU_BY_PRECISION: dict[str, float] = {"tf32": DEFAULT_MFU, "bf16": 0.11}
 
 
 def gpu_hours(flops: float, device: Device, precision: Precision, mfu: float) -> float:

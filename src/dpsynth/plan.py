@@ -26,7 +26,7 @@ from dpsynth.config import Config, FinetuneConfig
 from dpsynth.diffusion.cost import ModelCost, unet_cost
 from dpsynth.diffusion.unet import UNetSpec
 from dpsynth.errors import ConfigError, InputError
-from dpsynth.gpus import DEFAULT_DEVICE, DEFAULT_MFU, DEVICES, Device, Precision, gpu_hours
+from dpsynth.gpus import DEFAULT_DEVICE, DEVICES, MFU_BY_PRECISION, Device, Precision, gpu_hours
 from dpsynth.privacy import accounting
 from dpsynth.privacy.sampling import sample_rate as poisson_sample_rate
 
@@ -321,8 +321,8 @@ def with_flags(cfg: Config, **flags: Any) -> Config:
 
 def plan_run(cfg: Config, *, dataset_size: int, epochs: float | None = None,
              noise_multiplier: float | None = None, num_classes: int = 10,
-             device: str = DEFAULT_DEVICE, precision: Precision = "tf32",
-             mfu: float = DEFAULT_MFU, whole_run: bool = True) -> Plan:
+             device: str = DEFAULT_DEVICE, precision: Precision | None = None,
+             mfu: float | None = None, whole_run: bool = True) -> Plan:
     """The plan of `dpsynth finetune` with `cfg` on a private split of `dataset_size`.
 
     Args:
@@ -332,10 +332,16 @@ def plan_run(cfg: Config, *, dataset_size: int, epochs: float | None = None,
         epochs: if given, replaces `cfg.finetune.steps` by ceil(E·N/B).
         noise_multiplier: the inverse mode: report ε for this σ.
         num_classes: classes of the private data (the UNet's label embedding).
-        device, precision, mfu: where and how fast the FLOPs run.
+        device, precision, mfu: where and how fast the FLOPs run; precision
+            defaults to the config's `finetune.precision` (fp32 -> "tf32", bf16
+            -> "bf16"), mfu to that precision's measured `MFU_BY_PRECISION`.
         whole_run: also cost pre-training and sampling.
     """
     fc: FinetuneConfig = cfg.finetune
+    if precision is None:
+        precision = "bf16" if fc.precision == "bf16" else "tf32"
+    if mfu is None:
+        mfu = MFU_BY_PRECISION[precision]
     if not (isinstance(dataset_size, int) and dataset_size >= 1):
         raise InputError(f"--dataset-size={dataset_size!r} must be an integer >= 1 (the "
                          "number of images in the private split)")

@@ -269,3 +269,55 @@ def test_the_engine_is_a_validated_setting_vmap_by_default() -> None:
                             ).finetune.per_example == "bookkeeping"
     with pytest.raises(ConfigError, match="finetune.per_example"):
         config.from_dict({}, ["finetune.per_example=ghost"])
+
+
+def test_bf16_needs_the_bookkeeping_engine() -> None:
+    from dpsynth.errors import ConfigError
+
+    assert config.from_dict({}).finetune.precision == "fp32"
+    cfg = config.from_dict({}, ["finetune.per_example=bookkeeping", "finetune.precision=bf16"])
+    assert cfg.finetune.precision == "bf16"
+    with pytest.raises(ConfigError, match="finetune.precision.*bookkeeping"):
+        config.from_dict({}, ["finetune.precision=bf16"])
+
+
+def _flat(grads: Grads) -> torch.Tensor:
+    return torch.cat([g.reshape(-1).double() for g in grads.values()])
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost", "instantiate"])
+@pytest.mark.parametrize("path", [None, "configs/smoke.yaml", "params.yaml"],
+                         ids=["tiny", "smoke", "digits"])
+def test_bf16_is_close_to_the_float32_reference(path: str | None, mode: str,
+                                                dp_net: UNet2DModel, dp_loss: DenoisingLoss,
+                                                private_split: Split) -> None:
+    """bf16 autocast: norms within 2% of vmap's float32 norms, the clipped sum
+    within 3% (relative, as one vector), everything returned in float32."""
+    net = dp_net if path is None else repo_unet(path)
+    draws = draws_for(dp_loss, private_split, 4, 3, seed=2)
+    with torch.no_grad():
+        c = reference(net, dp_loss, draws, 1.0)[1].median().item()
+    ref, norms_ref = reference(net, dp_loss, draws, c)
+    got, norms = bookkeeping.clipped_sum(net, dp_loss, *draws, c, mode=mode, precision="bf16")
+    assert norms.dtype == torch.float32 and all(g.dtype == torch.float32 for g in got.values())
+    torch.testing.assert_close(norms, norms_ref, rtol=2e-2, atol=0)
+    a, b = _flat(got), _flat(ref)
+    assert (a - b).norm() <= 3e-2 * b.norm()
+
+
+@pytest.mark.parametrize("mode", ["ghost", "instantiate"])
+def test_bf16_keeps_each_examples_contribution_within_c(mode: str, dp_loss: DenoisingLoss,
+                                                        private_split: Split) -> None:
+    """The sensitivity under bf16 (PRIVACY.md rule 2): an example's clipped
+    gradient, as the engine forms it in bf16 arithmetic, has norm <= C, for
+    clipped examples (C below its norm) at several C, on the digits UNet."""
+    net = repo_unet("params.yaml")
+    x0, labels, t, noise = draws_for(dp_loss, private_split, 6, 4, seed=3)
+    for i in range(6):
+        one = (x0[i:i + 1], labels[i:i + 1], t[i:i + 1], noise[i:i + 1])
+        _, (norm,) = bookkeeping.clipped_sum(net, dp_loss, *one, 1.0, mode=mode,
+                                             precision="bf16")
+        for c in (0.9 * float(norm), 0.5 * float(norm), 0.1 * float(norm)):
+            got, _ = bookkeeping.clipped_sum(net, dp_loss, *one, c, mode=mode,
+                                             precision="bf16")
+            assert _flat(got).norm() <= c, (i, c)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from dpsynth import config
 from dpsynth.stages import finetune, pretrain
@@ -33,6 +34,7 @@ def main(cfg_path: str, data: str, out: str, what: str) -> None:
         finetune.run(cfg, model_dir=out_dir / "pre", private_dir=data_dir / "private",
                      public_dir=data_dir / "public", out_dir=out_dir / "dp",
                      tracker=NullTracker())
+    print(f"process group: {dist.get_backend() if dist.is_initialized() else None}")
 
 
 if __name__ == "__main__":

@@ -54,10 +54,11 @@ def _check(procs: list[subprocess.Popen]) -> str:
     return "\n".join(logs)
 
 
-def torchrun_standalone(tmp: Path, *args: str) -> str:
-    """Two workers on this machine (`--standalone --nproc-per-node 2`)."""
+def torchrun_standalone(tmp: Path, *args: str, nproc: int = 2) -> str:
+    """`nproc` workers on this machine (`--standalone --nproc-per-node 2`)."""
     return _check([subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         str(nproc),
          WORKER, *args], cwd=tmp, env=_env(tmp), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)])
 
@@ -89,7 +90,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_dataset(tmp / "data" / "private", images[200:500], d.target[200:500], classes,
                   "digits")
     paths = {"tmp": tmp, "data": tmp / "data"}
-    for name in ("one", "two", "nodes"):
+    for name in ("one", "two", "nodes", "single"):
         cfg = config.from_dict({}, [*SETTINGS, f"privacy.ledger_dir={tmp / name / 'ledger'}"])
         paths[name] = tmp / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(cfg.to_dict()))
@@ -131,6 +132,20 @@ def test_pretraining_on_two_workers_takes_the_one_process_steps_and_resumes(
     # rank 0 alone published: the same files as one process, none from a second writer
     assert sorted(p.name for p in (out / "pre").iterdir()) == sorted(
         p.name for p in (tmp / "one" / "pre").iterdir())
+
+
+def test_one_torchrun_worker_joins_a_group_of_one_and_trains_as_one_process(
+        setup: dict[str, Path]) -> None:
+    """torchrun with one worker (one GPU per job): the collectives run through a
+    process group of one (NCCL on a GPU) and change nothing."""
+    tmp, out = setup["tmp"], setup["tmp"] / "single"
+    log = torchrun_standalone(tmp, str(setup["single"]), str(setup["data"]), str(out), "both",
+                              nproc=1)
+    assert "process group: gloo" in log
+    for stage in ("pre", "dp"):
+        assert_same_weights(tmp / "one" / stage, out / stage)
+    assert (json.loads((out / "dp" / "privacy.json").read_text())
+            == json.loads((tmp / "one" / "dp" / "privacy.json").read_text()))
 
 
 def test_two_nodes_pretrain_and_fine_tune_as_one_process(setup: dict[str, Path]) -> None:

@@ -22,6 +22,10 @@ class ModelConfig:
     attention_levels: tuple[int, ...] = (2,)
     norm_num_groups: int = 8
     dropout: float = 0.0
+    # channels per attention head (heads = channels / this); 8 is diffusers' old
+    # default. The paper-scale configs choose theirs from a GPU measurement
+    # (docs/scale.md): wider heads mean fewer [tokens x tokens] score matrices.
+    attention_head_dim: int = 8
 
     def __post_init__(self) -> None:
         check(len(self.block_out_channels) >= 1, "model.block_out_channels",
@@ -39,6 +43,13 @@ class ModelConfig:
                "model.attention_levels", self.attention_levels,
                f"levels must be in [0, {len(self.block_out_channels) - 1}]")
         check(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
+        check(self.attention_head_dim >= 1, "model.attention_head_dim",
+              self.attention_head_dim, "must be >= 1")
+        for a in self.attention_levels:
+            check(self.block_out_channels[a] % self.attention_head_dim == 0,
+                  "model.attention_head_dim", self.attention_head_dim,
+                  f"must divide the {self.block_out_channels[a]} channels of attention "
+                  f"level {a} (model.block_out_channels)")
 
 
 @dataclass(frozen=True, kw_only=True)

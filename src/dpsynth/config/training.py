@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dpsynth.choices import AccountantKind, PerExampleKind
+from dpsynth.choices import AccountantKind, PerExampleKind, PrecisionKind
 from dpsynth.config.checks import check
 from dpsynth.config.model import TimestepConfig
 
@@ -21,6 +21,9 @@ class PretrainConfig:
     ema_decay: float = 0.995
     checkpoint_every: int = 250
     log_every: int = 25
+    # bf16: the forward and backward under bfloat16 autocast (float32 weights and
+    # optimizer); about twice the throughput on Ampere and newer GPUs
+    precision: PrecisionKind = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
@@ -85,9 +88,17 @@ class FinetuneConfig:
     # The per-example engine: vmap(grad) (the reference), or book-keeping hooks over
     # the B*K rows (privacy/bookkeeping.py; same clipped sum, one backward)
     per_example: PerExampleKind = "vmap"
+    # bf16 (book-keeping engine only): the B*K rows' forward and backward under
+    # bfloat16 autocast; norms, clipping factors, the clipped sum and the noise stay
+    # float32, and the factors clip to C * (1 - 2**-6) to absorb bf16 rounding
+    precision: PrecisionKind = "fp32"
 
     def __post_init__(self) -> None:
         check(self.epsilon > 0, "finetune.epsilon", self.epsilon, "must be > 0")
+        check(self.precision == "fp32" or self.per_example == "bookkeeping",
+               "finetune.precision", self.precision,
+               "bf16 needs finetune.per_example=bookkeeping (the vmap engine runs in "
+               "float32): set both, or precision=fp32")
         check(len(self.trainable) >= 1 and all(isinstance(p, str) and p for p in self.trainable),
                "finetune.trainable", self.trainable,
                'needs at least one glob pattern over parameter names, e.g. ["*"]')

@@ -63,7 +63,7 @@ def build_unet(spec: UNetSpec) -> UNet2DModel:
         sample_size=spec.image_size, in_channels=spec.channels, out_channels=spec.channels,
         block_out_channels=m.block_out_channels, layers_per_block=m.layers_per_block,
         down_block_types=down, up_block_types=up, norm_num_groups=m.norm_num_groups,
-        dropout=m.dropout, attention_head_dim=8,
+        dropout=m.dropout, attention_head_dim=m.attention_head_dim,
         num_class_embeds=spec.num_classes + 1)  # +1: the null label for guidance
 
 

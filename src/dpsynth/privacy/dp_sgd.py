@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from opacus.validators import ModuleValidator
 
-from dpsynth.choices import PerExampleKind
+from dpsynth.choices import PerExampleKind, PrecisionKind
 from dpsynth.config import FinetuneConfig
 from dpsynth.diffusion.augment import AugmentKind
 from dpsynth.diffusion.loss import DenoisingLoss
@@ -44,6 +44,8 @@ class DPStep:
     augment: AugmentKind = "none"
     # the per-example engine (`finetune.per_example`): the same clipped sum either way
     per_example: PerExampleKind = "vmap"
+    # bf16 autocast of the book-keeping engine's forward and backward (`finetune.precision`)
+    precision: PrecisionKind = "fp32"
 
 
 def dp_step(fc: FinetuneConfig, *, noise_multiplier: float, expected_batch_size: float
@@ -55,7 +57,7 @@ def dp_step(fc: FinetuneConfig, *, noise_multiplier: float, expected_batch_size:
                   expected_batch_size=expected_batch_size,
                   physical_batch_size=fc.physical_batch_size,
                   aug_multiplicity=fc.aug_multiplicity, augment=fc.augment,
-                  per_example=fc.per_example)
+                  per_example=fc.per_example, precision=fc.precision)
 
 
 def secret_generator(seed: int | None) -> tuple[torch.Generator, bool]:
@@ -172,7 +174,7 @@ def noisy_gradient(net: torch.nn.Module, loss: DenoisingLoss, x: torch.Tensor, y
         x0, labels, t, noise = (d.to(device) for d in draws)
         if step.per_example == "bookkeeping":
             summed, _ = bookkeeping.clipped_sum(net, loss, x0, labels, t, noise,
-                                                step.max_grad_norm)
+                                                step.max_grad_norm, precision=step.precision)
         else:
             grads, _ = per_example_grads(net, loss, x0, labels, t, noise)
             summed, _ = clipped_sum(grads, step.max_grad_norm)

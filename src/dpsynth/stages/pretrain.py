@@ -135,7 +135,7 @@ def run(cfg: Config, *, public_dir: Path, out_dir: Path, tracker: Tracker,
     loop = TrainingLoop(
         net=net, optimizer=opt, steps=pc.steps, desc="pretrain", ema=ema,
         gradient=MeanLossGradient(net, loss_fn, x_all, y_all, pc.batch_size, gen, device,
-                                  workers=workers),
+                                  workers=workers, precision=pc.precision),
         learning_rate=lambda step: pc.lr * min(1.0, (step + 1) / max(1, pc.warmup_steps)),
         curve=Curve("loss", pc.log_every, lambda p: sum(p.window) / len(p.window), tracker),
         checkpoints=Checkpoints(work_dir, pc.checkpoint_every, checkpoint, sync=sync_work),

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dpsynth.choices import PrecisionKind
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.diffusion.samplers import from_uint8
+from dpsynth.training.precision import autocast
 from dpsynth.training.workers import Workers
 
 
@@ -37,6 +39,8 @@ class MeanLossGradient:
         max_grad_norm: the clipping bound of the whole (summed) gradient.
         workers: the data-parallel workers that share each batch (default: this
             process alone).
+        precision: "bf16": the forward and backward under bfloat16 autocast
+            (`pretrain.precision`; the gradients reach `.grad` in float32).
     """
 
     net: torch.nn.Module
@@ -48,6 +52,7 @@ class MeanLossGradient:
     device: torch.device
     max_grad_norm: float = 1.0
     workers: Workers = field(default_factory=Workers)
+    precision: PrecisionKind = "fp32"
 
     def __call__(self, step: int) -> float:
         """Step `step`'s gradient into `.grad`; its mean loss (public: testing it is free).
@@ -62,8 +67,9 @@ class MeanLossGradient:
         t, noise, y = self.loss.draw(x0, self.y[idx].to(self.device), self.generator)
         mine = self.workers.share(torch.arange(self.batch_size))
         # the mean of this share, weighted by its part of the batch (x 1.0 alone)
-        loss = self.loss.per_example(self.net, x0[mine], y[mine], t[mine],
-                                     noise[mine]).mean() * (len(mine) / self.batch_size)
+        with autocast(self.precision, self.device):
+            loss = self.loss.per_example(self.net, x0[mine], y[mine], t[mine],
+                                         noise[mine]).mean() * (len(mine) / self.batch_size)
         value = self.workers.sum_value(loss.item())  # the batch's mean loss, on every worker
         if not math.isfinite(value):  # the loop stops the run: no update to compute
             return value

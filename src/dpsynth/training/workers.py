@@ -23,10 +23,15 @@ from dpsynth.devices import torchrun_process
 
 @dataclass(frozen=True)
 class Workers:
-    """This process's place among the data-parallel workers (1 process: rank 0 of 1)."""
+    """This process's place among the data-parallel workers (1 process: rank 0 of 1).
+
+    `group`: a torch.distributed process group is joined, and the collectives run
+    through it, also for a world of one (torchrun with one GPU: NCCL runs).
+    """
 
     rank: int = 0
     world_size: int = 1
+    group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -34,16 +39,17 @@ class Workers:
 
     @staticmethod
     def from_env(timeout_s: int = 300) -> "Workers":
-        """Join the process group `torchrun` describes (WORLD_SIZE > 1), else one process."""
-        world_size = torchrun_process().world_size
-        if world_size == 1:
+        """Join the process group `torchrun` describes (even of one worker), else one
+        process with no group."""
+        process = torchrun_process()
+        if process.world_size == 1 and not process.launched:
             return Workers()
         if not dist.is_initialized():
             # gloo for the CPU tensors (the broadcast batch, the agreement flags:
             # randomness stays on the CPU), NCCL for the gradients on GPUs
             backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-        return Workers(dist.get_rank(), dist.get_world_size())
+        return Workers(dist.get_rank(), dist.get_world_size(), group=True)
 
     def broadcast_step(self, batch: torch.Tensor | None, draw_seed: int | None
                        ) -> tuple[torch.Tensor, int]:
@@ -51,7 +57,7 @@ class Workers:
 
         Both come from rank 0's secret randomness; the other workers pass None.
         """
-        if self.world_size == 1:
+        if not self.group:
             assert batch is not None and draw_seed is not None
             return batch, draw_seed
         header = torch.tensor([len(batch), draw_seed] if self.is_main and batch is not None
@@ -69,14 +75,14 @@ class Workers:
 
     def sum(self, tensors: dict[str, torch.Tensor]) -> None:
         """In-place sum over workers."""
-        if self.world_size > 1:
+        if self.group:
             for t in tensors.values():
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Sum `.grad` over workers in place, in one all-reduce of their concatenation
         (a parameter without a gradient counts as zeros on this worker)."""
-        if self.world_size == 1:
+        if not self.group:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -89,7 +95,7 @@ class Workers:
 
     def sum_value(self, value: float) -> float:
         """`value` summed over workers (a float64 all-reduce; itself with one worker)."""
-        if self.world_size == 1:
+        if not self.group:
             return value
         t = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -98,7 +104,7 @@ class Workers:
     def same(self, value: int) -> bool:
         """True on every worker iff every worker passed the same `value` (e.g. the step
         each resumed from)."""
-        if self.world_size == 1:
+        if not self.group:
             return True
         t = torch.tensor([value, -value], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -106,7 +112,7 @@ class Workers:
 
     def agree(self, ok: bool) -> bool:
         """True on every worker iff `ok` on every worker (e.g. rank 0's ledger check)."""
-        if self.world_size == 1:
+        if not self.group:
             return ok
         flag = torch.tensor([0 if ok else 1])
         dist.all_reduce(flag, op=dist.ReduceOp.SUM)

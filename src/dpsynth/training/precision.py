@@ -1,0 +1,40 @@
+"""Training precision (`pretrain.precision`, `finetune.precision`): float32, or
+bfloat16 autocast of the forward and backward.
+
+Under "bf16" the weights, the optimizer state and every gradient that reaches
+`.grad` stay float32 (autocast casts each matmul's and convolution's inputs,
+not the parameters); the losses are reduced in float32. DP fine-tuning's
+per-example norms, clipping factors, clipped sum and noise are float32 too
+(`privacy.bookkeeping`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from dpsynth.choices import PrecisionKind
+
+# bf16 keeps 8 significant bits: unit roundoff 2**-8. Under bf16 the book-keeping
+# engine clips to C * (1 - BF16_CLIP_MARGIN), four roundoffs below C: the margin
+# absorbs the rounding of the bf16 products its clipped sum is formed from
+# (tests/privacy/test_bookkeeping.py measures each example's realised
+# contribution against C).
+BF16_CLIP_MARGIN = 2.0 ** -6
+
+
+@contextlib.contextmanager
+def autocast(precision: PrecisionKind, device: torch.device) -> Iterator[None]:
+    """bfloat16 autocast on `device` for "bf16"; nothing for "fp32"."""
+    if precision == "fp32":
+        yield
+        return
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        yield
+
+
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off (inside an autocast region): for the float32 book-keeping."""
+    return torch.autocast(device.type, enabled=False)
