@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the paper-scale model in one prepared run
-# (about 6 minutes on an H200), for a GPU lent for a short while:
+# (about 8 minutes on an H200), for a GPU lent for a short while:
 #
 #   1. the DP step with the book-keeping engine in bf16 (fused SDPA), heads of 8,
 #      with the engines compared on the paper model (--check), physical batches
@@ -9,10 +9,11 @@
 #   3. pre-training and DP fine-tuning under torchrun with NCCL (one worker);
 #   4. the book-keeping engine in float32 (what bf16 adds) and the vmap engine in
 #      float32 (the reference, measured in the same run);
-#   5. a profile of one bf16 DP micro-batch (its top kernels).
+#   5. a profile of one bf16 DP micro-batch (its top kernels), and channels-last
+#      weights and activations against NCHW, back to back.
 #
 # Usage: benchmarks/gpu_check.sh OUT_DIR [STEP...]   (JSON per run and log.txt there)
-#        STEP: bookkeeping-bf16 heads64 profile torchrun fp32 (default: all, ~6 min)
+#        STEP: bookkeeping-bf16 heads64 profile channels-last torchrun fp32 (default: all, ~8 min)
 #        GPU_CHECK_CPU=1 benchmarks/gpu_check.sh OUT_DIR   (tiny sizes on the CPU: checks the script)
 # Needs: a CUDA build of PyTorch, and diffusers, kornia, opacus, scikit-learn,
 # PyYAML and safetensors importable. docs/scale.md holds the numbers of the last run.
@@ -52,6 +53,13 @@ step_profile() {
   run 100 bookkeeping-bf16-profile $smoke --limit-s 90 --engine bookkeeping --precision bf16 \
       --no-sampling --check --physical 32 --profile 25 --json "$out/bk_bf16_profile.json"
 }
+step_channels_last() {  # back to back: the run-to-run spread is larger than the effect
+  run 80 bookkeeping-bf16-nchw $smoke --limit-s 70 --engine bookkeeping --precision bf16 \
+      --no-sampling --physical 16 32 --json "$out/bk_bf16_nchw.json"
+  run 80 bookkeeping-bf16-channels-last $smoke --limit-s 70 --engine bookkeeping \
+      --precision bf16 --no-sampling --channels-last --check --physical 16 32 \
+      --json "$out/bk_bf16_cl.json"
+}
 step_torchrun() {
   run 230 torchrun-nccl $python "$here/gpu_torchrun.py" "${cpu[@]}"
 }
@@ -65,7 +73,7 @@ for step in "${@:2}"; do  # none named: all of them
   declare -F "step_${step//-/_}" >/dev/null || { echo "gpu_check: no step $step"; exit 2; }
 done
 if [ $# -gt 1 ]; then steps=("${@:2}"); else
-  steps=(bookkeeping-bf16 heads64 profile torchrun fp32); fi
+  steps=(bookkeeping-bf16 heads64 profile channels-last torchrun fp32); fi
 for step in "${steps[@]}"; do "step_${step//-/_}"; done
 echo "gpu_check: $([ $status = 0 ] && echo ok || echo 'FAILED (see above)')" | tee -a "$out/log.txt"
 exit $status

@@ -376,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="also compare the book-keeping engine with vmap on this model")
     # what-if knobs (not settings the stages have): they show what a change would buy
+    parser.add_argument("--channels-last", action="store_true",
+                        help="what if: channels-last (NHWC) weights, hence activations")
     parser.add_argument("--tf32", action="store_true",
                         help="what if: TF32 matmuls too (PyTorch's default is TF32 for "
                              "convolutions only)")
@@ -411,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     net = build_unet(plan.spec)  # on the CPU, as the stages build it, then moved
     num_params = sum(p.numel() for p in net.parameters())
     net.to(device).train()
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)
+        print("  what if: channels-last weights and activations")
     check = check_engines(net, loss_for(cfg, plan), plan, cfg, device) if args.check else None
     if plan.engine == "vmap":
         use_vmap_friendly_attention(net)  # as `dpsynth finetune` does: no vmap rule for SDPA
@@ -507,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": name, "device_gib": total_gib, "config": args.config, "quick": args.quick,
             "torch": torch.__version__, "num_params": num_params, "engine": plan.engine,
             "precision": plan.precision, "attention_head_dim": cfg.model.attention_head_dim,
+            "channels_last": args.channels_last,
             "engine_check": check,
             "gflop_forward": flops_fwd / 1e9, "gflop_train": flops_train / 1e9,
             "dp_steps": steps, "oom_at": oom_at, "nonprivate_seconds": plain_s,

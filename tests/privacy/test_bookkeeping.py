@@ -92,6 +92,16 @@ def test_equals_vmap_on_the_smoke_and_digits_unets(path: str, dp_loss: Denoising
     assert_same(net, dp_loss, draws_for(dp_loss, private_split, 3, 4, seed=1))
 
 
+def test_equals_vmap_with_channels_last_weights(dp_loss: DenoisingLoss,
+                                               private_split: Split) -> None:
+    """Channels-last weights (GPU layout for bf16 convolutions): the rows reach the
+    hooks in NHWC memory and are grouped per example in it."""
+    net = repo_unet("params.yaml").to(memory_format=torch.channels_last)
+    conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert_same(net, dp_loss, draws_for(dp_loss, private_split, 3, 4, seed=4), "instantiate")
+
+
 def test_noisy_gradient_equals_vmap_with_micro_batches(dp_net: UNet2DModel,
                                                        dp_loss: DenoisingLoss,
                                                        private_split: Split) -> None:

@@ -263,13 +263,23 @@ def _instantiate(m: nn.Module, a: torch.Tensor, g: torch.Tensor, b: int, k: int
         # batch: one weight-gradient kernel, no im2col (Rochette et al. 2019). im2col
         # and a batched matmul instead: 2.1x slower on an H200 at 32 x K=32 in bf16
         # (0.79 -> 1.66 s), 18% more memory (docs/scale.md)
-        (_, c_in, *hw), (c_out, *ohw) = a.shape, g.shape[1:]
-        a_g = a.reshape(b, k, c_in, *hw).transpose(0, 1).reshape(k, b * c_in, *hw)
-        g_g = g.reshape(b, k, c_out, *ohw).transpose(0, 1).reshape(k, b * c_out, *ohw)
-        w = torch.nn.grad.conv2d_weight(a_g, (b * c_out, c_in, *m.kernel_size), g_g,
-                                        m.stride, m.padding, m.dilation, groups=b)
+        c_in, c_out = a.shape[1], g.shape[1]
+        w = torch.nn.grad.conv2d_weight(_as_groups(a, b, k), (b * c_out, c_in, *m.kernel_size),
+                                        _as_groups(g, b, k), m.stride, m.padding, m.dilation,
+                                        groups=b)
         return w.reshape(b, c_out, -1)
     return torch.bmm(g.reshape(b, -1, g.shape[-1]).mT, a.reshape(b, -1, a.shape[-1]))
+
+
+def _as_groups(t: torch.Tensor, b: int, k: int) -> torch.Tensor:
+    """[b*K, C, H, W] rows -> [K, b*C, H, W]: example i's channels as group i, in
+    the rows' memory format (channels-last rows give channels-last groups, so that
+    cuDNN needs no layout transposes)."""
+    n, c, h, w = t.shape
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        nhwc = t.permute(0, 2, 3, 1).reshape(b, k, h, w, c)  # a view of the NHWC memory
+        return nhwc.permute(1, 2, 3, 0, 4).reshape(k, h, w, b * c).permute(0, 3, 1, 2)
+    return t.reshape(b, k, c, h, w).transpose(0, 1).reshape(k, b * c, h, w)
 
 
 def _sq_norms(v: torch.Tensor) -> torch.Tensor:
