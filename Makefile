@@ -55,8 +55,11 @@ sweep: setup
 	dvc exp run -S 'sweep.epsilons=$(SWEEP_EPSILONS)'; \
 	dpsynth summary --artifacts artifacts --seconds $$(( $$(date +%s) - start ))
 
+# Two workers, each taking whole test files (module fixtures run once per file):
+# 595 s against 988 s serial on 2 cores. PYTEST_WORKERS= runs serially.
+PYTEST_WORKERS ?= -n 2 --dist loadfile
 test: setup browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # The report test (tests/test_report_browser.py) renders the HTML report in headless
 # Chromium: Debian's `chromium` package, installed once (as root, or with sudo).
