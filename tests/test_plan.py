@@ -138,6 +138,34 @@ def test_memory_bound_counts_weights_optimizer_per_example_grads_and_activations
     assert c.memory_gb == pytest.approx((4e6 * (5 + 8) + 32 * 1e7) / 1e9)
 
 
+@pytest.mark.parametrize("precision, per_row", [("fp32", 6e6), ("bf16", 3e6)])
+def test_the_bookkeeping_bound_drops_score_matrices_and_per_example_grads(
+        precision: str, per_row: float) -> None:
+    """The book-keeping engine keeps fused attention (no score matrices) and need
+    not hold every example's gradient; under bf16 a saved element is >= 2 bytes."""
+    cost = ModelCost(num_parameters=10**6, forward_flops=1, train_flops=3,
+                     activation_bytes=10**7, attention_score_bytes=4 * 10**6)
+    cfg = tiny_config(physical_batch_size=8, aug_multiplicity=4, per_example="bookkeeping",
+                      precision=precision)
+    c = plan.compute_plan(cfg, cost, steps=1, device=DEVICES["L4"], precision="tf32", mfu=0.1,
+                          whole_run=False)
+    assert c.memory_gb == pytest.approx((4e6 * 5 + 32 * per_row) / 1e9)
+
+
+@pytest.mark.parametrize("engine, precision, b, measured_gib", [
+    ("vmap", "fp32", 8, 101.6), ("bookkeeping", "bf16", 16, 45.4),
+    ("bookkeeping", "bf16", 32, 89.4), ("bookkeeping", "fp32", 8, 25.6)])
+def test_the_paper_models_bound_is_below_its_h200_peaks(engine: str, precision: str, b: int,
+                                                        measured_gib: float) -> None:
+    """A lower bound: below the peaks measured on an H200 (docs/scale.md, 2026-11-28
+    and 2026-12-04), for each engine and precision."""
+    cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / "cifar10.yaml", [
+        f"finetune.per_example={engine}", f"finetune.precision={precision}",
+        f"finetune.physical_batch_size={b}"])
+    got = plan.plan_run(cfg, dataset_size=50_000, device="H200").compute.memory_gb
+    assert 0.25 * measured_gib * 2**30 / 1e9 < got < measured_gib * 2**30 / 1e9
+
+
 # --------------------------------------------------------------------------- warnings
 
 

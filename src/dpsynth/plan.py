@@ -235,13 +235,20 @@ def compute_plan(cfg: Config, model: ModelCost, *, steps: int, device: Device,
         guided = 2 if sc.guidance_scale != 1.0 else 1  # conditional + unconditional
         phases.append(_phase("sample", sc.num_samples * sc.num_inference_steps * guided,
                              model.forward_flops, device, precision, mfu))
-    # float32: weights, the clipped sum, Adam's two moments, the EMA copy, the
-    # per-example gradients of one physical micro-batch (vmap holds them all), and
-    # the activations of its physical_batch_size * K rows. vmap's own temporaries
-    # come on top: a lower bound.
+    # float32: weights, the clipped sum, Adam's two moments, the EMA copy, and the
+    # activations of the physical_batch_size * K rows of one micro-batch. vmap also
+    # holds every example's gradient and the attention score matrices (no fused
+    # kernel under vmap); the book-keeping engine keeps fused SDPA (no score
+    # matrices) and may discard per-example gradients, and under bf16 a saved
+    # tensor takes at least 2 bytes per element. Temporaries come on top: a lower
+    # bound (docs/scale.md has the measured peaks).
     rows = fc.physical_batch_size * fc.aug_multiplicity
-    memory = (4 * model.num_parameters * (5 + fc.physical_batch_size)
-              + rows * model.activation_bytes) / 1e9
+    if fc.per_example == "vmap":
+        per_row, gradients = model.activation_bytes, fc.physical_batch_size
+    else:
+        per_row = model.activation_bytes - model.attention_score_bytes
+        per_row, gradients = (per_row / 2 if fc.precision == "bf16" else per_row), 0
+    memory = (4 * model.num_parameters * (5 + gradients) + rows * per_row) / 1e9
     return ComputePlan(device=device, precision=precision, mfu=mfu, model=model,
                        phases=tuple(phases), memory_gb=memory)
 

@@ -28,12 +28,16 @@ class ModelCost:
         forward_flops: one forward pass.
         train_flops: forward + backward (weight and activation gradients).
         activation_bytes: float32 tensors saved for the backward, per image.
+        attention_score_bytes: the part of them that is attention's
+            [tokens x tokens] score matrices, which fused SDPA kernels never
+            materialise (the book-keeping engine keeps SDPA; vmap cannot).
     """
 
     num_parameters: int
     forward_flops: int
     train_flops: int
     activation_bytes: int
+    attention_score_bytes: int = 0
 
 
 def forward_backward_flops(forward: Callable[[], torch.Tensor]) -> tuple[int, int]:
@@ -51,9 +55,10 @@ def forward_backward_flops(forward: Callable[[], torch.Tensor]) -> tuple[int, in
     return fwd, fwd + counter.get_total_flops()
 
 
-def saved_activation_bytes(net: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> int:
+def saved_activation_bytes(net: torch.nn.Module, forward: Callable[[], torch.Tensor],
+                           only: Callable[[torch.Tensor], bool] | None = None) -> int:
     """Bytes of the tensors autograd keeps from `forward()` for the backward,
-    each storage once, the parameters not counted.
+    each storage once, the parameters not counted (`only`: those tensors alone).
 
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     >>> saved_activation_bytes(net, lambda: net(torch.ones(5, 3)))  # input 5x3, ReLU out 5x4
@@ -64,7 +69,7 @@ def saved_activation_bytes(net: torch.nn.Module, forward: Callable[[], torch.Ten
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if id(storage) not in params:
+        if id(storage) not in params and (only is None or only(t)):
             storages[id(storage)] = storage
         return t
 
@@ -97,6 +102,12 @@ def unet_cost(spec: UNetSpec) -> ModelCost:
 
         fwd, total = forward_backward_flops(forward)
         activations = saved_activation_bytes(net, forward)
+        # [batch * heads, T, T] at the attention levels and the mid block (the lowest)
+        levels = {*spec.model.attention_levels, len(spec.model.block_out_channels) - 1}
+        tokens = {(spec.image_size // 2 ** level) ** 2 for level in levels}
+        scores = saved_activation_bytes(net, forward, only=lambda v: (
+            v.ndim == 3 and v.shape[-1] == v.shape[-2] and v.shape[-1] in tokens))
     return ModelCost(num_parameters=sum(p.numel() for p in net.parameters()),
                      forward_flops=fwd // batch, train_flops=total // batch,
-                     activation_bytes=activations // batch)
+                     activation_bytes=activations // batch,
+                     attention_score_bytes=scores // batch)
