@@ -10,9 +10,6 @@ per-example norms, clipping factors, clipped sum and noise are float32 too
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
 from dpsynth.choices import PrecisionKind
@@ -25,16 +22,11 @@ from dpsynth.choices import PrecisionKind
 BF16_CLIP_MARGIN = 2.0 ** -6
 
 
-@contextlib.contextmanager
-def autocast(precision: PrecisionKind, device: torch.device) -> Iterator[None]:
-    """bfloat16 autocast on `device` for "bf16"; nothing for "fp32"."""
-    if precision == "fp32":
-        yield
-        return
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        yield
+def autocast(precision: PrecisionKind, device: torch.device) -> torch.autocast:
+    """bfloat16 autocast on `device` for "bf16"; a disabled one (nothing) for "fp32"."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+def full_precision(device: torch.device) -> torch.autocast:
     """Autocast off (inside an autocast region): for the float32 book-keeping."""
     return torch.autocast(device.type, enabled=False)
