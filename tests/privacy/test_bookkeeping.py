@@ -331,3 +331,32 @@ def test_bf16_keeps_each_examples_contribution_within_c(mode: str, dp_loss: Deno
             got, _ = bookkeeping.clipped_sum(net, dp_loss, *one, c, mode=mode,
                                              precision="bf16")
             assert _flat(got).norm() <= c, (i, c)
+
+
+def test_bf16_rows_are_kept_once_in_bf16(dp_loss: DenoisingLoss, private_split: Split,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 a Conv2d or Linear fed a float32 tensor (the image into conv_in,
+    the sinusoidal time features; on CUDA every GroupNorm output) gets it cast
+    before the layer: the hooks keep the bf16 tensor the layer and autograd use,
+    not the float32 original beside it, and the result is bitwise unchanged."""
+    net = repo_unet("params.yaml")
+    draws = draws_for(dp_loss, private_split, 3, 2, seed=4)
+    kept: dict[str, set] = {}
+    process = bookkeeping.Tape.process
+
+    def spy(tape: bookkeeping.Tape, layer: bookkeeping.Layer) -> None:
+        kept[layer.name] = {a.dtype for a, _ in layer.calls}
+        process(tape, layer)
+
+    monkeypatch.setattr(bookkeeping.Tape, "process", spy)
+    got, norms = bookkeeping.clipped_sum(net, dp_loss, *draws, 0.05, precision="bf16")
+    layers = {n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert kept["conv_in"] == kept["time_embedding.linear_1"] == {torch.bfloat16}
+    assert all(kept[n] == {torch.bfloat16} for n in layers), \
+        {n: kept[n] for n in layers if kept[n] != {torch.bfloat16}}
+    monkeypatch.setattr(bookkeeping, "_bf16_input", lambda module, inputs: None)
+    kept.clear()
+    uncast, uncast_norms = bookkeeping.clipped_sum(net, dp_loss, *draws, 0.05, precision="bf16")
+    assert kept["conv_in"] == {torch.float32}, kept  # what the cast saves
+    assert torch.equal(norms, uncast_norms)
+    assert all(torch.equal(got[n], uncast[n]) for n in got)
