@@ -23,13 +23,21 @@ parameters are not its inputs). Per-example gradient memory is at most
 B x parameters whatever K.
 
 Precision: under `precision="bf16"` the forward and backward run in bfloat16
-autocast; the hooks' tensors are then bf16. The Gram matrices are formed in
-float32 from them (exact products), instantiated per-example gradients are made
-in bf16 and kept in float32 (their norm and their share of the sum are taken
-from the same numbers), and the norms, the clipping factors and the clipped sum
-accumulate in float32. Only the row-rescaled output gradients are bf16 products:
-the factors clip to C * (1 - 2**-6) to absorb their rounding
-(`training.precision.BF16_CLIP_MARGIN`).
+autocast; the hooks' tensors are then bf16 (a float32 input is cast before its
+layer, so that one bf16 copy is kept). The Gram matrices are formed in float32
+from them (exact products), instantiated per-example gradients are made in bf16
+and kept in float32 (their norm and their share of the sum are taken from the
+same numbers), and the norms, the clipping factors and the clipped sum are
+float32; the sums recomputed from the rows are formed in float32 too. An
+instantiated gradient that is not kept has its norm from bf16-rounded numbers
+(2**-8 relative) and its share from the float32 rows: the factors clip to
+C * (1 - 2**-6) to absorb that (`training.precision.BF16_CLIP_MARGIN`).
+
+Where a norm and its example's share come from two computations (ghost norms,
+gradients not kept), both are float32-exact: no TF32 on GPUs
+(`training.precision.exact_float32`). Otherwise a sum formed in bf16 or TF32
+moves with its own norm, and one record could move a large batch's sum by more
+than C.
 
 Supported trainable layers: Conv2d (groups=1, zero padding), Linear (inputs
 [N, d] or [N, T, d]), GroupNorm (affine), Embedding, and Linear/Conv2d weights
@@ -40,6 +48,7 @@ refused with an error naming its module: mis-clipping would be silent.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,7 +61,8 @@ from dpsynth.choices import PrecisionKind
 from dpsynth.diffusion.lora import LowRankDelta
 from dpsynth.diffusion.loss import DenoisingLoss
 from dpsynth.errors import InputError
-from dpsynth.training.precision import BF16_CLIP_MARGIN, autocast, full_precision
+from dpsynth.training.precision import (BF16_CLIP_MARGIN, autocast, exact_float32,
+                                       full_precision)
 
 Grads = dict[str, torch.Tensor]
 NormMode = Literal["auto", "ghost", "instantiate"]
@@ -190,15 +200,23 @@ def _linear_or_conv(layer: Layer, calls: list, b: int, k: int, mode: NormMode
             factors.append((a_pos, s * (g_pos @ lora_b)))
         if "weight" in roles:
             factors.append((a_pos, g_pos))
-        for fa, fg in factors:  # Li et al. 2022, Sec. 4: ||G^T A||^2 = <A A^T, G G^T>
-            norm2 += (torch.bmm(fa, fa.mT) * torch.bmm(fg, fg.mT)).sum((1, 2))
+        with exact_float32():  # the summer below recomputes the share in float32
+            for fa, fg in factors:  # Li et al. 2022, Sec. 4: ||G^T A||^2 = <A A^T, G G^T>
+                norm2 += (torch.bmm(fa, fa.mT) * torch.bmm(fg, fg.mT)).sum((1, 2))
         del pos, a_pos, g_pos, factors
     elif roles.keys() - {"bias"}:
-        # [b, d_out, d_in] in float32 (made in the rows' precision): the norm and
-        # the share of the sum below come from the same numbers
-        w = _instantiate(m, *calls[0], b, k).float()
-        for a, g in calls[1:]:  # a module called more than once: its calls add up
-            w += _instantiate(m, a, g, b, k).float()
+        # [b, d_out, d_in] in float32 (made in the rows' precision). Kept, the norm
+        # and the share of the sum come from the same numbers; not kept (larger than
+        # the rows), the share is recomputed from the rows in float32 by the summer,
+        # so these are made float32-exact too (no TF32; bf16 rows are exact in it)
+        raw_size = sum(a.numel() + g.numel() for a, g in calls)
+        rank = lora_a.shape[0] if lora else 0
+        size = {"weight": d_out * d_in, "lora_B": d_out * rank, "lora_A": rank * d_in}
+        recomputed = any(b * size[r] > raw_size for r in roles.keys() - {"bias"})
+        with exact_float32() if recomputed else nullcontext():
+            w = _instantiate(m, *calls[0], b, k).float()
+            for a, g in calls[1:]:  # a module called more than once: its calls add up
+                w += _instantiate(m, a, g, b, k).float()
         if "weight" in roles:
             kept["weight"] = w
         if lora and "lora_B" in roles:
@@ -210,7 +228,6 @@ def _linear_or_conv(layer: Layer, calls: list, b: int, k: int, mode: NormMode
             norm2 += _sq_norms(v)
         # keep a per-example gradient only where it is smaller than the rows it
         # would otherwise be recomputed from (Bu et al. 2023's book-keeping trade)
-        raw_size = sum(a.numel() + g.numel() for a, g in calls)
         kept = {r: v for r, v in kept.items() if v.numel() <= raw_size}
     if "bias" in roles:
         kept["bias"] = _bias_grad(calls[0][1], b, k)
@@ -224,13 +241,18 @@ def _linear_or_conv(layer: Layer, calls: list, b: int, k: int, mode: NormMode
         if rows:
             total = 0
             for a, g in rows:  # sum_i c_i g_i = the weight gradient of the rescaled rows
-                g = g * _row_scale(c, k, g).to(g.dtype)
-                if conv:
-                    part = torch.nn.grad.conv2d_weight(
-                        a, m.weight.shape, g, m.stride, m.padding, m.dilation, m.groups)
-                else:
-                    part = g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
-                total = total + part.float()
+                # float32-exact from the (bf16) rows: a sum rounded to bf16 (or from
+                # TF32-rounded c_i g) would move by up to 2**-8 (2**-11) of its own
+                # norm, so one record could move it by more than C in a large batch
+                # (tests/privacy/test_bookkeeping.py)
+                a, g = a.float(), g.float() * _row_scale(c, k, g)
+                with exact_float32():
+                    if conv:
+                        part = torch.nn.grad.conv2d_weight(
+                            a, m.weight.shape, g, m.stride, m.padding, m.dilation, m.groups)
+                    else:
+                        part = g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+                total = total + part
             flat = total.reshape(total.shape[0], -1)
             if "weight" in roles and "weight" not in kept:
                 out[roles["weight"]] = total
