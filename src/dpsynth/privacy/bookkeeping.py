@@ -244,14 +244,14 @@ def _linear_or_conv(layer: Layer, calls: list, b: int, k: int, mode: NormMode
                 # float32-exact from the (bf16) rows: a sum rounded to bf16 (or from
                 # TF32-rounded c_i g) would move by up to 2**-8 (2**-11) of its own
                 # norm, so one record could move it by more than C in a large batch
-                # (tests/privacy/test_bookkeeping.py)
+                # (tests/privacy/test_bookkeeping.py); `clipped_sum` runs this
+                # under exact_float32
                 a, g = a.float(), g.float() * _row_scale(c, k, g)
-                with exact_float32():
-                    if conv:
-                        part = torch.nn.grad.conv2d_weight(
-                            a, m.weight.shape, g, m.stride, m.padding, m.dilation, m.groups)
-                    else:
-                        part = g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+                if conv:
+                    part = torch.nn.grad.conv2d_weight(
+                        a, m.weight.shape, g, m.stride, m.padding, m.dilation, m.groups)
+                else:
+                    part = g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
                 total = total + part
             flat = total.reshape(total.shape[0], -1)
             if "weight" in roles and "weight" not in kept:
@@ -500,7 +500,7 @@ def clipped_sum(net: nn.Module, loss: DenoisingLoss, x0: torch.Tensor, labels: t
     bound = max_grad_norm * (1 - BF16_CLIP_MARGIN) if precision == "bf16" else max_grad_norm
     factor = (bound / (norms + 1e-6)).clamp(max=1.0)  # as per_example.clipped_sum
     summed: Grads = {}
-    with torch.no_grad():
+    with torch.no_grad(), exact_float32():  # the sums in IEEE float32, as the norms
         for summer in tape.summers:
             summed.update(summer(factor))
     return {n: summed[n].reshape(p.shape) if n in summed else torch.zeros_like(p)

@@ -15,6 +15,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from dpsynth.diffusion.loss import DenoisingLoss
+from dpsynth.training.precision import exact_float32
 
 Grads = dict[str, torch.Tensor]
 
@@ -63,7 +64,8 @@ def clipped_sum(grads: Grads, max_grad_norm: float) -> tuple[Grads, torch.Tensor
     """
     norms = per_example_norms(grads)
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    return {n: torch.einsum("b,b...->...", factor, g) for n, g in grads.items()}, norms
+    with exact_float32():  # a TF32 matmul would round the sum (to 2**-11 of its norm)
+        return {n: torch.einsum("b,b...->...", factor, g) for n, g in grads.items()}, norms
 
 
 def use_vmap_friendly_attention(net: torch.nn.Module) -> None:
