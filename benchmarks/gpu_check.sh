@@ -10,10 +10,12 @@
 #   4. the book-keeping engine in float32 (what bf16 adds) and the vmap engine in
 #      float32 (the reference, measured in the same run);
 #   5. a profile of one bf16 DP micro-batch (its top kernels), and channels-last
-#      weights and activations against NCHW, back to back.
+#      weights and activations against NCHW, back to back;
+#   0. first, where pytest is installed: the book-keeping tests on CUDA (the
+#      sensitivity under TF32 and bf16: what removing one record moves).
 #
 # Usage: benchmarks/gpu_check.sh OUT_DIR [STEP...]   (JSON per run and log.txt there)
-#        STEP: bookkeeping-bf16 heads64 profile channels-last torchrun fp32 (default: all, ~8 min)
+#        STEP: privacy bookkeeping-bf16 heads64 profile channels-last torchrun fp32 (default: all, ~8 min)
 #        GPU_CHECK_CPU=1 benchmarks/gpu_check.sh OUT_DIR   (tiny sizes on the CPU: checks the script)
 # Needs: a CUDA build of PyTorch, and diffusers, kornia, opacus, scikit-learn,
 # PyYAML and safetensors importable. docs/scale.md holds the numbers of the last run.
@@ -69,11 +71,19 @@ step_fp32() {
   run 60 vmap-fp32 $smoke --limit-s 55 --engine vmap --precision fp32 --no-sampling --physical 8 \
       --json "$out/vmap_fp32.json"
 }
+step_privacy() {  # the bookkeeping engine's sensitivity on CUDA (TF32, bf16): tests, if pytest is there
+  if $python -c "import pytest" 2>/dev/null; then
+    run 120 privacy-cuda $python -m pytest -q -p no:cacheprovider "$here/../tests/privacy/test_bookkeeping.py" \
+        -k "large_batch or bf16 or equals_vmap_on_the_smoke"
+  else
+    echo "=== privacy-cuda: skipped (no pytest)" | tee -a "$out/log.txt"
+  fi
+}
 for step in "${@:2}"; do  # none named: all of them
   declare -F "step_${step//-/_}" >/dev/null || { echo "gpu_check: no step $step"; exit 2; }
 done
 if [ $# -gt 1 ]; then steps=("${@:2}"); else
-  steps=(bookkeeping-bf16 heads64 profile channels-last torchrun fp32); fi
+  steps=(privacy bookkeeping-bf16 heads64 profile channels-last torchrun fp32); fi
 for step in "${steps[@]}"; do "step_${step//-/_}"; done
 echo "gpu_check: $([ $status = 0 ] && echo ok || echo 'FAILED (see above)')" | tee -a "$out/log.txt"
 exit $status
