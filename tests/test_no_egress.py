@@ -192,8 +192,8 @@ def write_sources(folder: Path) -> tuple[PrivateSet, np.ndarray, dict[str, dict]
 # Put first on the `dvc repro` subprocess's PYTHONPATH as `sitecustomize.py`: in every
 # process that imports them, `dpsynth.privacy.sampling.poisson_batch` and
 # `dpsynth.privacy.per_example.{clipped_sum, per_example_grads}` (and the book-keeping
-# engine's `dpsynth.privacy.bookkeeping.clipped_sum`) are wrapped as soon as
-# their module has executed (before `from ... import` copies them elsewhere), and
+# engine's `dpsynth.privacy.bookkeeping.{clipped_sum, example_losses}`) are wrapped as
+# soon as their module has executed (before `from ... import` copies them elsewhere), and
 # what they return -- the size of each Poisson batch, the pre-clipping norms, the
 # K-averaged per-example losses -- is appended, in call order, to a JSON-lines file
 # per process with its argv, under $EGRESS_TEST_OBSERVED. Lazy: a meta-path finder
@@ -208,7 +208,7 @@ import sys
 _OUT = os.environ.get("EGRESS_TEST_OBSERVED")
 _WRAP = {"dpsynth.privacy.sampling": {"poisson_batch": "batch"},
          "dpsynth.privacy.per_example": {"clipped_sum": "norms", "per_example_grads": "losses"},
-         "dpsynth.privacy.bookkeeping": {"clipped_sum": "norms"}}
+         "dpsynth.privacy.bookkeeping": {"clipped_sum": "norms", "example_losses": "losses"}}
 
 
 def _record(kind, values):

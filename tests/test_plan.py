@@ -130,10 +130,10 @@ def test_whole_run_adds_pretraining_and_sampling_with_guidance_doubling() -> Non
 
 def test_memory_bound_counts_weights_optimizer_per_example_grads_and_activations() -> None:
     cost = ModelCost(num_parameters=10**6, forward_flops=1, train_flops=3, activation_bytes=10**7)
-    cfg = tiny_config(physical_batch_size=8, aug_multiplicity=4)
+    cfg = tiny_config(physical_batch_size=8, aug_multiplicity=4, per_example="vmap")
     c = plan.compute_plan(cfg, cost, steps=1, device=DEVICES["L4"], precision="tf32", mfu=0.1,
                           whole_run=False)
-    # float32 weights, clipped sum, Adam m and v, EMA (5 d) + 8 per-example gradients,
+    # vmap: float32 weights, clipped sum, Adam m and v, EMA (5 d) + 8 per-example gradients,
     # + activations of 8 x 4 rows
     assert c.memory_gb == pytest.approx((4e6 * (5 + 8) + 32 * 1e7) / 1e9)
 

@@ -272,12 +272,11 @@ def test_an_empty_micro_batch_gives_zeros(dp_net: UNet2DModel, dp_loss: Denoisin
     assert norms.shape == (0,) and all(not s.any() for s in summed.values())
 
 
-def test_the_engine_is_a_validated_setting_vmap_by_default() -> None:
+def test_the_engine_is_a_validated_setting_bookkeeping_by_default() -> None:
     from dpsynth.errors import ConfigError
 
-    assert config.from_dict({}).finetune.per_example == "vmap"
-    assert config.from_dict({}, ["finetune.per_example=bookkeeping"]
-                            ).finetune.per_example == "bookkeeping"
+    assert config.from_dict({}).finetune.per_example == "bookkeeping"
+    assert config.from_dict({}, ["finetune.per_example=vmap"]).finetune.per_example == "vmap"
     with pytest.raises(ConfigError, match="finetune.per_example"):
         config.from_dict({}, ["finetune.per_example=ghost"])
 
@@ -289,7 +288,7 @@ def test_bf16_needs_the_bookkeeping_engine() -> None:
     cfg = config.from_dict({}, ["finetune.per_example=bookkeeping", "finetune.precision=bf16"])
     assert cfg.finetune.precision == "bf16"
     with pytest.raises(ConfigError, match="finetune.precision.*bookkeeping"):
-        config.from_dict({}, ["finetune.precision=bf16"])
+        config.from_dict({}, ["finetune.per_example=vmap", "finetune.precision=bf16"])
 
 
 def _flat(grads: Grads) -> torch.Tensor:

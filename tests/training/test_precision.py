@@ -18,7 +18,8 @@ def test_exact_float32_is_ieee_inside_and_restores_the_callers_settings(
         caller: tuple[str, str]) -> None:
     before = settings()
     try:
-        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = caller
+        (torch.backends.cudnn.conv.fp32_precision,
+         torch.backends.cuda.matmul.fp32_precision) = caller
         with exact_float32():
             assert settings() == ("ieee", "ieee")
             with exact_float32():  # nested: still exact, and the outer one restores
@@ -29,4 +30,5 @@ def test_exact_float32_is_ieee_inside_and_restores_the_callers_settings(
             raise RuntimeError("inside")
         assert settings() == caller
     finally:
-        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before
+        (torch.backends.cudnn.conv.fp32_precision,
+         torch.backends.cuda.matmul.fp32_precision) = before

@@ -85,9 +85,10 @@ class FinetuneConfig:
     # norms, embeddings) are trained directly. Merged into the weights on publish.
     lora_rank: int = 0
     lora_alpha: float | None = None  # adapter scale alpha / rank; None = rank (scale 1)
-    # The per-example engine: vmap(grad) (the reference), or book-keeping hooks over
-    # the B*K rows (privacy/bookkeeping.py; same clipped sum, one backward)
-    per_example: PerExampleKind = "vmap"
+    # The per-example engine: book-keeping hooks over the B*K rows (privacy/
+    # bookkeeping.py: one forward and one backward), or vmap(grad) (per_example.py:
+    # every example's gradient materialised; the reference, the same clipped sum)
+    per_example: PerExampleKind = "bookkeeping"
     # bf16 (book-keeping engine only): the B*K rows' forward and backward under
     # bfloat16 autocast; norms, clipping factors, the clipped sum and the noise stay
     # float32, and the factors clip to C * (1 - 2**-6) to absorb bf16 rounding

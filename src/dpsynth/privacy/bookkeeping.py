@@ -427,6 +427,18 @@ class Tape:
                 self.process(layer)
 
 
+def example_losses(net: nn.Module, loss: DenoisingLoss, x0: torch.Tensor,
+                   labels: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """([b*K] the rows' losses, [b] each example's K-averaged loss), in float32 and
+    differentiable; x0 [b, K, C, H, W] as `clipped_sum` takes it. Private values:
+    never logged (tests/test_no_egress.py watches them, as vmap's)."""
+    b, k = x0.shape[:2]
+    rows = loss.per_example(net, x0.flatten(0, 1), labels.flatten(), t.flatten(),
+                            noise.flatten(0, 1)).float()
+    return rows, rows.view(b, k).mean(1)
+
+
 def _bf16_input(module: nn.Module, inputs: tuple) -> tuple | None:
     """Cast a float32 input to bfloat16 before a Conv2d or Linear under autocast.
 
@@ -478,17 +490,16 @@ def clipped_sum(net: nn.Module, loss: DenoisingLoss, x0: torch.Tensor, labels: t
                     if base_type(layer.module) in (nn.Conv2d, nn.Linear)]
     try:
         with torch.enable_grad(), autocast(precision, x0.device):
-            rows = loss.per_example(net, x0.flatten(0, 1), labels.flatten(), t.flatten(),
-                                    noise.flatten(0, 1)).float()
+            rows, losses = example_losses(net, loss, x0, labels, t, noise)
             # the backward of sum_i mean_k loss_ik: each row's output gradients carry
             # the 1/K, so summing an example's rows gives its K-averaged gradient
-            total = rows.view(b, k).mean(1).sum()
+            total = losses.sum()
             roots, tape.roots = tape.roots, []
             # gradients w.r.t. the branch roots' outputs only: the engine then runs
             # every layer's input-gradient, but no parameter gradient (that is the
             # clipped sum's job below)
             torch.autograd.grad(total, roots, allow_unused=True)
-            del roots, total, rows
+            del roots, total, rows, losses
         tape.finish()
     finally:
         for h in handles:

@@ -43,7 +43,7 @@ class DPStep:
     aug_multiplicity: int
     augment: AugmentKind = "none"
     # the per-example engine (`finetune.per_example`): the same clipped sum either way
-    per_example: PerExampleKind = "vmap"
+    per_example: PerExampleKind = "bookkeeping"
     # bf16 autocast of the book-keeping engine's forward and backward (`finetune.precision`)
     precision: PrecisionKind = "fp32"
 
