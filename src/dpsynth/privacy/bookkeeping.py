@@ -212,8 +212,10 @@ def _linear_or_conv(layer: Layer, calls: list, b: int, k: int, mode: NormMode
         raw_size = sum(a.numel() + g.numel() for a, g in calls)
         rank = lora_a.shape[0] if lora else 0
         size = {"weight": d_out * d_in, "lora_B": d_out * rank, "lora_A": rank * d_in}
-        recomputed = any(b * size[r] > raw_size for r in roles.keys() - {"bias"})
-        with exact_float32() if recomputed else nullcontext():
+        # keep a per-example gradient only where it is smaller than the rows it
+        # would otherwise be recomputed from (Bu et al. 2023's book-keeping trade)
+        keep = {r for r in roles.keys() - {"bias"} if b * size[r] <= raw_size}
+        with exact_float32() if keep != roles.keys() - {"bias"} else nullcontext():
             w = _instantiate(m, *calls[0], b, k).float()
             for a, g in calls[1:]:  # a module called more than once: its calls add up
                 w += _instantiate(m, a, g, b, k).float()
@@ -226,9 +228,7 @@ def _linear_or_conv(layer: Layer, calls: list, b: int, k: int, mode: NormMode
         del w
         for v in kept.values():
             norm2 += _sq_norms(v)
-        # keep a per-example gradient only where it is smaller than the rows it
-        # would otherwise be recomputed from (Bu et al. 2023's book-keeping trade)
-        kept = {r: v for r, v in kept.items() if v.numel() <= raw_size}
+        kept = {r: v for r, v in kept.items() if r in keep}
     if "bias" in roles:
         kept["bias"] = _bias_grad(calls[0][1], b, k)
         for _, g in calls[1:]:
