@@ -23,6 +23,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """The free disk where tests write: a full disk fails tests at random (the suite
+    keeps ~0.3 GB at its peak, with passed tests' folders deleted as they end)."""
+    import tempfile
+
+    free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    return (f"free disk in {tempfile.gettempdir()}: {free:.1f} GiB"
+            + ("  (LOW: tests may fail with 'No space left on device')" if free < 1 else ""))
+
+
 @pytest.fixture(scope="session")
 def repro_env() -> dict[str, str]:
     """The environment in which tests run `dvc` and `dpsynth` as subprocesses: the
@@ -137,7 +147,8 @@ def s3(s3_env_vars: dict[str, str], monkeypatch: pytest.MonkeyPatch,
 
     for name, value in s3_env_vars.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path_factory.mktemp("dpsynth-cache")))
+    download_cache = tmp_path_factory.mktemp("dpsynth-cache")  # removed with the test
+    monkeypatch.setenv(cache.CACHE_ENV, str(download_cache))
     client = boto3.client("s3", endpoint_url=s3_env_vars["AWS_ENDPOINT_URL"],
                           region_name="us-east-1",
                           aws_access_key_id=s3_env_vars["AWS_ACCESS_KEY_ID"],
@@ -150,3 +161,4 @@ def s3(s3_env_vars: dict[str, str], monkeypatch: pytest.MonkeyPatch,
                        secret=s3_env_vars["AWS_SECRET_ACCESS_KEY"], client=client)
     finally:
         s3_io.configure(StorageConfig())
+        shutil.rmtree(download_cache, ignore_errors=True)
