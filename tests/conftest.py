@@ -23,6 +23,23 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Remove earlier runs' tmp folders before this one writes. pytest removes them
+    only at exit, after this run's, and a run before `tmp_path_retention_policy =
+    "failed"` left ~0.9 GB each; on a CI machine whose /tmp outlives its runs three
+    of them filled the disk. A folder is removed only where pytest itself would:
+    a numbered `pytest-N` beside this run's, with no `.lock` (a running session
+    holds one). Not under xdist workers (the controller does it), nor when the
+    user names --basetemp."""
+    config = session.config
+    if hasattr(config, "workerinput") or config.option.basetemp:
+        return
+    current = config._tmp_path_factory.getbasetemp()  # creates and locks this run's
+    for old in current.parent.glob("pytest-[0-9]*"):
+        if old != current and old.is_dir() and not (old / ".lock").exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     """The free disk where tests write: a full disk fails tests at random (the suite
     keeps ~0.3 GB at its peak, with passed tests' folders deleted as they end)."""
